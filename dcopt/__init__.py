@@ -1,1 +1,18 @@
-"""dcopt."""
+"""dcopt: learn layer widths while training, then export a smaller plain PyTorch model.
+
+Public API: :func:`analyze`, :func:`convert`, :func:`export`, :func:`save_exported`,
+:func:`fit`, :func:`register_rule` and the exceptions.
+"""
+from .errors import ConversionError, DcoptError, ExportError, TraceError, UnsupportedOpError
+from .rules import register_rule
+from .analysis import Analysis, analyze
+
+__all__ = [
+    "Analysis", "analyze", "register_rule",
+    "DcoptError", "TraceError", "ConversionError", "UnsupportedOpError", "ExportError",
+]
+from .config import Config
+from .rewrite import DynamicModel, SizeInfo, convert
+from .export import export
+
+__all__ += ["Config", "DynamicModel", "SizeInfo", "convert", "export"]

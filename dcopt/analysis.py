@@ -1,0 +1,587 @@
+"""The analysis pass: follow every candidate group's feature dimension through the graph.
+
+One walk over the fx nodes in order. Each node's rule receives the feature maps of its
+inputs and returns the map of its output, declaring on the way what the op means:
+a new group (DCL), a consumer to gate (ACL), parameters to slice, couplings, or a
+rejection. Afterwards union-find settles which groups survive, and the result is both
+a person-readable :class:`Analysis` and a machine :class:`~dcopt.plan.Plan`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import networkx as nx
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import source_location
+from .fmap import FIXED, FMap, GroupTable, Positions
+from .plan import GateSpec, GroupSpec, MacTerm, Plan
+from .rules import REGISTRY
+from .rules.registry import RuleRegistry
+from .trace import Traced, trace
+
+__all__ = ["Analysis", "Group", "Rejection", "analyze", "run_analysis", "ParamRef"]
+
+DCL, ACL, FCL = "DCL", "ACL", "FCL"
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """Value of a ``get_attr`` node: an untracked tensor that export may slice."""
+    target: str
+
+
+@dataclass
+class Rejection:
+    """Why a group must keep its width. ``kind`` is ``"unsupported"`` when dcopt could not
+    prove a rewrite exact, ``"fixed"`` when the width is pinned by the model's inputs or
+    outputs (expected, not a problem)."""
+    node: str
+    op: str
+    reason: str
+    location: Optional[str]
+    kind: str = "unsupported"
+    group: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(node=self.node, op=self.op, reason=self.reason, location=self.location,
+                    kind=self.kind, group=self.group)
+
+
+@dataclass
+class Group:
+    name: str
+    width: int
+    status: str                     # "dynamic" | "fixed" | "rejected"
+    producers: list[str]
+    consumers: list[str]
+    members: list[str]
+    macs_share: float
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(name=self.name, width=self.width, status=self.status, producers=self.producers,
+                    consumers=self.consumers, members=self.members, macs_share=self.macs_share,
+                    reasons=self.reasons)
+
+
+def _op_name(node: torch.fx.Node, module: Optional[nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(module).__name__
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+class Ctx:
+    """What a rule sees of the analysis: its node, the maps of its inputs, and verbs."""
+
+    def __init__(self, walker: "_Walker", node: torch.fx.Node):
+        self._w = walker
+        self.node = node
+        self.module: Optional[nn.Module] = (walker.modules[node.target] if node.op == "call_module" else None)
+        self.target = node.target if node.op == "call_module" else None
+
+    # -- inputs ---------------------------------------------------------------------
+    def arg(self, index: int, name: Optional[str] = None, default: Any = None) -> Any:
+        if index < len(self.node.args):
+            return self.node.args[index]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def value(self, a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            return self._w.values.get(a.name)
+        return None
+
+    def fmap(self, a: Any) -> Optional[FMap]:
+        v = self.value(a)
+        return v if isinstance(v, FMap) else None
+
+    def shape(self, a: Any) -> Optional[tuple]:
+        if isinstance(a, torch.fx.Node):
+            return _meta_shape(a.meta.get("tensor_meta"))
+        if isinstance(a, torch.Tensor):
+            return tuple(a.shape)
+        return None
+
+    @property
+    def out_shape(self) -> Optional[tuple]:
+        return _meta_shape(self.node.meta.get("tensor_meta"))
+
+    def tensor_args(self) -> list[torch.fx.Node]:
+        out: list[torch.fx.Node] = []
+        torch.fx.node.map_arg((self.node.args, self.node.kwargs), lambda n: out.append(n) or n)
+        return [n for n in out if self.shape(n) is not None]
+
+    def tracked_args(self) -> list[tuple[torch.fx.Node, FMap]]:
+        out: list[torch.fx.Node] = []
+        torch.fx.node.map_arg((self.node.args, self.node.kwargs), lambda n: out.append(n) or n)
+        return [(n, self.fmap(n)) for n in out if self.fmap(n) is not None]
+
+    # -- verbs ----------------------------------------------------------------------
+    def new_group(self, width: int, key: Optional[str] = None) -> int:
+        """A fresh candidate group produced here (one per module, even if called twice)."""
+        key = key or (self.target if self.target is not None else self.node.name)
+        gid = self._w.groups.new(width, key, self.target or self.node.name)
+        self._w.produced.setdefault(self.node.name, set()).add(gid)
+        return gid
+
+    def reject(self, what: Any, reason: str, kind: str = "unsupported") -> None:
+        """Keep the groups in ``what`` (FMap, Positions, gid or iterable of those) fixed."""
+        for gid in _gids(what):
+            self._w.reject(gid, self.node, reason, kind)
+
+    def unify(self, maps: Sequence[Positions], reason_where: str = "") -> Optional[Positions]:
+        """Declare that these positions hold the same channels (residual add, SE multiply...).
+
+        Positions tracked by different groups couple them; a tracked position meeting a
+        fixed one, or two different channels meeting, keeps the groups fixed.
+        """
+        maps = [m for m in maps if m is not None]
+        if not maps:
+            return None
+        first = maps[0]
+        for other in maps[1:]:
+            if len(other) != len(first):
+                self.reject([first, other], f"combines feature maps of different lengths ({len(first)} vs {len(other)})")
+                continue
+            a, b = first, other
+            both = (a.gid >= 0) & (b.gid >= 0)
+            one = (a.gid >= 0) ^ (b.gid >= 0)
+            if one.any():
+                lone = Positions(torch.where(a.gid >= 0, a.gid, b.gid)[one], a.ch[one])
+                self.reject(lone, "meets a fixed-width tensor here" + reason_where, kind="fixed")
+            if both.any():
+                ga, gb, ca, cb = a.gid[both], b.gid[both], a.ch[both], b.ch[both]
+                bad = ca != cb
+                if bad.any():
+                    self.reject(list(set(ga[bad].tolist()) | set(gb[bad].tolist())),
+                                "combines different channels of its inputs (not aligned)")
+                pairs = set(zip(ga[~bad].tolist(), gb[~bad].tolist()))
+                for x, y in pairs:
+                    why = self._w.groups.union(x, y)
+                    if why:
+                        self.reject([x, y], why)
+            if first.is_fixed():
+                first = other
+        return first
+
+    def plan_param(self, name: str, dims: tuple, *, absolute: bool = False) -> None:
+        """Slice parameter/buffer ``name`` (of this module unless ``absolute``) along the
+        dims whose entry is a Positions; None dims keep their size."""
+        qual = name if absolute else f"{self.target}.{name}"
+        self._w.plan_param(qual, dims, self.node)
+
+    def plan_attr(self, attr: str, pos: Positions, kind: str = "width") -> None:
+        """After slicing, set module attribute ``attr`` to the number of kept positions."""
+        self._w.attrs.setdefault(self.target, {})[attr] = (kind, pos)
+
+    def gate(self, a: torch.fx.Node) -> None:
+        """This node mixes the feature dim of input ``a``: zero removed features before it."""
+        fm = self.fmap(a)
+        if fm is not None:
+            self._w.gates.setdefault(a.name, []).append(self.node.name)
+            self._w.consumed.setdefault(self.node.name, set()).update(fm.pos.gids())
+
+    def consumes(self, fm: Optional[FMap]) -> None:
+        """Mark this node's width as following ``fm`` (per-channel op, for roles)."""
+        if fm is not None:
+            self._w.consumed.setdefault(self.node.name, set()).update(fm.pos.gids())
+
+    def macs(self, params: Sequence[str] = (), coef: Optional[float] = None,
+             extra: Sequence[Positions] = ()) -> None:
+        """This node's MACs are ``coef * sum(numel(p) for p in params) * prod(width(e) for e in extra)``
+        at any sizes; ``coef`` defaults to what the counter measured at full size."""
+        quals = [f"{self.target}.{p}" for p in params]
+        self._w.mac_terms[self.node.name] = (coef, quals, list(extra))
+
+    def rewrite(self, spec: dict) -> None:
+        """Export must edit this node's arguments (a literal width, a slice)."""
+        self._w.rewrites[self.node.name] = spec
+
+    def rnn_hidden(self, pos: Positions) -> None:
+        """This RNN module's hidden units are a group: remove them inside the recurrence."""
+        self._w.rnns[self.target] = pos
+
+
+def _meta_shape(meta) -> Optional[tuple]:
+    if meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype"):
+        return tuple(meta.shape)
+    return None
+
+
+def _gids(what) -> set[int]:
+    if what is None:
+        return set()
+    if isinstance(what, int):
+        return {what}
+    if isinstance(what, FMap):
+        return what.pos.gids()
+    if isinstance(what, Positions):
+        return what.gids()
+    out: set[int] = set()
+    for w in what:
+        out |= _gids(w)
+    return out
+
+
+def _values_in(v) -> list[FMap]:
+    if isinstance(v, FMap):
+        return [v]
+    if isinstance(v, (tuple, list)):
+        return [f for x in v for f in _values_in(x)]
+    if isinstance(v, dict):
+        return [f for x in v.values() for f in _values_in(x)]
+    return []
+
+
+class _Walker:
+    def __init__(self, traced: Traced, registry: RuleRegistry):
+        self.traced = traced
+        self.gm = traced.gm
+        self.registry = registry
+        self.modules = dict(self.gm.named_modules())
+        self.groups = GroupTable()
+        self.values: dict[str, Any] = {}
+        self.pending: list[tuple[int, Rejection]] = []
+        self.produced: dict[str, set[int]] = {}
+        self.consumed: dict[str, set[int]] = {}
+        self.params: dict[str, tuple] = {}
+        self.param_nodes: dict[str, list[str]] = {}
+        self.attrs: dict[str, dict] = {}
+        self.gates: dict[str, list[str]] = {}
+        self.mac_terms: dict[str, tuple] = {}
+        self.rewrites: dict[str, dict] = {}
+        self.rnns: dict[str, Positions] = {}
+        self.touched: dict[str, set[int]] = {}
+
+    def reject(self, gid: int, node: torch.fx.Node, reason: str, kind: str) -> None:
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        self.pending.append((gid, Rejection(node=node.name, op=_op_name(node, module), reason=reason,
+                                            location=source_location(node.stack_trace), kind=kind)))
+
+    def plan_param(self, qual: str, dims: tuple, node: torch.fx.Node) -> None:
+        if qual in self.params:
+            old = self.params[qual]
+            ctx = Ctx(self, node)
+            merged = []
+            for a, b in zip(old, dims):
+                if a is None and b is None:
+                    merged.append(None)
+                else:
+                    merged.append(ctx.unify([a if a is not None else Positions.fixed(len(b)),
+                                             b if b is not None else Positions.fixed(len(a))],
+                                            f" (parameter {qual} is shared)"))
+            dims = tuple(merged)
+        self.params[qual] = dims
+        self.param_nodes.setdefault(qual, []).append(node.name)
+
+    # -- the walk -------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.values[node.name] = self.visit(node)
+            ins = [f for n in node.all_input_nodes for f in _values_in(self.values.get(n.name))]
+            outs = _values_in(self.values[node.name])
+            self.touched[node.name] = _gids(ins) | _gids(outs)
+            self.check_macs(node)
+
+    def visit(self, node: torch.fx.Node) -> Any:
+        if node.op == "placeholder":
+            return None
+        if node.op == "get_attr":
+            return ParamRef(node.target)
+        if node.op == "output":
+            for fm in _values_in(self.value_of_args(node)):
+                Ctx(self, node).reject(fm, "reaches the model output", kind="fixed")
+            return None
+        ctx = Ctx(self, node)
+        if node.op == "call_module":
+            rule = self.registry.for_module(ctx.module)
+        elif node.op == "call_method":
+            rule = self.registry.for_method(node.target)
+        else:
+            rule = self.registry.for_function(node.target)
+        if rule is None:
+            return self.unknown(ctx)
+        return rule(ctx)
+
+    def value_of_args(self, node):
+        return torch.fx.node.map_arg(node.args, lambda n: self.values.get(n.name))
+
+    def unknown(self, ctx: Ctx) -> None:
+        tracked = ctx.tracked_args()
+        if tracked:
+            ctx.reject([fm for _, fm in tracked], f"no rule for {_op_name(ctx.node, ctx.module)}; "
+                       "dcopt does not assume an unknown op keeps features apart")
+        return None
+
+    def check_macs(self, node: torch.fx.Node) -> None:
+        """A node that costs MACs and touches a group must say how its MACs scale."""
+        macs = self.traced.macs.get(node.name, 0)
+        if macs and node.name not in self.mac_terms and self.touched[node.name]:
+            Ctx(self, node).reject(list(self.touched[node.name]),
+                                   "costs MACs that dcopt cannot express in the group widths")
+
+
+# ----------------------------------------------------------------------------------------
+# Result
+# ----------------------------------------------------------------------------------------
+
+class Analysis:
+    """What dcopt found in a model: roles, groups, rejections and MACs.
+
+    Example::
+
+        a = dcopt.analyze(model, (torch.randn(1, 3, 32, 32),))
+        print(a.convertible, a.dynamic_fraction)
+        rich.print(a.render())
+    """
+
+    def __init__(self, *, roles, groups, rejections, macs, params, dynamic_macs, graph, plan, node_keys):
+        self.roles: dict[str, str] = roles
+        self.groups: list[Group] = groups
+        self.rejections: list[Rejection] = rejections
+        self.macs: int = macs
+        self.params: int = params
+        self.dynamic_macs: int = dynamic_macs
+        self.graph: nx.DiGraph = graph
+        self.plan: Plan = plan
+        self.node_keys: dict[str, str] = node_keys
+
+    @property
+    def convertible(self) -> bool:
+        return any(g.status == "dynamic" for g in self.groups)
+
+    @property
+    def dynamic_fraction(self) -> float:
+        return self.dynamic_macs / self.macs if self.macs else 0.0
+
+    @property
+    def unsupported(self) -> list[Rejection]:
+        return [r for r in self.rejections if r.kind == "unsupported"]
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no group named {name!r}; groups: {[g.name for g in self.groups]}")
+
+    @property
+    def dynamic_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.status == "dynamic"]
+
+    def to_dict(self) -> dict:
+        return dict(convertible=self.convertible, macs=self.macs, params=self.params,
+                    dynamic_macs=self.dynamic_macs, dynamic_fraction=self.dynamic_fraction,
+                    roles=dict(self.roles), groups=[g.to_dict() for g in self.groups],
+                    rejections=[r.to_dict() for r in self.rejections])
+
+    def render(self):
+        from .report import render_analysis
+        return render_analysis(self)
+
+    def __rich__(self):
+        return self.render()
+
+    def __repr__(self) -> str:
+        n_dyn = len(self.dynamic_groups)
+        return (f"Analysis(groups={len(self.groups)}, dynamic={n_dyn}, rejections={len(self.unsupported)}, "
+                f"macs={self.macs:,}, dynamic_fraction={self.dynamic_fraction:.1%})")
+
+
+def _node_keys(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Readable key per node: the module's qualified name for module calls (``layer1.0.conv1``)."""
+    keys, seen = {}, {}
+    for node in gm.graph.nodes:
+        key = node.target if node.op == "call_module" else node.name
+        seen[key] = seen.get(key, 0) + 1
+        keys[node.name] = key if seen[key] == 1 else f"{key}#{seen[key]}"
+    return keys
+
+
+def _attr_safe(name: str, taken: set) -> str:
+    base = re.sub(r"\W", "_", name) or "g"
+    key, i = base, 1
+    while key in taken:
+        i += 1
+        key = f"{base}_{i}"
+    taken.add(key)
+    return key
+
+
+def _finalize(w: _Walker) -> Analysis:
+    gt = w.groups
+    roots = gt.roots()
+    bad: dict[int, list[Rejection]] = {}
+    for gid, rej in w.pending:
+        bad.setdefault(gt.find(gid), []).append(rej)
+    keys = _node_keys(w.gm)
+
+    live_roots = [r for r in roots if r not in bad]
+    live_index = {r: i for i, r in enumerate(live_roots)}
+    # readable names: the first producer of each root
+    first_producer = {}
+    for gid in range(len(gt)):
+        first_producer.setdefault(gt.find(gid), gt.producers[gid][0])
+    taken: set = set()
+    specs = [GroupSpec(name=first_producer[r], key=_attr_safe(first_producer[r], taken), width=gt.width[r],
+                       producers=[p for g in range(len(gt)) if gt.find(g) == r for p in gt.producers[g]])
+             for r in live_roots]
+
+    def live(pos: Optional[Positions]) -> Optional[Positions]:
+        if pos is None:
+            return None
+        gid = pos.gid.clone()
+        lut = torch.full((len(gt) + 1,), FIXED, dtype=torch.long)
+        for g in range(len(gt)):
+            r = gt.find(g)
+            if r in live_index:
+                lut[g] = live_index[r]
+        gid = torch.where(pos.gid >= 0, lut[pos.gid.clamp(min=0)], torch.full_like(pos.gid, FIXED))
+        ch = torch.where(gid >= 0, pos.ch, torch.zeros_like(pos.ch))
+        return Positions(gid, ch)
+
+    def is_live(gids: Iterable[int]) -> set[int]:
+        return {gt.find(g) for g in gids if gt.find(g) in live_index}
+
+    # roles
+    roles: dict[str, str] = {}
+    for node in w.gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            roles[keys[node.name]] = FCL
+            continue
+        if is_live(w.produced.get(node.name, ())):
+            roles[keys[node.name]] = DCL
+        elif is_live(w.consumed.get(node.name, ())) or is_live(w.touched.get(node.name, ())):
+            roles[keys[node.name]] = ACL
+        else:
+            roles[keys[node.name]] = FCL
+
+    # plan
+    gates = []
+    for src, consumers in w.gates.items():
+        fm = w.values[src]
+        pos = live(fm.pos)
+        if pos is not None and not pos.is_fixed():
+            gates.append(GateSpec(source=src, dim=fm.dim, pos=pos, consumers=consumers))
+            for g in pos.gids():
+                specs[g].consumers.extend(keys[c] for c in consumers if keys[c] not in specs[g].consumers)
+    params = {q: tuple(live(d) for d in dims) for q, dims in w.params.items()}
+    params = {q: dims for q, dims in params.items() if any(d is not None and not d.is_fixed() for d in dims)}
+    attrs = {t: {a: (k, live(p)) for a, (k, p) in d.items()} for t, d in w.attrs.items()}
+    rnns = {t: live(p) for t, p in w.rnns.items() if not live(p).is_fixed()}
+    rewrites = {}
+    for name, spec in w.rewrites.items():
+        spec = {k: (live(v) if isinstance(v, Positions) else v) for k, v in spec.items()}
+        rewrites[name] = spec
+
+    param_numel = {n: p.numel() for n, p in w.gm.named_parameters()}
+    mac_terms, const_macs, dynamic_macs = [], 0, 0
+    group_macs = {r: 0 for r in live_roots}
+    for node_name, macs in w.traced.macs.items():
+        term = w.mac_terms.get(node_name)
+        touching = is_live(w.touched.get(node_name, ()))
+        if term is None or not touching:
+            const_macs += macs
+            continue
+        coef, quals, extra = term
+        if coef is None:
+            full = (sum(param_numel[q] for q in quals) if quals else 1) * math.prod(len(e) for e in extra)
+            coef = macs / full if full else 0.0
+        mac_terms.append(MacTerm(node=node_name, coef=coef, params=quals, extra=[live(e) for e in extra]))
+        dynamic_macs += macs
+        for r in touching:
+            group_macs[r] += macs
+    total_macs = sum(w.traced.macs.values())
+    # MACs of nodes the counter does not see (LSTM) but a rule gave a formula for
+    for node_name, (coef, quals, extra) in w.mac_terms.items():
+        if node_name in w.traced.macs or coef is None:
+            continue
+        macs = int(round(coef * sum(param_numel[q] for q in quals) * math.prod(len(e) for e in extra)))
+        total_macs += macs
+        touching = is_live(w.touched.get(node_name, ()))
+        if touching:
+            mac_terms.append(MacTerm(node=node_name, coef=coef, params=quals, extra=[live(e) for e in extra]))
+            dynamic_macs += macs
+            for r in touching:
+                group_macs[r] += macs
+        else:
+            const_macs += macs
+
+    plan = Plan(groups=specs, params=params, attrs=attrs, rewrites=rewrites, gates=gates, rnns=rnns,
+                mac_terms=mac_terms, const_macs=const_macs, total_macs=total_macs, param_numel=param_numel)
+
+    # person-facing groups (every root, dynamic or not)
+    members: dict[int, list[str]] = {r: [] for r in roots}
+    for node in w.gm.graph.nodes:
+        for r in {gt.find(g) for g in w.touched.get(node.name, ())}:
+            members[r].append(keys[node.name])
+    groups: list[Group] = []
+    rejections: list[Rejection] = []
+    for r in roots:
+        name = first_producer[r]
+        if r in live_index:
+            spec = specs[live_index[r]]
+            groups.append(Group(name=name, width=gt.width[r], status="dynamic", producers=spec.producers,
+                                consumers=spec.consumers, members=members[r],
+                                macs_share=group_macs[r] / total_macs if total_macs else 0.0))
+            continue
+        rejs = bad[r]
+        status = "rejected" if any(x.kind == "unsupported" for x in rejs) else "fixed"
+        producers = [p for g in range(len(gt)) if gt.find(g) == r for p in gt.producers[g]]
+        seen = set()
+        reasons = []
+        for x in rejs:
+            x.group = name
+            x.node = keys.get(x.node, x.node)
+            sig = (x.node, x.reason)
+            if sig in seen:
+                continue
+            seen.add(sig)
+            reasons.append(f"{x.node}: {x.reason}")
+            rejections.append(x)
+        groups.append(Group(name=name, width=gt.width[r], status=status, producers=producers, consumers=[],
+                            members=members[r], macs_share=0.0, reasons=reasons))
+
+    graph = nx.DiGraph()
+    for node in w.gm.graph.nodes:
+        graph.add_node(keys[node.name], op=node.op, target=str(node.target), role=roles[keys[node.name]],
+                       shape=_meta_shape(node.meta.get("tensor_meta")))
+        for inp in node.all_input_nodes:
+            graph.add_edge(keys[inp.name], keys[node.name])
+    n_params = sum(p.numel() for p in w.gm.parameters())
+    return Analysis(roles=roles, groups=groups, rejections=rejections, macs=total_macs, params=n_params,
+                    dynamic_macs=dynamic_macs, graph=graph, plan=plan, node_keys=keys)
+
+
+def run_analysis(traced: Traced, registry: RuleRegistry = REGISTRY) -> Analysis:
+    w = _Walker(traced, registry)
+    w.run()
+    return _finalize(w)
+
+
+def analyze(model: nn.Module, example_inputs: Sequence, *, leaf_modules: Iterable = (),
+            concrete_args: Optional[dict] = None, registry: RuleRegistry = REGISTRY) -> Analysis:
+    """Find which layer widths of ``model`` can be learned, and why the others cannot.
+
+    ``example_inputs`` is a tuple of tensors the model is called with (shapes matter,
+    values do not). The model itself is not changed: a deep copy is traced.
+
+    Example::
+
+        a = dcopt.analyze(torchvision.models.resnet18(weights=None), (torch.randn(1, 3, 224, 224),))
+        a.groups[0].name, a.groups[0].width, a.groups[0].status
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    traced = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    return run_analysis(traced, registry)

@@ -1,0 +1,94 @@
+"""MACs and parameter counts as differentiable functions of the group sizes.
+
+Every parameter dcopt may slice is described by the positions along each of its dims;
+its element count is the product of the kept widths. Every MAC-bearing node the
+analysis accepted scales as ``coef · Σ numel(weights) · Π extra widths`` (Linear:
+positions·in·out; Conv: batch·out-area·numel(weight); GRU/LSTM: steps·batch·Σ numel of
+the weight matrices). So one mechanism counts both, and at integer sizes it equals
+what ``FlopCounterMode`` measures on the exported model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .fmap import Positions
+from .plan import Plan
+
+__all__ = ["Complexity", "ComplexityModel"]
+
+
+@dataclass
+class Complexity:
+    """MACs and parameters at the sizes asked about, and at full width."""
+    macs: torch.Tensor
+    params: torch.Tensor
+    macs_full: int
+    params_full: int
+
+    @property
+    def macs_fraction(self) -> torch.Tensor:
+        return self.macs / self.macs_full if self.macs_full else self.macs * 0
+
+    @property
+    def params_fraction(self) -> torch.Tensor:
+        return self.params / self.params_full if self.params_full else self.params * 0
+
+
+class _Width:
+    """Kept count of one Positions, precomputed per group for speed."""
+
+    __slots__ = ("full", "fixed", "parts")
+
+    def __init__(self, pos: Optional[Positions], full: int):
+        self.full = full
+        if pos is None:
+            self.fixed, self.parts = float(full), []
+            return
+        self.fixed = float((pos.gid < 0).sum())
+        self.parts = [(g, pos.ch[pos.gid == g].to(torch.float64)) for g in sorted(pos.gids())]
+
+    def __call__(self, s: Sequence[torch.Tensor]) -> torch.Tensor:
+        total = torch.tensor(self.fixed, dtype=torch.float64)
+        for g, ch in self.parts:
+            total = total + (s[g] - ch).clamp(0.0, 1.0).sum()
+        return total
+
+
+class ComplexityModel:
+    def __init__(self, plan: Plan, param_shapes: dict[str, tuple]):
+        self.plan = plan
+        self.dims: dict[str, list[_Width]] = {}
+        for q, dims in plan.params.items():
+            shape = param_shapes[q]
+            self.dims[q] = [_Width(d, n) for d, n in zip(dims, shape)]
+        self.const_params = sum(n for q, n in plan.param_numel.items() if q not in self.dims)
+        self.params_full = sum(plan.param_numel.values())
+        self.terms = [(t.coef, t.params, [_Width(e, len(e)) for e in t.extra]) for t in plan.mac_terms]
+        self.macs_full = plan.total_macs
+        self.param_shapes = param_shapes
+
+    def numel(self, q: str, s) -> torch.Tensor:
+        if q in self.dims:
+            out = torch.tensor(1.0, dtype=torch.float64)
+            for w in self.dims[q]:
+                out = out * w(s)
+            return out
+        return torch.tensor(float(math.prod(self.param_shapes[q])), dtype=torch.float64)
+
+    def __call__(self, s: Sequence[torch.Tensor]) -> Complexity:
+        s = [x.to(torch.float64).reshape(()) for x in s]
+        params = torch.tensor(float(self.const_params), dtype=torch.float64)
+        for q in self.dims:
+            params = params + self.numel(q, s)
+        macs = torch.tensor(float(self.plan.const_macs), dtype=torch.float64)
+        for coef, quals, extra in self.terms:
+            term = sum((self.numel(q, s) for q in quals), torch.tensor(0.0, dtype=torch.float64)) if quals \
+                else torch.tensor(1.0, dtype=torch.float64)
+            for w in extra:
+                term = term * w(s)
+            macs = macs + coef * term
+        return Complexity(macs=macs, params=params, macs_full=self.macs_full, params_full=self.params_full)

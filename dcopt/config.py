@@ -1,0 +1,53 @@
+"""Conversion options as one validated value object (the torchao way): typos and
+out-of-range values fail at ``convert`` time with a ValueError, not mid-training."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["Config"]
+
+
+@dataclass
+class Config:
+    """Options of :func:`dcopt.convert`.
+
+    kappa_min:    smallest fraction of its width a group may shrink to (paper: 0.125–0.25 safe).
+    regularizer:  "l2" — the paper's (β/G)·Σκ²; "macs" — β·MACs(s)/MACs_full, each group
+                  weighted by what it really costs.
+    beta:         strength of the complexity pressure (start value in budget mode).
+    target_macs:  budget mode: a fraction of the full model's MACs to land on; β is then
+                  adapted by dual ascent (``dual_lr`` per step) and the pressure is MACs-based.
+    leaf_modules: module types or qualified names fx must not trace into.
+    """
+
+    kappa_min: float = 0.125
+    regularizer: str = "l2"
+    beta: float = 1.0
+    target_macs: Optional[float] = None
+    dual_lr: float = 0.05
+    leaf_modules: tuple = ()
+    concrete_args: Optional[dict] = None
+    strict: bool = False
+
+    def __post_init__(self):
+        if not 0.0 < self.kappa_min <= 1.0:
+            raise ValueError(f"kappa_min must be in (0, 1], got {self.kappa_min}")
+        if self.regularizer not in ("l2", "macs"):
+            raise ValueError(f"regularizer must be 'l2' or 'macs', got {self.regularizer!r}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise ValueError(f"target_macs is a fraction of the full MACs in (0, 1], got {self.target_macs}")
+        if self.dual_lr <= 0:
+            raise ValueError(f"dual_lr must be > 0, got {self.dual_lr}")
+        self.leaf_modules = tuple(self.leaf_modules)
+
+    @classmethod
+    def build(cls, config: Optional["Config"], options: dict[str, Any]) -> "Config":
+        if config is None:
+            return cls(**options)
+        if options:
+            from dataclasses import replace
+            return replace(config, **options)
+        return config

@@ -1,0 +1,268 @@
+"""The reverse pass: slice every group to its kept size and emit a plain model.
+
+Works on a copy of the gated graph: gates and RNN masks are removed, each planned
+parameter/buffer keeps the positions its group keeps, module attributes follow, and
+literal widths in the graph (``view(B, 512*7*7)``, a slice on the feature dim) are
+rewritten. The result is checked by numbers against the eval-mode DynamicModel.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import ExportError
+from .fmap import Positions
+from .gates import FeatureGate, GatedRNN
+from .plan import Plan, keep_index, keep_mask
+from .rewrite import GATES, SIZES, DynamicModel, LazyDynamicModel
+
+__all__ = ["export", "slice_graph_module"]
+
+
+def _resolve_sizes(dm: DynamicModel, sizes: Optional[dict]) -> list[int]:
+    kept = dm.kept_sizes()
+    if sizes:
+        names = dm.group_names
+        for name, n in sizes.items():
+            if name not in names:
+                raise KeyError(f"no dynamic group named {name!r}; groups: {names}")
+            g = dm.plan.groups[names.index(name)]
+            if not 1 <= int(n) <= g.width:
+                raise ValueError(f"size of {name} must be in [1, {g.width}], got {n}")
+            kept[names.index(name)] = int(n)
+    return kept
+
+
+def _strip_dcopt(gm: torch.fx.GraphModule) -> None:
+    """Remove gates, size parameters and RNN wrappers from a copy of the gated graph."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), FeatureGate):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), GatedRNN):
+            node.args = node.args[1:]
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and str(node.target).startswith(SIZES + "."):
+            graph.erase_node(node)
+    for name, mod in list(gm.named_modules()):
+        if isinstance(mod, GatedRNN):
+            parent, _, attr = name.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, attr, mod.rnn)
+    for attr in (GATES, SIZES):
+        if hasattr(gm, attr):
+            delattr(gm, attr)
+
+
+def _owner(gm: nn.Module, qual: str):
+    mod, _, name = qual.rpartition(".")
+    return (gm.get_submodule(mod) if mod else gm), name
+
+
+def _slice_tensors(gm: nn.Module, plan: Plan, sizes: list[int]) -> None:
+    for qual, dims in plan.params.items():
+        owner, name = _owner(gm, qual)
+        t = getattr(owner, name)
+        new = t.detach()
+        for d, pos in enumerate(dims):
+            if pos is not None:
+                new = new.index_select(d, keep_index(pos, sizes).to(new.device))
+        new = new.contiguous().clone()
+        if isinstance(t, nn.Parameter):
+            setattr(owner, name, nn.Parameter(new, requires_grad=t.requires_grad))
+        else:
+            owner._buffers[name] = new
+    for target, attrs in plan.attrs.items():
+        module = gm.get_submodule(target)
+        for attr, (kind, pos) in attrs.items():
+            setattr(module, attr, int(keep_mask(pos, sizes).sum()))
+    for module in gm.modules():
+        if isinstance(module, nn.RNNBase):
+            module._init_flat_weights()
+
+
+def _rewrite_nodes(gm: torch.fx.GraphModule, plan: Plan, sizes: list[int]) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, spec in plan.rewrites.items():
+        node = nodes[name]
+        if spec["kind"] == "shape_literal":
+            _rewrite_shape(node, spec, sizes)
+        elif spec["kind"] == "slice":
+            _rewrite_slice(node, spec, sizes)
+        else:
+            raise ExportError(f"unknown rewrite {spec['kind']!r}", node=name)
+
+
+def _rewrite_shape(node: torch.fx.Node, spec: dict, sizes: list[int]) -> None:
+    width = int(keep_mask(spec["pos"], sizes).sum())
+    j = spec["out_dim"] - spec.get("offset", 0)
+    if "kwarg" in spec:
+        kwargs = dict(node.kwargs)
+        shape = list(kwargs[spec["kwarg"]])
+        if isinstance(shape[j], int) and shape[j] != -1:
+            shape[j] = width
+        kwargs[spec["kwarg"]] = tuple(shape)
+        node.kwargs = kwargs
+        return
+    args = list(node.args)
+    if spec["nested"]:
+        shape = list(args[spec["arg"]])
+        if isinstance(shape[j], int) and shape[j] != -1:
+            shape[j] = width
+        args[spec["arg"]] = tuple(shape)
+    else:
+        k = spec["arg"] + j
+        if isinstance(args[k], int) and args[k] != -1:
+            args[k] = width
+    node.args = tuple(args)
+
+
+def _rewrite_slice(node: torch.fx.Node, spec: dict, sizes: list[int]) -> None:
+    keep = keep_mask(spec["in_pos"], sizes)
+    rank = torch.cumsum(keep.long(), 0) - 1
+    sel = spec["sel"]
+    new_idx = rank[sel[keep[sel]]]
+    if new_idx.numel() and torch.equal(new_idx, torch.arange(int(new_idx[0]), int(new_idx[0]) + new_idx.numel())):
+        item = slice(int(new_idx[0]), int(new_idx[0]) + new_idx.numel())
+    elif new_idx.numel() == 0:
+        item = slice(0, 0)
+    else:
+        item = new_idx.tolist()
+    index = node.args[1]
+    if spec["item"] is None:
+        node.args = (node.args[0], item)
+    else:
+        items = list(index if isinstance(index, tuple) else (index,))
+        # the recorded position counts expanded items; map it back onto the written tuple
+        items = _expand_index(items, spec["n_items"])
+        items[spec["item"]] = item
+        node.args = (node.args[0], tuple(items))
+
+
+def _expand_index(items: list, n_items: int) -> list:
+    if Ellipsis not in items:
+        return items + [slice(None)] * (n_items - len(items))
+    i = items.index(Ellipsis)
+    fill = n_items - (len(items) - 1)
+    return items[:i] + [slice(None)] * fill + items[i + 1:]
+
+
+def slice_graph_module(gm: torch.fx.GraphModule, plan: Plan, sizes: list[int]) -> torch.fx.GraphModule:
+    """Copy ``gm`` (a gated graph) and return it sliced to ``sizes`` as plain PyTorch."""
+    gm = copy.deepcopy(gm)
+    _strip_dcopt(gm)
+    _slice_tensors(gm, plan, sizes)
+    _rewrite_nodes(gm, plan, sizes)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _as_user_class(dm: DynamicModel, sliced: torch.fx.GraphModule) -> Optional[nn.Module]:
+    """The user's own class with resized submodules, when nothing in its forward needed rewriting."""
+    if dm.plan.rewrites or dm.config.concrete_args:
+        return None
+    template = copy.deepcopy(dm._template)
+    touched_modules = set(dm.plan.attrs) | {q.rpartition(".")[0] for q in dm.plan.params}
+    for target in sorted(touched_modules):
+        src = sliced.get_submodule(target) if target else sliced
+        if target == "":
+            return None
+        parent, _, attr = target.rpartition(".")
+        holder = template.get_submodule(parent) if parent else template
+        current = getattr(holder, attr)
+        if type(current) is type(src) and not list(src.children()):
+            setattr(holder, attr, src)
+        else:  # a non-leaf module owning a sliced parameter: copy tensors over
+            for name, t in list(src.named_parameters(recurse=False)) + list(src.named_buffers(recurse=False)):
+                if isinstance(t, nn.Parameter):
+                    setattr(current, name, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+                else:
+                    current._buffers[name] = t.clone()
+    return template
+
+
+def _close(a, b, tol: float) -> Optional[float]:
+    """Max abs error relative to the output scale, or None when structures differ."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape:
+            return float("inf")
+        if not a.is_floating_point():
+            return 0.0 if torch.equal(a, b) else float("inf")
+        scale = max(float(a.abs().max()) if a.numel() else 0.0, 1e-12)
+        return float((a - b).abs().max()) / scale if a.numel() else 0.0
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+        errs = [_close(x, y, tol) for x, y in zip(a, b)]
+        return max(errs) if errs else 0.0
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        errs = [_close(a[k], b[k], tol) for k in a]
+        return max(errs) if errs else 0.0
+    return 0.0 if a == b else float("inf")
+
+
+def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify: bool = True,
+           tol: float = 1e-5, keep_class: bool = True) -> nn.Module:
+    """Emit the smaller plain-PyTorch model: each group keeps its first ⌈s⌉ features
+    (or the integer ``sizes`` given by group name).
+
+    The result contains only torch modules. When the user's class can be kept (nothing
+    in its forward needed rewriting, and it computes the same numbers) it is an instance
+    of that class with resized submodules; otherwise a ``torch.fx.GraphModule``.
+    With ``verify`` (default) the result is compared with the eval-mode DynamicModel on
+    the example inputs, and an :class:`~dcopt.ExportError` is raised if they differ.
+
+    Example::
+
+        small = dcopt.export(dm)
+        torch.save(small.state_dict(), "small.pt")
+    """
+    dm = dynamic_model.inner if isinstance(dynamic_model, LazyDynamicModel) else dynamic_model
+    if not isinstance(dm, DynamicModel):
+        raise TypeError(f"export expects a DynamicModel (from dcopt.convert), got {type(dynamic_model).__name__}")
+    kept = _resolve_sizes(dm, sizes)
+    sliced = slice_graph_module(dm.gm, dm.plan, kept)
+    sliced.train(dm.training)
+    result: nn.Module = sliced
+    if verify or keep_class:
+        reference = _reference_output(dm, kept, sizes)
+        with torch.no_grad():
+            sliced.eval()
+            got = sliced(*dm.example_inputs)
+        err = _close(reference, got, tol)
+        if verify and (err is None or err > tol):
+            raise ExportError(f"exported model differs from the gated model (relative error {err:.3g} > {tol}); "
+                              "please report this model: it is a dcopt bug")
+        if keep_class:
+            user = _as_user_class(dm, sliced)
+            if user is not None:
+                user.eval()
+                try:
+                    with torch.no_grad():
+                        err_user = _close(reference, user(*dm.example_inputs), tol)
+                except Exception:
+                    err_user = None
+                if err_user is not None and err_user <= tol:
+                    result = user
+    result.train(dm.training)
+    return result
+
+
+@torch.no_grad()
+def _reference_output(dm: DynamicModel, kept: list[int], sizes: Optional[dict]):
+    was_training = dm.training
+    saved = [k.detach().clone() for k in dm._kappas()]
+    try:
+        if sizes:
+            dm.set_sizes({g.name: n for g, n in zip(dm.plan.groups, kept)})
+        dm.eval()
+        return dm(*dm.example_inputs)
+    finally:
+        for k, v in zip(dm._kappas(), saved):
+            k.copy_(v)
+        dm.train(was_training)

@@ -1,0 +1,137 @@
+"""The noise gate and the RNN unit mask: the leaf modules that make widths learnable.
+
+They are leaves on purpose (DESIGN invariant 6): fx would bake ``torch.randn`` and
+``self.training`` into a traced graph as constants.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["FeatureGate", "GatedRNN", "consolidated", "LAMBDA_EPS", "INT_TOL"]
+
+#: λ is mapped affinely into [ε, 1-ε]: sqrt(λ) and sqrt(1-λ) keep finite derivatives.
+LAMBDA_EPS = 1e-3
+#: a size within this distance above an integer counts as that integer (κ is float32).
+INT_TOL = 1e-3
+
+
+def consolidated(kappa: torch.Tensor, width: int) -> int:
+    """The integer size a group keeps: ⌈s⌉ with s = κ·N, at least 1, at most N."""
+    s = float(kappa.detach().double()) * width
+    return int(min(width, max(1, math.ceil(s - INT_TOL))))
+
+
+class FeatureGate(nn.Module):
+    """Feature-noise gate on one tensor, right before the layers that mix its features.
+
+    Along ``dim`` each position holds channel ``ch`` of local group ``group`` (or -1: a
+    fixed position, always passed). With ``s = κ·N``, ``m = min(⌊s⌋, N-1)`` and
+    ``λ = s - m``, in training with noise on:
+
+        x̃ = x (ch < m),  √λ·x + √(1-λ)·σ·ν (ch == m),  0 (ch > m)
+
+    with σ the detached std of that position over every other dim. Otherwise it keeps
+    the first ⌈s⌉ channels exactly and zeroes the rest (``torch.where``, so an inf or NaN
+    in a removed feature cannot leak through ``0·x``).
+    """
+
+    def __init__(self, dim: int, group: torch.Tensor, ch: torch.Tensor, widths: Sequence[int]):
+        super().__init__()
+        self.dim = dim
+        self.widths = list(widths)
+        self.noise = False
+        self.register_buffer("group", group.clone(), persistent=False)
+        self.register_buffer("ch", ch.clone(), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, positions={self.group.numel()}, widths={self.widths}"
+
+    def _view(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.dim] = v.numel()
+        return v.view(shape)
+
+    def _per_position(self, values: torch.Tensor, fill) -> torch.Tensor:
+        """values[g] for each position's group; ``fill`` at fixed positions."""
+        padded = torch.cat([values, values.new_full((1,), fill)])
+        idx = torch.where(self.group >= 0, self.group, torch.full_like(self.group, len(self.widths)))
+        return padded[idx]
+
+    def forward(self, x: torch.Tensor, *kappas: torch.Tensor) -> torch.Tensor:
+        if self.training and self.noise:
+            return self._noisy(x, kappas)
+        keep = [consolidated(k, n) for k, n in zip(kappas, self.widths)]
+        if keep == self.widths:
+            return x
+        limit = self._per_position(torch.tensor(keep, device=x.device), 1 << 62)
+        mask = self.ch < limit
+        return torch.where(self._view(mask, x), x, x.new_zeros(()))
+
+    def _noisy(self, x: torch.Tensor, kappas) -> torch.Tensor:
+        widths = torch.tensor(self.widths, device=x.device, dtype=x.dtype)
+        s = torch.stack([k.to(x.dtype).reshape(()) for k in kappas]) * widths
+        m = torch.minimum(torch.floor(s.detach()), widths - 1)
+        lam = LAMBDA_EPS + (1 - 2 * LAMBDA_EPS) * (s - m).clamp(0.0, 1.0)
+        m_pos = self._per_position(m.long(), 1 << 62)
+        fixed = self.group < 0
+        clean = fixed | (self.ch < m_pos)
+        boundary = ~fixed & (self.ch == m_pos)
+        lam_pos = self._per_position(lam, 1.0)
+        scale = torch.where(boundary, lam_pos.sqrt(), torch.ones_like(lam_pos))
+        out = torch.where(self._view(clean | boundary, x), x * self._view(scale, x), x.new_zeros(()))
+        b_idx = torch.nonzero(boundary, as_tuple=False).flatten()
+        if b_idx.numel() == 0:
+            return out
+        xb = x.detach().index_select(self.dim, b_idx)
+        reduce_dims = [d for d in range(x.dim()) if d != self.dim]
+        sigma = xb.std(dim=reduce_dims, keepdim=True, unbiased=False) if reduce_dims else xb.abs()
+        coef = self._view((1 - lam_pos[b_idx]).sqrt(), xb)
+        noise = coef * sigma * torch.randn_like(xb)
+        return out.index_add(self.dim, b_idx, noise)
+
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+class GatedRNN(nn.Module):
+    """Removes hidden units of a GRU/LSTM/RNN *inside* the recurrence.
+
+    Masking the output would not remove a unit: it would still feed the other units
+    through ``weight_hh``. Here the pruned units' rows (every gate block, input and
+    hidden weights, both biases), their hidden columns and the next layer's input
+    columns are multiplied by zero, so the pruned units stay exactly 0 (σ(0)·0 = 0),
+    the fused kernel still runs, and the kept weights still get gradients.
+    """
+
+    def __init__(self, rnn: nn.RNNBase):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, kappa: torch.Tensor, *args, **kwargs):
+        rnn = self.rnn
+        H = rnn.hidden_size
+        k = consolidated(kappa, H)
+        if k >= H:
+            return rnn(*args, **kwargs)
+        ref = rnn.weight_hh_l0
+        unit = (torch.arange(H, device=ref.device) < k).to(ref.dtype)
+        G = _GATES[rnn.mode]
+        D = 2 if rnn.bidirectional else 1
+        rows = unit.repeat(G)
+        params = {}
+        for name, p in rnn.named_parameters():
+            if name.startswith("weight_ih"):
+                layer = int(name.split("_l")[1].split("_")[0])
+                cols = unit.repeat(D) if layer > 0 else None
+                p = p * rows[:, None] if cols is None else p * rows[:, None] * cols[None, :]
+            elif name.startswith("weight_hh"):
+                p = p * rows[:, None] * unit[None, :]
+            else:
+                p = p * rows
+            params[name] = p
+        return functional_call(rnn, params, args, kwargs)

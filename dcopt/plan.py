@@ -1,0 +1,89 @@
+"""The conversion plan: what the analysis proved, as plain picklable data.
+
+Rewrite, complexity and export read only this. Positions here use *live* group
+indices (0..G-1); positions of fixed or rejected groups are already ``FIXED``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .fmap import FIXED, Positions
+
+__all__ = ["GroupSpec", "GateSpec", "MacTerm", "Plan", "keep_index", "soft_width"]
+
+
+@dataclass
+class GroupSpec:
+    name: str          # readable: the first producer's qualified name
+    key: str           # attribute-safe name of its size parameter
+    width: int         # N
+    producers: list[str]
+    consumers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GateSpec:
+    source: str        # node whose output is gated
+    dim: int
+    pos: Positions
+    consumers: list[str]
+
+
+@dataclass
+class MacTerm:
+    """MACs of one node: ``coef * sum(numel(p) for p in params) * prod(width(e) for e in extra)``
+    where ``numel`` and ``width`` are taken at the sizes being asked about."""
+    node: str
+    coef: float
+    params: list[str]
+    extra: list = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    groups: list[GroupSpec]
+    params: dict[str, tuple]            # qualified param/buffer name -> per-dim Positions or None
+    attrs: dict[str, dict[str, tuple]]  # module target -> attr -> (kind, Positions)
+    rewrites: dict[str, dict]           # node name -> rewrite spec
+    gates: list[GateSpec]
+    rnns: dict[str, Positions]          # RNN module target -> positions of its hidden units (one block of H)
+    mac_terms: list[MacTerm]
+    const_macs: int
+    total_macs: int
+    param_numel: dict[str, int]         # every parameter of the model -> numel at full size
+
+    def live(self) -> bool:
+        return bool(self.groups)
+
+
+def keep_mask(pos: Positions, sizes: list[int]) -> torch.Tensor:
+    """Bool mask of the positions kept when group ``g`` keeps its first ``sizes[g]`` channels."""
+    if not sizes:
+        return torch.ones(len(pos), dtype=torch.bool)
+    limits = torch.tensor(list(sizes) + [0], dtype=torch.long)
+    gid = pos.gid.clone()
+    gid[gid < 0] = len(sizes)
+    return (pos.gid < 0) | (pos.ch < limits[gid])
+
+
+def keep_index(pos: Positions, sizes: list[int]) -> torch.Tensor:
+    return torch.nonzero(keep_mask(pos, sizes), as_tuple=False).flatten()
+
+
+def soft_width(pos: Optional[Positions], full: int, s: list[torch.Tensor]) -> torch.Tensor:
+    """Number of kept positions, piecewise linear (hence differentiable) in the sizes.
+
+    At integer sizes it is exactly the width export produces: channel ``c`` counts when
+    ``c < s``; between integers the boundary channel counts by its fractional part.
+    """
+    if pos is None:
+        return torch.tensor(float(full))
+    fixed = (pos.gid < 0).sum().to(torch.float32)
+    total = fixed
+    for g in pos.gids():
+        ch = pos.ch[pos.gid == g].to(torch.float32)
+        total = total + (s[g] - ch).clamp(0.0, 1.0).sum()
+    return total

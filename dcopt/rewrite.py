@@ -1,0 +1,305 @@
+"""Rewrite: insert gates and RNN masks into the traced graph; the DynamicModel users train."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from .analysis import Analysis, run_analysis
+from .complexity import Complexity, ComplexityModel
+from .config import Config
+from .errors import ConversionError
+from .gates import FeatureGate, GatedRNN, consolidated
+from .plan import Plan
+from .trace import trace
+
+__all__ = ["DynamicModel", "SizeInfo", "convert", "build_gated"]
+
+SIZES = "dcopt_sizes"
+GATES = "dcopt_gates"
+
+
+@dataclass(frozen=True)
+class SizeInfo:
+    """One group's size: continuous ``s``, the integer it would keep, its width N and κ = s/N."""
+    s: float
+    kept: int
+    width: int
+    kappa: float
+
+
+def build_gated(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    """Insert one FeatureGate per gated tensor and wrap RNN producers, in place."""
+    sizes = nn.Module()
+    for g in plan.groups:
+        sizes.register_parameter(g.key, nn.Parameter(torch.ones(())))
+    gm.add_submodule(SIZES, sizes)
+    gm.add_submodule(GATES, nn.Module())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    graph = gm.graph
+
+    def size_node(g: int) -> torch.fx.Node:
+        return graph.get_attr(f"{SIZES}.{plan.groups[g].key}")
+
+    for i, spec in enumerate(plan.gates):
+        src = nodes[spec.source]
+        local = sorted(spec.pos.gids())
+        remap = torch.full((len(plan.groups) + 1,), -1, dtype=torch.long)
+        for j, g in enumerate(local):
+            remap[g] = j
+        group = torch.where(spec.pos.gid >= 0, remap[spec.pos.gid.clamp(min=0)], spec.pos.gid)
+        gate = FeatureGate(spec.dim, group, spec.pos.ch, [plan.groups[g].width for g in local])
+        name = f"g{i}_{spec.source}"
+        getattr(gm, GATES).add_module(name, gate)
+        with graph.inserting_after(src):
+            kappas = []
+            anchor = src
+            for g in local:
+                with graph.inserting_after(anchor):
+                    anchor = size_node(g)
+                    kappas.append(anchor)
+            with graph.inserting_after(anchor):
+                gnode = graph.call_module(f"{GATES}.{name}", (src, *kappas))
+        for c in spec.consumers:
+            nodes[c].replace_input_with(src, gnode)
+
+    for target, pos in plan.rnns.items():
+        (g,) = pos.gids()
+        rnn = gm.get_submodule(target)
+        parent, _, attr = target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, attr, GatedRNN(rnn))
+        for node in list(graph.nodes):
+            if node.op == "call_module" and node.target == target:
+                with graph.inserting_before(node):
+                    k = size_node(g)
+                node.args = (k, *node.args)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+class DynamicModel(nn.Module):
+    """The model with learnable widths. Train it like the original; then :func:`dcopt.export`.
+
+    Phases: :meth:`fix_sizes` (sizes frozen, no noise — at the start identical to the
+    original model) and :meth:`optimize_sizes` (sizes trainable, noise on). In ``eval()``
+    every group keeps exactly ⌈s⌉ features with no noise, which is what export keeps.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, analysis: Analysis, config: Config, template: nn.Module,
+                 example_inputs: tuple):
+        super().__init__()
+        self.gm = gm
+        self.config = config
+        object.__setattr__(self, "analysis", analysis)
+        object.__setattr__(self, "_template", template)
+        object.__setattr__(self, "example_inputs", example_inputs)
+        plan = analysis.plan
+        shapes = {q: tuple(p.shape) for q, p in _plan_tensors(gm, plan)}
+        for q in plan.param_numel:
+            shapes.setdefault(q, tuple(_lookup(gm, q).shape))
+        object.__setattr__(self, "_cx", ComplexityModel(plan, shapes))
+        self.register_buffer("beta", torch.tensor(float(config.beta)), persistent=True)
+        self._phase = "fixed"
+        self.fix_sizes()
+
+    # -- structure ------------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        return self.analysis.plan
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g.name for g in self.plan.groups]
+
+    def _kappas(self) -> list[torch.Tensor]:
+        sizes = getattr(self.gm, SIZES)
+        return [getattr(sizes, g.key) for g in self.plan.groups]
+
+    def size_parameters(self) -> Iterator[nn.Parameter]:
+        """The κ of every group (give them their own, slower learning rate)."""
+        return iter(self._kappas())
+
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
+        ids = {id(k) for k in self._kappas()}
+        return (p for p in self.parameters() if id(p) not in ids)
+
+    # -- phases ---------------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    def fix_sizes(self) -> "DynamicModel":
+        """Freeze the sizes where they are and turn the noise off (first phase, or settling)."""
+        self._set_phase("fixed")
+        return self
+
+    def optimize_sizes(self) -> "DynamicModel":
+        """Make the sizes trainable and turn the feature noise on (in train mode)."""
+        self._set_phase("optimize")
+        return self
+
+    def _set_phase(self, phase: str) -> None:
+        self._phase = phase
+        for k in self._kappas():
+            k.requires_grad_(phase == "optimize")
+        for m in self.gm.modules():
+            if isinstance(m, FeatureGate):
+                m.noise = phase == "optimize"
+
+    def get_extra_state(self):
+        return {"phase": self._phase}
+
+    def set_extra_state(self, state):
+        self._set_phase(state.get("phase", "fixed"))
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        self._project()
+        return self.gm(*args, **kwargs)
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        """Keep κ in [κ_min, 1] (a projection after each optimizer step, done lazily)."""
+        for k in self._kappas():
+            k.clamp_(self.config.kappa_min, 1.0)
+
+    # -- sizes ----------------------------------------------------------------------------
+    def sizes(self) -> dict[str, SizeInfo]:
+        out = {}
+        for g, k in zip(self.plan.groups, self._kappas()):
+            kk = float(k.detach().clamp(self.config.kappa_min, 1.0))
+            out[g.name] = SizeInfo(s=kk * g.width, kept=consolidated(k.detach().clamp(self.config.kappa_min, 1.0),
+                                                                         g.width),
+                                   width=g.width, kappa=kk)
+        return out
+
+    def kept_sizes(self) -> list[int]:
+        return [info.kept for info in self.sizes().values()]
+
+    @torch.no_grad()
+    def set_sizes(self, sizes: dict[str, int]) -> None:
+        """Set groups to integer sizes (by group name), e.g. to inspect a smaller model."""
+        by_name = {g.name: (g, k) for g, k in zip(self.plan.groups, self._kappas())}
+        for name, n in sizes.items():
+            if name not in by_name:
+                raise KeyError(f"no dynamic group named {name!r}; groups: {list(by_name)}")
+            g, k = by_name[name]
+            if not 1 <= int(n) <= g.width:
+                raise ValueError(f"size of {name} must be in [1, {g.width}], got {n}")
+            k.fill_(int(n) / g.width)
+
+    # -- complexity -----------------------------------------------------------------------
+    def complexity(self, at: str = "current") -> Complexity:
+        """MACs and parameters. ``at="current"``: at the continuous sizes, differentiable;
+        ``at="kept"``: at the integer sizes eval and export use; ``at="full"``."""
+        if at == "current":
+            s = [k.clamp(self.config.kappa_min, 1.0) * g.width for k, g in zip(self._kappas(), self.plan.groups)]
+        elif at == "kept":
+            s = [torch.tensor(float(n)) for n in self.kept_sizes()]
+        elif at == "full":
+            s = [torch.tensor(float(g.width)) for g in self.plan.groups]
+        else:
+            raise ValueError(f"at must be 'current', 'kept' or 'full', got {at!r}")
+        return self._cx(s)
+
+    def complexity_loss(self) -> torch.Tensor:
+        """The complexity term to add to the task loss.
+
+        "l2": (β/G)·Σκ²  — the paper's. "macs": β·MACs(s)/MACs_full. Budget mode
+        (``target_macs``) uses the MACs form and adapts β by one dual-ascent step per call
+        (β ← max(0, β + dual_lr·(MACs/MACs_full − target))), so call it once per step.
+        """
+        kappas = [k.clamp(self.config.kappa_min, 1.0) for k in self._kappas()]
+        if not kappas:
+            return torch.zeros(())
+        if self.config.target_macs is not None:
+            frac = self.complexity().macs_fraction.to(kappas[0].dtype)
+            if self._phase == "optimize" and self.training:
+                with torch.no_grad():
+                    step = self.config.dual_lr * (float(frac) - self.config.target_macs)
+                    self.beta.copy_((self.beta + step).clamp(min=0.0))
+            return self.beta * frac
+        if self.config.regularizer == "macs":
+            return self.beta * self.complexity().macs_fraction.to(kappas[0].dtype)
+        return self.beta / len(kappas) * sum(k ** 2 for k in kappas)
+
+    def extra_repr(self) -> str:
+        return f"groups={len(self.plan.groups)}, phase={self._phase}"
+
+
+def _lookup(gm: nn.Module, qual: str) -> torch.Tensor:
+    mod, _, name = qual.rpartition(".")
+    owner = gm.get_submodule(mod) if mod else gm
+    if isinstance(owner, GatedRNN):
+        owner = owner.rnn
+    return getattr(owner, name)
+
+
+def _plan_tensors(gm, plan: Plan):
+    for q in plan.params:
+        yield q, _lookup(gm, q)
+
+
+def convert(model: nn.Module, example_inputs: Optional[Sequence] = None, config: Optional[Config] = None,
+            **options: Any) -> DynamicModel:
+    """Make the layer widths of ``model`` learnable; returns a :class:`DynamicModel`.
+
+    The user's model is deep-copied, never changed. Layers the analysis cannot prove
+    exact stay fixed (``strict=True`` raises :class:`~dcopt.ConversionError` instead).
+    Without ``example_inputs`` the conversion happens on the first forward call, as
+    torch's Lazy modules do: run one batch before building the optimizer.
+
+    Example::
+
+        dm = dcopt.convert(model, (torch.randn(8, 257),), kappa_min=0.25)
+        opt = torch.optim.Adam([{"params": dm.weight_parameters()},
+                                {"params": dm.size_parameters(), "lr": 3e-4}], lr=1e-3)
+    """
+    cfg = Config.build(config, options)
+    if example_inputs is None:
+        return LazyDynamicModel(model, cfg)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    traced = trace(model, example_inputs, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args)
+    analysis = run_analysis(traced)
+    if cfg.strict and analysis.unsupported:
+        lines = "; ".join(f"{r.node}: {r.reason}" + (f" ({r.location})" if r.location else "")
+                          for r in analysis.unsupported)
+        raise ConversionError(f"{len(analysis.unsupported)} layer(s) must stay fixed: {lines}",
+                              analysis.unsupported)
+    gm = build_gated(traced.gm, analysis.plan)
+    return DynamicModel(gm, analysis, cfg, traced.source, example_inputs)
+
+
+class LazyDynamicModel(nn.Module):
+    """A DynamicModel whose conversion waits for the first batch (shapes come from it)."""
+
+    def __init__(self, model: nn.Module, config: Config):
+        super().__init__()
+        object.__setattr__(self, "_pending", (copy.deepcopy(model), config))
+        self.inner: Optional[DynamicModel] = None
+
+    def forward(self, *args, **kwargs):
+        if self.inner is None:
+            if kwargs:
+                raise TypeError("the first call of a lazily converted model takes positional inputs only")
+            model, cfg = self._pending
+            self.inner = convert(model, tuple(a.detach() for a in args), cfg)
+            self.inner.train(self.training)
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self._modules.get("inner")
+            if inner is None:
+                raise AttributeError(f"{name!r}: this model converts on its first forward call; "
+                                     "run one batch through it first") from None
+            return getattr(inner, name)

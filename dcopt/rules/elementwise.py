@@ -1,0 +1,108 @@
+"""Elementwise ops, unary and n-ary with broadcasting.
+
+An elementwise op keeps features apart, so the output carries its inputs' map. When
+two tracked inputs meet, their channels are the same channels (a residual add, an SE
+multiply): the groups are coupled. A full-width parameter operand (layer scale) is
+sliced with the group; a full-width *computed* fixed tensor pins the group.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from ..fmap import FMap, Positions
+from .common import passthrough
+from .registry import register_rule
+
+__all__ = ["elementwise"]
+
+
+def _operands(ctx):
+    """Every tensor-valued argument: (arg, shape, fmap, is_param)."""
+    from ..analysis import ParamRef
+
+    out = []
+    flat = []
+    torch.fx.node.map_arg((ctx.node.args, ctx.node.kwargs), lambda n: flat.append(n) or n)
+    for a in flat:
+        shape = ctx.shape(a)
+        if shape is None:
+            continue
+        out.append((a, shape, ctx.fmap(a), isinstance(ctx.value(a), ParamRef)))
+    return out
+
+
+def elementwise(ctx):
+    out_shape = ctx.out_shape
+    ops = _operands(ctx)
+    tracked = [(a, s, fm) for a, s, fm, _ in ops if fm is not None]
+    if not tracked:
+        return None
+    if out_shape is None:
+        ctx.reject([fm for _, _, fm in tracked], "elementwise op with a non-tensor result")
+        return None
+    nd = len(out_shape)
+    dims = {fm.dim + nd - len(s) for _, s, fm in tracked}
+    if len(dims) != 1:
+        ctx.reject([fm for _, _, fm in tracked], "two tensors whose features run along different dims meet")
+        return None
+    od = dims.pop()
+    maps = [fm.pos for _, _, fm in tracked]
+    params = []
+    for a, shape, fm, is_param in ops:
+        if fm is not None:
+            continue
+        d = od - (nd - len(shape))
+        if d < 0 or shape[d] == 1:
+            continue  # broadcast along the features: the same value for every feature
+        if is_param:
+            params.append((a, d, len(shape)))
+        else:
+            maps.append(Positions.fixed(shape[d]))
+    pos = ctx.unify(maps, f" ({ctx.node.name})")
+    for a, d, n in params:
+        dims_ = tuple(pos if i == d else None for i in range(n))
+        ctx.plan_param(a.target, dims_, absolute=True)
+    for _, _, fm in tracked:
+        ctx.consumes(fm)
+    return FMap(od, pos)
+
+
+_UNARY_FUNCTIONS = [
+    torch.relu, torch.relu_, F.relu, F.relu6, F.gelu, F.silu, F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.sigmoid, torch.sigmoid, torch.tanh, F.tanh, F.mish, F.softplus, F.softsign,
+    F.logsigmoid, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    torch.exp, torch.log, torch.log1p, torch.log2, torch.log10, torch.abs, torch.sqrt, torch.rsqrt,
+    torch.neg, torch.square, torch.sin, torch.cos, torch.erf, torch.reciprocal, torch.sign, torch.floor,
+    torch.ceil, torch.round, torch.nan_to_num, torch.zeros_like, torch.ones_like, torch.full_like,
+    operator.neg, operator.pos, torch.exp2, torch.expm1, F.threshold, F.hardshrink, F.softshrink,
+    F.tanhshrink,
+]
+_NARY_FUNCTIONS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
+    torch.maximum, torch.minimum, torch.where, torch.clamp, torch.clip, torch.pow, torch.lerp,
+    torch.addcmul, torch.addcdiv, torch.fmax, torch.fmin, torch.rsub, torch.sub, torch.multiply,
+    torch.subtract, torch.divide,
+]
+_UNARY_METHODS = [
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "log_", "log1p", "abs",
+    "abs_", "sqrt", "rsqrt", "neg", "square", "sin", "cos", "erf", "reciprocal", "sign", "floor", "ceil",
+    "round", "float", "double", "half", "bfloat16", "contiguous", "clone", "detach", "nan_to_num",
+    "zero_", "exp2", "expm1", "requires_grad_",
+]
+_NARY_METHODS = [
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "pow_", "clamp", "clamp_", "clip",
+    "clip_", "maximum", "minimum", "where", "masked_fill", "masked_fill_", "lerp", "addcmul", "addcdiv",
+    "rsub", "true_divide", "multiply", "subtract", "divide",
+]
+
+register_rule(*_UNARY_FUNCTIONS, *_NARY_FUNCTIONS, *_UNARY_METHODS, *_NARY_METHODS, rule=elementwise)
+
+
+@register_rule("to", "type", "type_as", "cpu", "cuda")
+def cast(ctx):
+    """Casts and moves keep every value where it is (``type_as(other)`` reads only a dtype)."""
+    return passthrough(ctx)

@@ -1,0 +1,303 @@
+"""Rules for ``torch.nn`` layers: producers (DCL), consumers (ACL) and per-channel layers."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..fmap import FMap, Positions
+from .common import norm_dim, passthrough
+from .registry import register_rule
+
+__all__: list[str] = []
+
+_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.Threshold, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Hardshrink, nn.Softshrink,
+)
+register_rule(*_ACTIVATIONS, rule=passthrough)
+
+
+def _channel_dim(ctx, spatial: int) -> int:
+    """Channel dim of a conv/norm input: 1 when batched, 0 when not."""
+    nd = len(ctx.shape(ctx.arg(0, "input")))
+    return nd - spatial - 1
+
+
+@register_rule(nn.Linear)
+def linear(ctx):
+    """Linear: consumes its input's last dim, produces a new group on its output's last dim."""
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    nd = len(ctx.shape(x))
+    m = ctx.module
+    if fm is not None and fm.dim != nd - 1:
+        # Maps the last dim at every position of the tracked dim: features stay apart.
+        ctx.consumes(fm)
+        ctx.macs(["weight"], extra=[fm.pos])
+        return fm
+    out = Positions.group(ctx.new_group(m.out_features), m.out_features)
+    in_pos = fm.pos if fm is not None else None
+    ctx.gate(x)
+    ctx.plan_param("weight", (out, in_pos))
+    if m.bias is not None:
+        ctx.plan_param("bias", (out,))
+    ctx.plan_attr("out_features", out)
+    if in_pos is not None:
+        ctx.plan_attr("in_features", in_pos)
+    ctx.macs(["weight"])
+    return FMap(len(ctx.out_shape) - 1, out)
+
+
+@register_rule(nn.Bilinear)
+def _bilinear(ctx):
+    from .common import reject_tracked
+    reject_tracked(ctx, "Bilinear mixes two inputs; no rule yet")
+    return None
+
+
+def _conv(ctx, transposed: bool):
+    x = ctx.arg(0, "input")
+    m = ctx.module
+    fm = ctx.fmap(x)
+    spatial = len(m.kernel_size)
+    cdim = _channel_dim(ctx, spatial)
+    if fm is not None and fm.dim != cdim:
+        ctx.reject(fm, f"{type(m).__name__} mixes its spatial dims, and the features run along dim {fm.dim}")
+        return None
+    if m.groups == 1:
+        out = Positions.group(ctx.new_group(m.out_channels), m.out_channels)
+        in_pos = fm.pos if fm is not None else None
+        ctx.gate(x)
+        rest = (None,) * spatial
+        ctx.plan_param("weight", ((in_pos, out) if transposed else (out, in_pos)) + rest)
+        if m.bias is not None:
+            ctx.plan_param("bias", (out,))
+        ctx.plan_attr("out_channels", out)
+        if in_pos is not None:
+            ctx.plan_attr("in_channels", in_pos)
+        ctx.macs(["weight"])
+        return FMap(cdim, out)
+    if fm is None:
+        return None
+    if not transposed and m.groups == m.in_channels:
+        # depthwise: output channel o reads input channel o // multiplier only
+        mult = m.out_channels // m.in_channels
+        out = fm.pos.tile(1, mult)
+        ctx.consumes(fm)
+        ctx.plan_param("weight", (out,) + (None,) * (spatial + 1))
+        if m.bias is not None:
+            ctx.plan_param("bias", (out,))
+        ctx.plan_attr("in_channels", fm.pos)
+        ctx.plan_attr("groups", fm.pos)
+        ctx.plan_attr("out_channels", out)
+        ctx.macs(["weight"])
+        return FMap(cdim, out)
+    ctx.reject(fm, f"grouped {type(m).__name__} (groups={m.groups}) ties channels in blocks of "
+                   f"{m.in_channels // m.groups}; removing single channels would break the blocks")
+    return None
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv(ctx):
+    return _conv(ctx, transposed=False)
+
+
+@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def conv_transpose(ctx):
+    return _conv(ctx, transposed=True)
+
+
+def _per_channel(ctx, spatial_any: bool, params=("weight", "bias"), buffers=(), attrs=("num_features",)):
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    if fm is None:
+        return None
+    nd = len(ctx.shape(x))
+    m = ctx.module
+    cdim = 1 if nd > 1 else 0
+    if fm.dim != cdim:
+        ctx.reject(fm, f"{type(m).__name__} normalizes over dim {fm.dim}, where the features run")
+        return None
+    ctx.consumes(fm)
+    for name in params + buffers:
+        if getattr(m, name, None) is not None:
+            ctx.plan_param(name, (fm.pos,))
+    for attr in attrs:
+        ctx.plan_attr(attr, fm.pos)
+    return fm
+
+
+@register_rule(nn.modules.batchnorm._BatchNorm)
+def batchnorm(ctx):
+    """BatchNorm keeps one set of statistics per channel: slice them with the channel."""
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    if fm is not None and len(ctx.shape(x)) == 1:
+        ctx.reject(fm, "unbatched BatchNorm input")
+        return None
+    return _per_channel(ctx, True, buffers=("running_mean", "running_var"))
+
+
+@register_rule(nn.modules.instancenorm._InstanceNorm)
+def instancenorm(ctx):
+    return _per_channel(ctx, True, buffers=("running_mean", "running_var"))
+
+
+@register_rule(nn.GroupNorm)
+def groupnorm(ctx):
+    """Exact only when every group is one channel (then it is per-channel)."""
+    fm = ctx.fmap(ctx.arg(0, "input"))
+    m = ctx.module
+    if fm is None:
+        return None
+    if m.num_groups != m.num_channels:
+        ctx.reject(fm, f"GroupNorm with {m.num_groups} groups of {m.num_channels // m.num_groups} channels "
+                       "computes statistics across features; removing one changes the others")
+        return None
+    return _per_channel(ctx, True, attrs=("num_groups", "num_channels"))
+
+
+@register_rule(nn.LayerNorm)
+def layernorm(ctx):
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    if fm is None:
+        return None
+    nd = len(ctx.shape(x))
+    if fm.dim >= nd - len(ctx.module.normalized_shape):
+        ctx.reject(fm, "LayerNorm normalizes over the feature dimension: its mean and variance see every "
+                       "feature, so removing one changes the rest")
+        return None
+    ctx.consumes(fm)
+    return fm
+
+
+@register_rule(nn.PReLU)
+def prelu(ctx):
+    if ctx.module.num_parameters == 1:
+        return passthrough(ctx)
+    return _per_channel(ctx, True, params=("weight",), attrs=("num_parameters",))
+
+
+@register_rule(nn.Embedding)
+def embedding(ctx):
+    """Embedding: indices in, a new group of ``embedding_dim`` features out."""
+    m = ctx.module
+    out = Positions.group(ctx.new_group(m.embedding_dim), m.embedding_dim)
+    ctx.plan_param("weight", (None, out))
+    ctx.plan_attr("embedding_dim", out)
+    return FMap(len(ctx.out_shape) - 1, out)
+
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+@register_rule(nn.RNNBase)
+def rnn(ctx):
+    """GRU/LSTM/RNN: consumes ``input_size`` features, produces ``hidden_size`` units.
+
+    The hidden units are a group shared by every layer and direction; each weight's
+    rows hold one block of H per gate, so the group appears G times along them.
+    """
+    m = ctx.module
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    nd = len(ctx.shape(x))
+    if fm is not None and fm.dim != nd - 1:
+        ctx.reject(fm, f"{type(m).__name__} mixes time steps, and the features run along dim {fm.dim}")
+        fm = None
+    if getattr(m, "proj_size", 0):
+        if fm is not None:
+            ctx.reject(fm, "LSTM with proj_size: no rule yet")
+        return None
+    G = _GATES[m.mode]
+    D = 2 if m.bidirectional else 1
+    H = m.hidden_size
+    hpos = Positions.group(ctx.new_group(H), H)
+    rows = Positions.cat([hpos] * G)
+    in_pos = fm.pos if fm is not None else None
+    ctx.gate(x)
+    weights = []
+    for layer in range(m.num_layers):
+        for sfx in ([""] + (["_reverse"] if m.bidirectional else [])):
+            cols = in_pos if layer == 0 else Positions.cat([hpos] * D)
+            ctx.plan_param(f"weight_ih_l{layer}{sfx}", (rows, cols))
+            ctx.plan_param(f"weight_hh_l{layer}{sfx}", (rows, hpos))
+            weights += [f"weight_ih_l{layer}{sfx}", f"weight_hh_l{layer}{sfx}"]
+            if m.bias:
+                ctx.plan_param(f"bias_ih_l{layer}{sfx}", (rows,))
+                ctx.plan_param(f"bias_hh_l{layer}{sfx}", (rows,))
+    ctx.plan_attr("hidden_size", hpos)
+    if in_pos is not None:
+        ctx.plan_attr("input_size", in_pos)
+    ctx.rnn_hidden(hpos)
+    shape = ctx.shape(x)
+    if nd == 2:
+        steps, batch = shape[0], 1
+    else:
+        steps, batch = (shape[1], shape[0]) if m.batch_first else (shape[0], shape[1])
+    ctx.macs(weights, coef=float(steps * batch))  # per step and direction: G*H*(I+H)
+    h0 = ctx.arg(1, "hx")
+    if h0 is not None:
+        states = h0 if isinstance(h0, (tuple, list)) else (h0,)
+        for s in states:
+            sfm = ctx.fmap(s)
+            ctx.unify([hpos, sfm.pos if sfm is not None else Positions.fixed(H)], " (initial hidden state)")
+    out = FMap(nd - 1, Positions.cat([hpos] * D))
+    hn = FMap(1 if nd == 2 else 2, hpos)
+    if m.mode == "LSTM":
+        return (out, (hn, hn))
+    return (out, hn)
+
+
+def _pool(spatial: int):
+    def rule(ctx):
+        x = ctx.arg(0, "input")
+        fm = ctx.fmap(x)
+        if fm is None:
+            return None
+        nd = len(ctx.shape(x))
+        if getattr(ctx.module, "return_indices", False):
+            ctx.reject(fm, "pooling with return_indices: no rule yet")
+            return None
+        if fm.dim >= nd - spatial:
+            ctx.reject(fm, f"{type(ctx.module).__name__} pools over dim {fm.dim}, where the features run")
+            return None
+        ctx.consumes(fm)
+        return FMap(fm.dim, fm.pos)
+    return rule
+
+
+for _k, _types in {1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d,
+                       nn.ReflectionPad1d, nn.ReplicationPad1d, nn.ZeroPad1d, nn.ConstantPad1d, nn.CircularPad1d),
+                   2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
+                       nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.CircularPad2d,
+                       nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
+                   3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
+                       nn.ReflectionPad3d, nn.ReplicationPad3d, nn.ConstantPad3d, nn.CircularPad3d)}.items():
+    register_rule(*_types, rule=_pool(_k))
+
+
+@register_rule(nn.Upsample)
+def upsample(ctx):
+    x = ctx.arg(0, "input")
+    nd = len(ctx.shape(x))
+    return _pool(nd - 2)(ctx)
+
+
+@register_rule(nn.Softmax, nn.LogSoftmax, nn.Softmin)
+def softmax_module(ctx):
+    fm = ctx.fmap(ctx.arg(0, "input"))
+    if fm is None:
+        return None
+    nd = len(ctx.shape(ctx.arg(0, "input")))
+    dim = ctx.module.dim
+    if dim is None or norm_dim(dim, nd) == fm.dim:
+        ctx.reject(fm, f"{type(ctx.module).__name__} normalizes over the feature dimension")
+        return None
+    ctx.consumes(fm)
+    return fm

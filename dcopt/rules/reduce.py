@@ -1,0 +1,116 @@
+"""Reductions, softmax-like normalizations and functional pooling.
+
+Over a non-feature dim they keep features apart. Over the feature dim they would see
+the removed features (a mean would divide by N, not by the kept count): rejected.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..fmap import FMap
+from .common import n_outputs, norm_dim, norm_dims
+from .registry import register_rule
+
+__all__: list[str] = []
+
+
+def _reduce(ctx):
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    if fm is None:
+        return None
+    nd = len(ctx.shape(x))
+    dims = ctx.arg(1, "dim", None)
+    if dims is None and "axis" in ctx.node.kwargs:
+        dims = ctx.node.kwargs["axis"]
+    if not isinstance(dims, (int, tuple, list, type(None))):
+        ctx.reject(fm, "reduction over a dim dcopt cannot read")
+        return None
+    keepdim = ctx.arg(2, "keepdim", False)
+    reduced = norm_dims(dims, nd)
+    if fm.dim in reduced:
+        ctx.reject(fm, f"{ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__} "
+                       "reduces over the feature dimension (it would see the removed features)")
+        return None
+    ctx.consumes(fm)
+    new_dim = fm.dim if keepdim else fm.dim - sum(1 for d in reduced if d < fm.dim)
+    out = FMap(new_dim, fm.pos)
+    if n_outputs(ctx.node):  # max/min with dim return (values, indices)
+        return tuple(out for _ in range(n_outputs(ctx.node)))
+    return out
+
+
+register_rule(torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.std, torch.var,
+              torch.prod, torch.logsumexp, torch.norm, torch.any, torch.all, torch.nansum, torch.nanmean,
+              torch.median,
+              "mean", "sum", "amax", "amin", "max", "min", "std", "var", "prod", "logsumexp", "norm", "any",
+              "all", "nansum", "nanmean", "median", rule=_reduce)
+
+
+def _along_dim(ctx):
+    """softmax(x, dim): per-position unless ``dim`` is the feature dim."""
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    if fm is None:
+        return None
+    nd = len(ctx.shape(x))
+    dim = ctx.arg(1, "dim", None)
+    if not isinstance(dim, int) or norm_dim(dim, nd) == fm.dim:
+        ctx.reject(fm, "normalizes over the feature dimension (it would see the removed features)")
+        return None
+    ctx.consumes(fm)
+    return fm
+
+
+register_rule(F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax, torch.cumsum,
+              torch.cumprod, F.normalize, "softmax", "log_softmax", "cumsum", "cumprod", rule=_along_dim)
+
+
+def _spatial(k_from_fn):
+    def rule(ctx):
+        x = ctx.arg(0, "input")
+        fm = ctx.fmap(x)
+        if fm is None:
+            return None
+        nd = len(ctx.shape(x))
+        k = k_from_fn(ctx, nd)
+        if fm.dim >= nd - k:
+            ctx.reject(fm, f"{ctx.node.target.__name__} works over dim {fm.dim}, where the features run")
+            return None
+        if n_outputs(ctx.node):
+            ctx.reject(fm, "pooling with indices: no rule yet")
+            return None
+        ctx.consumes(fm)
+        return fm
+    return rule
+
+
+for _k, _fns in {1: (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.lp_pool1d),
+                 2: (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d),
+                 3: (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d)}.items():
+    register_rule(*_fns, rule=_spatial(lambda ctx, nd, k=_k: k))
+
+register_rule(F.interpolate, F.upsample, rule=_spatial(lambda ctx, nd: nd - 2))
+
+
+@register_rule(F.pad)
+def _pad(ctx):
+    pad = ctx.arg(1, "pad", ())
+    return _spatial(lambda c, nd: len(pad) // 2)(ctx)
+
+
+@register_rule(F.layer_norm)
+def _layer_norm(ctx):
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    if fm is None:
+        return None
+    nd = len(ctx.shape(x))
+    shape = ctx.arg(1, "normalized_shape")
+    n = len(shape) if isinstance(shape, (tuple, list)) else 1
+    if fm.dim >= nd - n:
+        ctx.reject(fm, "layer_norm normalizes over the feature dimension")
+        return None
+    ctx.consumes(fm)
+    return fm

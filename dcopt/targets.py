@@ -1,0 +1,439 @@
+"""Turn a command-line TARGET into a model and its example inputs.
+
+The CLI accepts three forms, so that a model can be checked where it already lives::
+
+    path/to/model.py          # executed as Python; defines `model`, build_model(), get_model()
+    path/to/model.py:NAME     # same file, the attribute NAME (same as --model NAME)
+    package.module:attr       # imported; attr is a module instance or a callable returning one
+    torchvision:resnet18      # torchvision.models.get_model(name, weights=None)
+
+A model file is *executed*: point the CLI only at files you trust. Everything that can
+go wrong while loading raises :class:`TargetError` with one readable line that names
+the file (and line, when the user's code raised), so the CLI can print it as is.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import DcoptError
+
+__all__ = [
+    "TargetError",
+    "LoadedTarget",
+    "load_target",
+    "parse_shape",
+    "parse_dtype",
+    "make_inputs",
+    "check_forward",
+    "one_line",
+    "describe_inputs",
+]
+
+#: Names looked up, in order, when a file is given without --model.
+MODEL_NAMES = ("model", "build_model", "get_model")
+#: Name of the function (or value) providing example inputs in a model file / module.
+INPUTS_NAME = "example_inputs"
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float64": torch.float64, "double": torch.float64, "fp64": torch.float64,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "int64": torch.int64, "long": torch.int64,
+    "int32": torch.int32, "int": torch.int32,
+    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+#: Default input shape of torchvision classification models, and the exceptions.
+_TORCHVISION_SHAPES = {"inception_v3": (1, 3, 299, 299)}
+_TORCHVISION_DEFAULT = (1, 3, 224, 224)
+
+
+class TargetError(DcoptError):
+    """A TARGET could not be loaded or run; ``str(err)`` is one line fit for a terminal."""
+
+
+@dataclass
+class LoadedTarget:
+    """A model ready for :func:`dcopt.analyze`.
+
+    ``source`` says where it came from, e.g. ``examples/crnn_speech.py:build_model()``;
+    ``path`` is the file it was defined in (``None`` for installed packages), used by
+    ``--format github`` to annotate the file when no finer location is known.
+    """
+    model: nn.Module
+    example_inputs: tuple
+    source: str
+    path: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+def one_line(text: Any, limit: int = 300) -> str:
+    """Collapse whitespace (fx and torch messages span lines) and cap the length."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _exc_text(exc: BaseException) -> str:
+    msg = one_line(exc)
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _user_frame(exc: BaseException, prefer: Optional[str] = None) -> Optional[str]:
+    """``file:line`` of the innermost frame outside torch and dcopt (or inside ``prefer``)."""
+    torch_dir = os.path.dirname(torch.__file__)
+    dcopt_dir = os.path.dirname(os.path.abspath(__file__))
+    found = None
+    for fs in traceback.extract_tb(exc.__traceback__):
+        fname = fs.filename
+        if fname.startswith("<") or fname.startswith(torch_dir) or fname.startswith(dcopt_dir):
+            continue
+        if "site-packages" in fname and not (prefer and os.path.abspath(fname) == prefer):
+            continue
+        found = f"{_rel(fname)}:{fs.lineno}"
+    return found
+
+
+def _rel(path: str) -> str:
+    """Path relative to the working directory when it lies below it (short, clickable)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # other drive on Windows
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def _raised(what: str, exc: BaseException, prefer: Optional[str] = None) -> TargetError:
+    where = _user_frame(exc, prefer)
+    suffix = f" (at {where})" if where else ""
+    return TargetError(f"{what} raised {_exc_text(exc)}{suffix}")
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """``"int64"`` → ``torch.int64``; accepts the usual aliases and a ``torch.`` prefix."""
+    key = text.strip().lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {text!r} (choose from float32, float16, bfloat16, float64, "
+                         f"int64, int32, bool)")
+    return _DTYPES[key]
+
+
+def parse_shape(text: str) -> tuple[tuple[int, ...], Optional[torch.dtype]]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``), optionally ``":int64"`` → (shape, dtype or None)."""
+    spec, _, dt = text.strip().partition(":")
+    dtype = parse_dtype(dt) if dt else None
+    parts = [p for p in re.split(r"[,x× ]+", spec.strip().strip("()[]")) if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"bad input shape {text!r}: expected integers like 1,3,224,224") from None
+    if not shape or any(d < 0 for d in shape):
+        raise ValueError(f"bad input shape {text!r}: expected non-negative integers like 1,3,224,224")
+    return shape, dtype
+
+
+def make_inputs(shapes: Sequence, dtype: Optional[torch.dtype] = None) -> tuple:
+    """Random example inputs: normal floats; integers/bools in {0, 1} (valid token ids for
+    any embedding). ``shapes`` holds tuples or ``(shape, dtype)`` pairs from :func:`parse_shape`."""
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for item in shapes:
+        if len(item) == 2 and isinstance(item[0], tuple):
+            shape, own = item
+        else:
+            shape, own = tuple(item), None
+        dt = own or dtype or torch.float32
+        if dt.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(dt))
+        elif dt == torch.bool:
+            out.append(torch.randint(0, 2, shape, generator=gen).bool())
+        else:
+            out.append(torch.randint(0, 2, shape, generator=gen, dtype=dt))
+    return tuple(out)
+
+
+def describe_inputs(inputs: Sequence) -> str:
+    """``1x3x224x224 float32, 2x16 int64`` — for messages."""
+    parts = []
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            parts.append(f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).removeprefix('torch.')}")
+        else:
+            parts.append(type(t).__name__)
+    return ", ".join(parts) or "no inputs"
+
+
+def _as_tuple(value: Any, what: str) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)):
+        return tuple(value)
+    raise TargetError(f"{what} returned {type(value).__name__}; expected a tuple of tensors, "
+                      f"e.g. (torch.randn(1, 3, 224, 224),)")
+
+
+# --------------------------------------------------------------------------- resolving
+
+def _materialize(obj: Any, label: str, prefer: Optional[str]) -> nn.Module:
+    """Module instance → itself; nn.Module class → instance (no args); callable → its result."""
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, type) and not issubclass(obj, nn.Module):
+        raise TargetError(f"{label} is the class {obj.__name__}, which is not a torch.nn.Module")
+    if not callable(obj):
+        raise TargetError(f"{label} is a {type(obj).__name__}, not a torch.nn.Module "
+                          f"or a function returning one")
+    call = f"{label}()"
+    try:
+        model = obj()
+    except TypeError as exc:
+        if isinstance(obj, type) and _arity_error(exc):
+            raise TargetError(f"cannot instantiate {label} with no arguments ({one_line(exc)}); "
+                              f"define build_model() that constructs it instead") from exc
+        raise _raised(call, exc, prefer) from exc
+    except Exception as exc:
+        raise _raised(call, exc, prefer) from exc
+    if not isinstance(model, nn.Module):
+        raise TargetError(f"{call} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _arity_error(exc: TypeError) -> bool:
+    return "argument" in str(exc) and ("missing" in str(exc) or "takes" in str(exc))
+
+
+def _find_model(namespace: dict, where: str, model_name: Optional[str], prefer: Optional[str]) -> tuple[nn.Module, str]:
+    if model_name:
+        if model_name not in namespace:
+            hint = difflib.get_close_matches(model_name, [k for k in namespace if not k.startswith("_")], n=3)
+            extra = f" (did you mean {', '.join(hint)}?)" if hint else ""
+            raise TargetError(f"no '{model_name}' in {where}{extra}")
+        obj = namespace[model_name]
+        label = model_name
+    else:
+        for name in MODEL_NAMES:
+            if name in namespace:
+                model_name, obj = name, namespace[name]
+                break
+        else:
+            classes = sorted(k for k, v in namespace.items()
+                             if isinstance(v, type) and issubclass(v, nn.Module)
+                             and getattr(v, "__module__", None) == namespace.get("__name__"))
+            hint = f"; classes defined there: {', '.join(classes)}" if classes else ""
+            raise TargetError(f"no model found in {where}: define `model`, a function build_model() "
+                              f"or get_model(), or pass --model NAME{hint}")
+        label = model_name
+    model = _materialize(obj, label, prefer)
+    call = label if isinstance(obj, nn.Module) else f"{label}()"
+    return model, call
+
+
+def _find_inputs(namespace: dict, where: str, prefer: Optional[str]) -> Optional[tuple]:
+    if INPUTS_NAME not in namespace:
+        return None
+    obj = namespace[INPUTS_NAME]
+    what = f"{INPUTS_NAME}()" if callable(obj) else INPUTS_NAME
+    if callable(obj):
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise _raised(f"{what} in {where}", exc, prefer) from exc
+    return _as_tuple(obj, f"{what} in {where}")
+
+
+def _exec_file(path: str) -> dict:
+    """Execute a model file as a fresh module and return its namespace."""
+    abspath = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise TargetError(f"file not found: {path}")
+    if os.path.isdir(path):
+        raise TargetError(f"{path} is a directory; expected a Python file defining the model")
+    try:
+        with open(abspath, "rb") as f:
+            source = f.read()
+    except OSError as exc:
+        raise TargetError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        code = compile(source, abspath, "exec")
+    except SyntaxError as exc:
+        where = f"{_rel(exc.filename or abspath)}:{exc.lineno}" if exc.lineno else path
+        raise TargetError(f"syntax error in {where}: {exc.msg}") from exc
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(abspath))[0])
+    mod_name = f"dcopt_target_{stem}"
+    spec = importlib.util.spec_from_file_location(mod_name, abspath)
+    module = importlib.util.module_from_spec(spec)
+    # Registered so dataclasses, pickling and `typing` inside the file resolve the module;
+    # the file's folder on sys.path so it can import its neighbours, as `python file.py` would.
+    sys.modules[mod_name] = module
+    folder = os.path.dirname(abspath)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        exec(code, module.__dict__)
+    except SystemExit as exc:
+        raise TargetError(f"{path} called sys.exit({exc.code}) while being loaded; guard scripts with "
+                          f"`if __name__ == \"__main__\":`") from exc
+    except Exception as exc:
+        raise _raised(f"executing {path}", exc, abspath) from exc
+    return module.__dict__
+
+
+def _load_file(path: str, model_name: Optional[str]) -> tuple[nn.Module, Optional[tuple], str]:
+    ns = _exec_file(path)
+    prefer = os.path.abspath(path)
+    model, call = _find_model(ns, path, model_name, prefer)
+    inputs = _find_inputs(ns, path, prefer)
+    return model, inputs, f"{path}:{call}"
+
+
+def _load_module_attr(spec: str, model_name: Optional[str]) -> tuple[nn.Module, Optional[tuple], str, Optional[str]]:
+    mod_path, _, attr = spec.partition(":")
+    attr = attr or model_name or ""
+    if not mod_path or not attr:
+        raise TargetError(f"bad TARGET {spec!r}: expected module.path:attr")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)  # `dcopt check pkg.models:net` from the project root, as python -m does
+    try:
+        module = importlib.import_module(mod_path)
+    except ModuleNotFoundError as exc:
+        if exc.name and (mod_path == exc.name or mod_path.startswith(exc.name + ".")):
+            raise TargetError(f"cannot import module '{mod_path}': no module named '{exc.name}'") from exc
+        raise _raised(f"importing '{mod_path}'", exc) from exc
+    except SyntaxError as exc:
+        where = f"{_rel(exc.filename)}:{exc.lineno}" if exc.filename else mod_path
+        raise TargetError(f"syntax error in {where}: {exc.msg}") from exc
+    except Exception as exc:
+        raise _raised(f"importing '{mod_path}'", exc) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [k for k in vars(module) if not k.startswith("_")]
+            hint = difflib.get_close_matches(part, names, n=3)
+            extra = f" (did you mean {', '.join(hint)}?)" if hint else ""
+            raise TargetError(f"module '{mod_path}' has no attribute '{attr}'{extra}")
+        obj = getattr(obj, part)
+    file = getattr(module, "__file__", None)
+    prefer = os.path.abspath(file) if file else None
+    model = _materialize(obj, f"{mod_path}:{attr}", prefer)
+    inputs = _find_inputs(vars(module), f"module '{mod_path}'", prefer)
+    label = f"{mod_path}:{attr}" + ("" if isinstance(obj, nn.Module) else "()")
+    return model, inputs, label, _rel(file) if file else None
+
+
+def _load_torchvision(name: str) -> tuple[nn.Module, tuple[int, ...], str]:
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise TargetError("torchvision is not installed (pip install torchvision)") from exc
+    available = torchvision.models.list_models()
+    if name not in available:
+        hint = difflib.get_close_matches(name, available, n=3)
+        extra = f" (did you mean {', '.join(hint)}?)" if hint else ""
+        raise TargetError(f"torchvision has no model '{name}'{extra}")
+    kwargs: dict[str, Any] = {"weights": None}
+    if name in ("inception_v3", "googlenet"):
+        kwargs["init_weights"] = True  # silences torchvision's FutureWarning; same default
+    try:
+        model = torchvision.models.get_model(name, **kwargs)
+    except Exception as exc:
+        raise _raised(f"torchvision.models.get_model('{name}', weights=None)", exc) from exc
+    return model, _TORCHVISION_SHAPES.get(name, _TORCHVISION_DEFAULT), f"torchvision.models.{name}(weights=None)"
+
+
+# --------------------------------------------------------------------------- public
+
+def load_target(spec: str, *, model_name: Optional[str] = None, input_shapes: Optional[Sequence] = None,
+                dtype: Optional[torch.dtype | str] = None, run_forward: bool = True) -> LoadedTarget:
+    """Build the model a TARGET names, with example inputs, and (``run_forward``) check
+    that the model's forward accepts them.
+
+    ``input_shapes`` (shapes, or ``(shape, dtype)`` pairs, or strings ``"1,3,224,224"``)
+    override the file's ``example_inputs()``; ``dtype`` is the dtype of those inputs.
+
+    >>> t = load_target("torchvision:resnet18")          # doctest: +SKIP
+    >>> t.example_inputs[0].shape
+    torch.Size([1, 3, 224, 224])
+    """
+    if isinstance(dtype, str):
+        try:
+            dtype = parse_dtype(dtype)
+        except ValueError as exc:
+            raise TargetError(str(exc)) from None
+    shapes = None
+    if input_shapes:
+        shapes = []
+        for s in input_shapes:
+            if isinstance(s, str):
+                try:
+                    s = parse_shape(s)
+                except ValueError as exc:
+                    raise TargetError(str(exc)) from None
+            shapes.append(s)
+
+    path: Optional[str] = None
+    file_spec = re.fullmatch(r"(.+\.py):([A-Za-z_][\w.]*)", spec)
+    if spec.startswith("torchvision:"):
+        if model_name:
+            raise TargetError("--model applies to file targets; for torchvision write torchvision:NAME")
+        model, default_shape, source = _load_torchvision(spec.split(":", 1)[1])
+        inputs = None if shapes else make_inputs([default_shape], dtype)
+    elif file_spec and not os.path.exists(spec):
+        if model_name and model_name != file_spec.group(2):
+            raise TargetError(f"TARGET {spec} names '{file_spec.group(2)}' but --model says '{model_name}'")
+        path = file_spec.group(1)
+        model, inputs, source = _load_file(path, file_spec.group(2))
+    elif spec.endswith(".py") or os.path.sep in spec or os.path.exists(spec):
+        path = spec
+        model, inputs, source = _load_file(spec, model_name)
+    elif ":" in spec:
+        model, inputs, source, path = _load_module_attr(spec, model_name)
+    else:
+        raise TargetError(f"cannot interpret TARGET {spec!r}: expected path/to/model.py, "
+                          f"module.path:attr or torchvision:NAME")
+
+    if shapes:
+        inputs = make_inputs(shapes, dtype)
+    elif inputs is None:
+        raise TargetError(f"no example inputs for {source}: define example_inputs() in the file, "
+                          f"or pass --input-shape, e.g. --input-shape 1,3,224,224")
+    elif dtype is not None and not spec.startswith("torchvision:"):
+        raise TargetError("--dtype applies to the inputs built from --input-shape; "
+                          "example_inputs() already sets its own dtypes")
+    target = LoadedTarget(model=model, example_inputs=inputs, source=source, path=path)
+    if run_forward:
+        check_forward(target)
+    return target
+
+
+def check_forward(target: LoadedTarget) -> None:
+    """Run the model once (eval mode, no grad) so a wrong input shape is reported as such,
+    with the user's line, before tracing turns it into something vaguer."""
+    model = target.model
+    flags = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+    prefer = os.path.abspath(target.path) if target.path else None
+    try:
+        with torch.no_grad():
+            model(*target.example_inputs)
+    except Exception as exc:
+        where = _user_frame(exc, prefer)
+        suffix = f" at {where}" if where else ""
+        raise TargetError(f"the model's forward failed on the example inputs "
+                          f"({describe_inputs(target.example_inputs)}){suffix}: {_exc_text(exc)}") from exc
+    finally:
+        for name, m in model.named_modules():
+            m.training = flags[name]
