@@ -16,3 +16,9 @@ from .rewrite import DynamicModel, SizeInfo, convert
 from .export import export
 
 __all__ += ["Config", "DynamicModel", "SizeInfo", "convert", "export"]
+from .save import load_exported, save_exported
+
+__all__ += ["save_exported", "load_exported"]
+from .report import count_macs, export_report, render_export_report
+
+__all__ += ["count_macs", "export_report", "render_export_report"]

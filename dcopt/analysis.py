@@ -555,7 +555,8 @@ def _finalize(w: _Walker) -> Analysis:
     graph = nx.DiGraph()
     for node in w.gm.graph.nodes:
         graph.add_node(keys[node.name], op=node.op, target=str(node.target), role=roles[keys[node.name]],
-                       shape=_meta_shape(node.meta.get("tensor_meta")))
+                       shape=_meta_shape(node.meta.get("tensor_meta")),
+                       module_type=type(w.modules[node.target]).__name__ if node.op == "call_module" else None)
         for inp in node.all_input_nodes:
             graph.add_edge(keys[inp.name], keys[node.name])
     n_params = sum(p.numel() for p in w.gm.parameters())

@@ -43,31 +43,42 @@ class _Width:
 
     __slots__ = ("full", "fixed", "parts")
 
-    def __init__(self, pos: Optional[Positions], full: int):
+    def __init__(self, pos: Optional[Positions], full: int, widths: Sequence[int] = ()):
         self.full = full
         if pos is None:
             self.fixed, self.parts = float(full), []
             return
         self.fixed = float((pos.gid < 0).sum())
-        self.parts = [(g, pos.ch[pos.gid == g].to(torch.float64)) for g in sorted(pos.gids())]
+        self.parts = []
+        for g in sorted(pos.gids()):
+            ch = pos.ch[pos.gid == g]
+            mult = torch.bincount(ch, minlength=widths[g]).to(torch.float64)
+            self.parts.append((g, ch.to(torch.float64), mult, widths[g]))
 
     def __call__(self, s: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Kept count at sizes ``s``: channel c counts by clamp(s − c, 0, 1). The gradient
+        is that of the boundary channel m = min(⌊s⌋, N−1) (the one the gate makes noisy),
+        so it is never zero at integer sizes, where clamp's own gradient would vanish."""
         total = torch.tensor(self.fixed, dtype=torch.float64)
-        for g, ch in self.parts:
-            total = total + (s[g] - ch).clamp(0.0, 1.0).sum()
+        for g, ch, mult, width in self.parts:
+            sd = s[g].detach()
+            value = (sd - ch).clamp(0.0, 1.0).sum()
+            m = int(min(float(torch.floor(sd)), width - 1))
+            total = total + value + (s[g] - sd) * mult[m]
         return total
 
 
 class ComplexityModel:
     def __init__(self, plan: Plan, param_shapes: dict[str, tuple]):
         self.plan = plan
+        widths = [g.width for g in plan.groups]
         self.dims: dict[str, list[_Width]] = {}
         for q, dims in plan.params.items():
             shape = param_shapes[q]
-            self.dims[q] = [_Width(d, n) for d, n in zip(dims, shape)]
+            self.dims[q] = [_Width(d, n, widths) for d, n in zip(dims, shape)]
         self.const_params = sum(n for q, n in plan.param_numel.items() if q not in self.dims)
         self.params_full = sum(plan.param_numel.values())
-        self.terms = [(t.coef, t.params, [_Width(e, len(e)) for e in t.extra]) for t in plan.mac_terms]
+        self.terms = [(t.coef, t.params, [_Width(e, len(e), widths) for e in t.extra]) for t in plan.mac_terms]
         self.macs_full = plan.total_macs
         self.param_shapes = param_shapes
 

@@ -76,7 +76,10 @@ class FeatureGate(nn.Module):
         widths = torch.tensor(self.widths, device=x.device, dtype=x.dtype)
         s = torch.stack([k.to(x.dtype).reshape(()) for k in kappas]) * widths
         m = torch.minimum(torch.floor(s.detach()), widths - 1)
-        lam = LAMBDA_EPS + (1 - 2 * LAMBDA_EPS) * (s - m).clamp(0.0, 1.0)
+        frac = s - m
+        # straight-through clamp: at κ = 1 (λ = 1) the gradient must still reach s
+        frac = frac + (frac.detach().clamp(0.0, 1.0) - frac.detach())
+        lam = LAMBDA_EPS + (1 - 2 * LAMBDA_EPS) * frac
         m_pos = self._per_position(m.long(), 1 << 62)
         fixed = self.group < 0
         clean = fixed | (self.ch < m_pos)

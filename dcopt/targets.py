@@ -134,7 +134,7 @@ def parse_shape(text: str) -> tuple[tuple[int, ...], Optional[torch.dtype]]:
     """``"1,3,224,224"`` (or ``1x3x224x224``), optionally ``":int64"`` → (shape, dtype or None)."""
     spec, _, dt = text.strip().partition(":")
     dtype = parse_dtype(dt) if dt else None
-    parts = [p for p in re.split(r"[,x× ]+", spec.strip().strip("()[]")) if p]
+    parts = re.split(r"\s*[,x×]\s*", spec.strip().strip("()[]").strip())
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:

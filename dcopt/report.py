@@ -1,0 +1,110 @@
+"""Readable reports (rich): what the analysis found, and what export changed."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from rich.console import Group as RichGroup
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .analysis import Analysis
+
+__all__ = ["render_analysis", "export_report", "render_export_report", "count_macs"]
+
+_ROLE_STYLE = {"DCL": "bold green", "ACL": "cyan", "FCL": "dim"}
+_STATUS_STYLE = {"dynamic": "bold green", "fixed": "dim", "rejected": "bold red"}
+
+
+def _human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def render_analysis(a: "Analysis", *, show_layers: bool = True):
+    """Layers with roles, groups with widths and MACs share, rejections with file:line, totals."""
+    parts = []
+    if show_layers:
+        layers = Table(title="Layers", show_lines=False)
+        layers.add_column("layer")
+        layers.add_column("op")
+        layers.add_column("role")
+        for node, data in a.graph.nodes(data=True):
+            if data["op"] not in ("call_module", "get_attr") and a.roles.get(node) != "DCL":
+                continue
+            role = a.roles.get(node, "FCL")
+            op = data["target"] if data["op"] != "call_module" else data.get("module_type", data["target"])
+            layers.add_row(node, str(op), Text(role, style=_ROLE_STYLE.get(role, "")))
+        parts.append(layers)
+    groups = Table(title="Groups")
+    for col in ("group", "width N", "status", "MACs share", "producers", "why fixed"):
+        groups.add_column(col)
+    for g in a.groups:
+        groups.add_row(g.name, str(g.width), Text(g.status, style=_STATUS_STYLE[g.status]),
+                       f"{g.macs_share:.1%}" if g.status == "dynamic" else "-", ", ".join(g.producers[:3]),
+                       "; ".join(g.reasons[:2]))
+    parts.append(groups)
+    if a.unsupported:
+        rej = Table(title="Rejections", title_style="bold red")
+        for col in ("layer", "op", "reason", "where"):
+            rej.add_column(col)
+        for r in a.unsupported:
+            rej.add_row(r.node, r.op, r.reason, r.location or "")
+        parts.append(rej)
+    parts.append(Text(f"MACs {_human(a.macs)} · params {_human(a.params)} · dynamic groups "
+                      f"{len(a.dynamic_groups)}/{len(a.groups)} · MACs dcopt can optimise "
+                      f"{a.dynamic_fraction:.1%}", style="bold"))
+    return RichGroup(*parts)
+
+
+def count_macs(model: torch.nn.Module, example_inputs) -> int:
+    """MACs as ``FlopCounterMode`` counts them (÷2), plus LSTMs by formula (the counter skips them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    lstm_macs = []
+
+    def hook(m, args, out):
+        x = args[0]
+        nd = x.dim()
+        steps, batch = (x.shape[0], 1) if nd == 2 else ((x.shape[1], x.shape[0]) if m.batch_first else
+                                                         (x.shape[0], x.shape[1]))
+        w = sum(p.numel() for n, p in m.named_parameters() if n.startswith("weight"))
+        lstm_macs.append(steps * batch * w)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.LSTM)]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return fc.get_total_flops() // 2 + sum(lstm_macs)
+
+
+def export_report(dynamic_model, exported: torch.nn.Module) -> dict:
+    """Per group N → kept, and MACs/params before and after *measured* on the models."""
+    dm = dynamic_model
+    inputs = dm.example_inputs
+    kept = dm.kept_sizes()
+    groups = [dict(name=g.name, width=g.width, kept=k) for g, k in zip(dm.plan.groups, kept)]
+    macs_after = count_macs(exported.eval(), inputs)
+    params_after = sum(p.numel() for p in exported.parameters())
+    return dict(groups=groups, macs_before=dm.plan.total_macs, macs_after=macs_after,
+                params_before=sum(dm.plan.param_numel.values()), params_after=params_after)
+
+
+def render_export_report(report: dict):
+    t = Table(title="dcopt export")
+    t.add_column("group")
+    t.add_column("N", justify="right")
+    t.add_column("kept", justify="right")
+    for g in report["groups"]:
+        t.add_row(g["name"], str(g["width"]), str(g["kept"]))
+    mb, ma = report["macs_before"], report["macs_after"]
+    pb, pa = report["params_before"], report["params_after"]
+    summary = Text(f"MACs {_human(mb)} → {_human(ma)} ({ma / mb:.1%})   params {_human(pb)} → {_human(pa)} "
+                   f"({pa / pb:.1%})", style="bold")
+    return RichGroup(t, summary)

@@ -1,0 +1,197 @@
+"""Write an exported model in forms that load with torch alone (no dcopt, no pickle of code).
+
+* ``<dir>/__init__.py`` — standalone Python: the module tree built from ``torch.nn``
+  constructors, the fx-generated ``forward``, and ``load()`` which reads
+  ``weights.pt`` with ``weights_only=True``. Use::
+
+      import importlib.util, sys
+      spec = importlib.util.spec_from_file_location("small", "out/small/__init__.py")
+      small = importlib.util.module_from_spec(spec); spec.loader.exec_module(small)
+      model = small.load()
+
+* ``<dir>/model.pt2`` — a ``torch.export`` program (when example inputs are given and
+  the model exports): ``torch.export.load("out/small/model.pt2").module()``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import textwrap
+import types
+import uuid
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import ExportError
+from .trace import DcoptTracer
+
+__all__ = ["save_exported", "load_exported"]
+
+
+def _constructor(module: nn.Module) -> Optional[str]:
+    """A ``torch.nn.X(...)`` expression that rebuilds ``module`` (checked), or None."""
+    cls = type(module)
+    if not cls.__module__.startswith("torch.nn") or getattr(nn, cls.__name__, None) is not cls:
+        return None
+    text = repr(module)
+    if "\n" in text:
+        return None
+    expr = f"torch.nn.{text}"
+    try:
+        rebuilt = eval(expr, {"torch": torch, "inf": float("inf")})
+    except Exception:
+        return None
+    same = repr(rebuilt) == text and {k: v.shape for k, v in rebuilt.state_dict().items()} == \
+        {k: v.shape for k, v in module.state_dict().items()}
+    return expr if same else None
+
+
+def _as_graph_module(model: nn.Module) -> torch.fx.GraphModule:
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    tracer = DcoptTracer()
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _imports(globals_: dict) -> list[str]:
+    """Import lines for the names the fx-generated code uses."""
+    import builtins
+    from torch.fx.graph import _custom_builtins
+
+    lines = []
+    for name, value in sorted(globals_.items()):
+        if name in ("torch", "__builtins__") or getattr(builtins, name, object()) is value:
+            continue
+        if name in _custom_builtins:
+            lines.append(_custom_builtins[name].import_str)
+        elif isinstance(value, types.ModuleType):
+            lines.append(f"import {value.__name__} as {name}")
+        elif getattr(value, "__module__", None) and getattr(value, "__qualname__", None):
+            mod, qual = value.__module__, value.__qualname__
+            if "<" in qual:
+                raise ExportError(f"the model calls {qual}, which cannot be imported by name")
+            owner, _, rest = qual.partition(".")
+            lines.append(f"from {mod} import {owner} as {name}" if not rest else
+                         f"from {mod} import {owner} as _{name}_owner\n{name} = _{name}_owner.{rest}")
+        else:
+            lines.append(f"{name} = {value!r}")
+    return lines
+
+
+_TEMPLATE = '''\
+"""Exported by dcopt: plain PyTorch, loads without dcopt. Call load() for the model."""
+import os
+
+import torch
+{imports}
+
+
+def _child(root, path):
+    obj = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            obj.add_module(part, torch.nn.Module())
+        obj = getattr(obj, part)
+    return obj
+
+
+def _place(root, qualname, value):
+    parent, _, name = qualname.rpartition(".")
+    owner = _child(root, parent) if parent else root
+    if isinstance(value, torch.nn.Module):
+        owner.add_module(name, value)
+    elif isinstance(value, torch.nn.Parameter):
+        owner.register_parameter(name, value)
+    else:
+        owner.register_buffer(name, value)
+
+
+class {name}(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+{body}
+
+{forward}
+
+
+def load(map_location="cpu"):
+    """The model with its trained weights (read with weights_only=True)."""
+    model = {name}()
+    state = torch.load(os.path.join(os.path.dirname(__file__), "weights.pt"), map_location=map_location,
+                       weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+'''
+
+
+def save_exported(model: nn.Module, path, example_inputs: Optional[Sequence] = None, *,
+                  class_name: str = "ExportedModel", check: bool = True) -> Path:
+    """Save an exported model so that it loads with torch alone; returns the folder.
+
+    Writes ``__init__.py`` (standalone code + ``load()``), ``weights.pt`` and, with
+    ``example_inputs``, ``model.pt2`` (torch.export). With ``check`` the written code is
+    imported back and compared with ``model`` on the example inputs.
+
+    Example::
+
+        dcopt.save_exported(small, "out/small", example_inputs=(x,))
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    gm = _as_graph_module(model)
+    body = []
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for qual in sorted(targets):
+        expr = _constructor(gm.get_submodule(qual))
+        if expr is None:
+            raise ExportError(f"cannot write standalone code for module '{qual}' "
+                              f"({type(gm.get_submodule(qual)).__name__}): not a plain torch.nn layer")
+        body.append(f"        _place(self, {qual!r}, {expr})")
+    modules_done = set(targets)
+    for qual, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if qual.rpartition(".")[0] in modules_done:
+            continue
+        ctor = "torch.nn.Parameter(torch.empty({}, dtype={}))" if isinstance(t, nn.Parameter) else \
+            "torch.empty({}, dtype={})"
+        body.append(f"        _place(self, {qual!r}, {ctor.format(list(t.shape), t.dtype)})")
+    if not body:
+        body.append("        pass")
+    code = gm.code
+    python_code = gm.graph.python_code(root_module="self")
+    imports = _imports(python_code.globals)
+    text = _TEMPLATE.format(imports="\n".join(imports), name=class_name, body="\n".join(body),
+                            forward=textwrap.indent(textwrap.dedent(code).strip("\n"), "    "))
+    (folder / "__init__.py").write_text(text)
+    torch.save(gm.state_dict(), folder / "weights.pt")
+    if example_inputs is not None:
+        example_inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,)
+        try:
+            program = torch.export.export(model.eval(), example_inputs)
+            torch.export.save(program, folder / "model.pt2")
+        except Exception as exc:  # some models cannot be torch.export-ed; the Python form still is there
+            (folder / "model.pt2.txt").write_text(f"torch.export failed: {type(exc).__name__}: {exc}\n")
+        if check:
+            loaded = load_exported(folder)
+            with torch.no_grad():
+                a, b = model.eval()(*example_inputs), loaded(*example_inputs)
+            from .export import _close
+            err = _close(a, b, 1e-6)
+            if err is None or err > 1e-6:
+                raise ExportError(f"the saved model at {folder} does not reproduce the model (error {err})")
+    return folder
+
+
+def load_exported(path) -> nn.Module:
+    """Import the standalone code written by :func:`save_exported` and load its weights."""
+    init = Path(path) / "__init__.py"
+    name = f"dcopt_exported_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(name, init)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load()

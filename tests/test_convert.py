@@ -1,0 +1,176 @@
+"""Conversion: the gated model, its phases, sizes, gradients and state."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import dcopt
+from dcopt.gates import FeatureGate
+from models import build, CASES
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["mlp", "crnn_gru", "residual"])
+def test_fixed_phase_equals_original_and_user_model_untouched(name):
+    model, inputs = build(name)
+    before = state(model)
+    tree = repr(model)
+    dm = dcopt.convert(model, inputs)
+    after = state(model)
+    assert repr(model) == tree and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert dm.phase == "fixed"
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        getattr(dm, mode)()
+        torch.manual_seed(1)
+        a = model(*inputs)
+        torch.manual_seed(1)
+        b = dm(*inputs)
+        assert torch.equal(a, b)
+
+
+def test_fixed_phase_resnet18():
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    dm = dcopt.convert(model, (x,)).eval()
+    assert torch.equal(model(x), dm(x))
+
+
+def test_gate_noise_formula():
+    """Clean below ⌊s⌋, sqrt(λ)·x + sqrt(1−λ)·σ·ν at ⌊s⌋, zero above; eval keeps ⌈s⌉ exactly."""
+    n = 6
+    gate = FeatureGate(1, torch.zeros(n, dtype=torch.long), torch.arange(n), [n])
+    gate.noise = True
+    x = torch.randn(4000, n) * torch.arange(1, n + 1)
+    kappa = torch.tensor(3.25 / n)
+    gate.train()
+    y = gate(x, kappa)
+    assert torch.equal(y[:, :3], x[:, :3]) and (y[:, 4:] == 0).all()
+    lam = 0.001 + 0.998 * 0.25
+    noise = y[:, 3] - lam ** 0.5 * x[:, 3]
+    assert abs(noise.std().item() / (((1 - lam) ** 0.5) * x[:, 3].std().item()) - 1) < 0.05
+    gate.eval()
+    y = gate(x, kappa)
+    assert torch.equal(y[:, :4], x[:, :4]) and (y[:, 4:] == 0).all()
+
+
+def test_gate_zeroes_inf_in_removed_features():
+    gate = FeatureGate(1, torch.zeros(3, dtype=torch.long), torch.arange(3), [3]).eval()
+    x = torch.tensor([[1.0, 2.0, float("inf")]])
+    assert torch.equal(gate(x, torch.tensor(2 / 3)), torch.tensor([[1.0, 2.0, 0.0]]))
+
+
+def test_task_gradient_reaches_every_size_and_stays_finite():
+    model, inputs = build("crnn_gru")
+    dm = dcopt.convert(model, inputs).optimize_sizes().train()
+    torch.manual_seed(0)
+    out = dm(*inputs)
+    out.pow(2).mean().backward()
+    grads = [k.grad for k in dm.size_parameters()]
+    assert len(grads) == 2 and all(g is not None and torch.isfinite(g) and g != 0 for g in grads)
+
+
+def test_no_nan_with_aggressive_size_learning_rate():
+    torch.manual_seed(0)
+    model, inputs = build("mlp")
+    model.train()
+    dm = dcopt.convert(model, inputs, kappa_min=0.05, beta=5.0).optimize_sizes().train()
+    opt = torch.optim.SGD([{"params": list(dm.weight_parameters()), "lr": 1e-3},
+                           {"params": list(dm.size_parameters()), "lr": 1.0}])
+    x = torch.randn(16, 16)
+    y = torch.randn(16, 4)
+    for step in range(2000):
+        opt.zero_grad()
+        loss = (dm(x) - y).pow(2).mean() + dm.complexity_loss()
+        loss.backward()
+        for k in dm.size_parameters():
+            assert torch.isfinite(k.grad).all(), step
+        opt.step()
+        for k in dm.size_parameters():
+            assert torch.isfinite(k).all()
+    for k in dm.size_parameters():
+        assert 0.05 <= float(k.detach().clamp(0.05, 1)) <= 1.0
+
+
+def test_sizes_set_sizes_and_kept():
+    model, inputs = build("mlp")
+    dm = dcopt.convert(model, inputs)
+    assert {n: (i.kept, i.width) for n, i in dm.sizes().items()} == {"fc1": (32, 32), "fc2": (24, 24)}
+    dm.set_sizes({"fc1": 7})
+    info = dm.sizes()["fc1"]
+    assert info.kept == 7 and abs(info.s - 7) < 1e-4 and abs(info.kappa - 7 / 32) < 1e-6
+    with pytest.raises(KeyError):
+        dm.set_sizes({"nope": 3})
+    with pytest.raises(ValueError):
+        dm.set_sizes({"fc1": 0})
+
+
+def test_complexity_is_differentiable_and_exact_at_integers():
+    model, inputs = build("mlp")
+    dm = dcopt.convert(model, inputs)
+    dm.set_sizes({"fc1": 10, "fc2": 5})
+    c = dm.complexity("kept")
+    assert c.macs.item() == 4 * (16 * 10 + 10 * 5 + 5 * 4)
+    assert c.params.item() == (16 * 10 + 10) + (10 * 5 + 5) + (5 * 4 + 4)
+    dm.optimize_sizes()
+    c = dm.complexity("current")
+    c.macs.backward()
+    assert all(k.grad is not None and k.grad > 0 for k in dm.size_parameters())
+
+
+def test_regularizers():
+    model, inputs = build("mlp")
+    dm = dcopt.convert(model, inputs, beta=2.0)
+    assert dm.complexity_loss().item() == pytest.approx(2.0)  # (β/G)·Σκ² at κ = 1
+    dm2 = dcopt.convert(model, inputs, beta=3.0, regularizer="macs")
+    dm2.set_sizes({"fc1": 16})
+    assert dm2.complexity_loss().item() == pytest.approx(3.0 * dm2.complexity().macs_fraction.item(), rel=1e-6)
+    with pytest.raises(ValueError):
+        dcopt.convert(model, inputs, regularizer="l1")
+    with pytest.raises(ValueError):
+        dcopt.convert(model, inputs, target_macs=1.5)
+
+
+def test_strict_raises_conversion_error_with_rejections():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    with pytest.raises(dcopt.ConversionError) as info:
+        dcopt.convert(model, (torch.randn(2, 4),), strict=True)
+    assert info.value.rejections and "LayerNorm" in str(info.value)
+
+
+def test_state_dict_round_trip_and_pickle_and_dtype():
+    model, inputs = build("crnn_gru")
+    dm = dcopt.convert(model, inputs)
+    dm.set_sizes({"rnn": 5, "conv": 9})
+    dm.optimize_sizes()
+    sd = dm.state_dict()
+    fresh = dcopt.convert(model, inputs)
+    fresh.load_state_dict(sd)
+    assert fresh.phase == "optimize"
+    assert fresh.kept_sizes() == dm.kept_sizes()
+    assert torch.equal(fresh.eval()(*inputs), dm.eval()(*inputs))
+    clone = pickle.loads(pickle.dumps(dm))
+    assert torch.equal(clone.eval()(*inputs), dm(*inputs))
+    d64 = copy.deepcopy(dm).to(torch.float64)
+    out = d64(*(x.double() for x in inputs))
+    assert out.dtype == torch.float64
+    assert torch.allclose(out.float(), dm(*inputs), atol=1e-5)
+
+
+def test_lazy_convert_settles_on_first_forward():
+    model, inputs = build("mlp")
+    dm = dcopt.convert(model)
+    with pytest.raises(AttributeError, match="first forward"):
+        dm.sizes()
+    out = dm(*inputs)
+    assert torch.equal(out, model(*inputs))
+    assert set(dm.sizes()) == {"fc1", "fc2"}
+    small = dcopt.export(dm)
+    assert torch.allclose(small(*inputs), out, atol=1e-6)
