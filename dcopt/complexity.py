@@ -94,7 +94,8 @@ class ComplexityModel:
         s = [x.to(torch.float64).reshape(()) for x in s]
         params = torch.tensor(float(self.const_params), dtype=torch.float64)
         for q in self.dims:
-            params = params + self.numel(q, s)
+            if q in self.plan.param_numel:  # buffers (BN statistics) are sliced but are not parameters
+                params = params + self.numel(q, s)
         macs = torch.tensor(float(self.plan.const_macs), dtype=torch.float64)
         for coef, quals, extra in self.terms:
             term = sum((self.numel(q, s) for q in quals), torch.tensor(0.0, dtype=torch.float64)) if quals \

@@ -1,0 +1,146 @@
+"""Export: the smaller plain model equals the eval-mode gated model, and costs what was predicted."""
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import dcopt
+from dcopt.export import _close
+from models import build, CASES
+
+
+def random_sizes(dm, rng, lo=0.0, hi=1.0):
+    return {g.name: rng.randint(max(1, int(lo * g.width)), max(1, int(hi * g.width))) for g in dm.plan.groups}
+
+
+def check(dm, sizes, inputs, tol=1e-5):
+    dm.set_sizes(sizes)
+    small = dcopt.export(dm, verify=False)
+    dm.eval()
+    small.eval()
+    with torch.no_grad():
+        err = _close(dm(*inputs), small(*inputs), tol)
+    assert err <= tol, f"{sizes}: relative error {err}"
+    kept = dm.complexity("kept")
+    assert dcopt.count_macs(small, inputs) == round(kept.macs.item()), sizes
+    assert sum(p.numel() for p in small.parameters()) == round(kept.params.item()), sizes
+    return small
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_equivalence_at_random_sizes(name):
+    model, inputs = build(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dm = dcopt.convert(model, inputs)
+    assert dm.plan.groups, f"{name}: expected dynamic groups"
+    rng = random.Random(0)
+    for _ in range(6):
+        check(dm, random_sizes(dm, rng), inputs)
+    check(dm, {g.name: 1 for g in dm.plan.groups}, inputs)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_export_keeps_user_class_when_possible_else_graph_module():
+    model, inputs = build("mlp")
+    dm = dcopt.convert(model, inputs)
+    dm.set_sizes({"fc1": 5, "fc2": 3})
+    small = dcopt.export(dm)
+    assert type(small) is type(model)
+    assert small.fc1.out_features == 5 and small.fc2.in_features == 5 and small.fc2.out_features == 3
+    model, inputs = build("sliced")  # its forward has a literal width (view(-1, 30)) and a slice
+    dm = dcopt.convert(model, inputs)
+    dm.set_sizes({"conv": 4, "fc1": 10})
+    small = dcopt.export(dm)
+    assert isinstance(small, torch.fx.GraphModule)
+    assert "view(-1, 20)" in small.code and small.fc2.in_features == 10
+
+
+def test_export_attributes_are_consistent():
+    model, inputs = build("crnn_gru")
+    dm = dcopt.convert(model, inputs)
+    dm.set_sizes({"rnn": 5, "conv": 9})
+    small = dcopt.export(dm)
+    rnn = small.rnn
+    assert rnn.hidden_size == 5 and rnn.input_size == 9 and rnn.weight_ih_l1.shape == (15, 10)
+    assert rnn.weight_ih_l0_reverse.shape == (15, 9) and small.head.in_features == 10
+    assert small.bn.num_features == 9 and small.bn.running_mean.shape == (9,)
+    assert "dcopt" not in type(small).__module__
+    for m in small.modules():
+        assert type(m).__module__.startswith(("torch", "models")), type(m)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "efficientnet_b0"])
+def test_torchvision_round_trip(name):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    x = (torch.randn(1, 3, 64, 64),)
+    dm = dcopt.convert(model, x)
+    check(dm, random_sizes(dm, random.Random(1), 0.3, 0.9), x, tol=1e-4)
+
+
+def test_verify_is_on_by_default_and_export_rejects_non_dynamic():
+    with pytest.raises(TypeError):
+        dcopt.export(nn.Linear(2, 2))
+    model, inputs = build("residual")
+    dm = dcopt.convert(model, inputs)
+    with pytest.raises(KeyError):
+        dcopt.export(dm, sizes={"nope": 2})
+
+
+def test_exported_loads_without_dcopt_and_runs_under_torch_export(tmp_path):
+    model, inputs = build("crnn_gru")
+    dm = dcopt.convert(model, inputs)
+    dm.set_sizes({"rnn": 6, "conv": 11})
+    small = dcopt.export(dm)
+    folder = dcopt.save_exported(small, tmp_path / "small", example_inputs=inputs)
+    assert (folder / "model.pt2").exists(), (folder / "model.pt2.txt").read_text()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        torch.save(small.eval()(*inputs), tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys, importlib.util
+        sys.modules["dcopt"] = None  # any `import dcopt` now fails
+        import torch
+        spec = importlib.util.spec_from_file_location("small", r"{folder}/__init__.py")
+        mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+        model = mod.load()
+        inputs = torch.load(r"{tmp_path}/inputs.pt", weights_only=True)
+        expected = torch.load(r"{tmp_path}/expected.pt", weights_only=True)
+        assert torch.allclose(model(*inputs), expected, atol=1e-6)
+        program = torch.export.load(r"{folder}/model.pt2").module()
+        assert torch.allclose(program(*inputs), expected, atol=1e-5)
+        print("OK")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr
+
+
+def test_onnx_export_of_exported_model(tmp_path):
+    pytest.importorskip("onnx")
+    model, inputs = build("conv_bn_flatten")
+    dm = dcopt.convert(model, inputs)
+    dm.set_sizes({"conv1": 5, "conv2": 3})
+    small = dcopt.export(dm).eval()
+    path = tmp_path / "small.onnx"
+    torch.onnx.export(small, inputs, str(path), dynamo=True)
+    import onnx
+    graph = onnx.load(str(path)).graph
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert path.stat().st_size > 0 and list(shapes.values())[0] == [2, 3, 8, 8]
+
+
+def test_export_report_measures_the_models():
+    model, inputs = build("mlp")
+    dm = dcopt.convert(model, inputs)
+    dm.set_sizes({"fc1": 8})
+    small = dcopt.export(dm)
+    rep = dcopt.export_report(dm, small)
+    assert rep["macs_after"] == round(dm.complexity("kept").macs.item()) < rep["macs_before"]
+    assert rep["params_after"] == sum(p.numel() for p in small.parameters())
+    assert {g["name"]: g["kept"] for g in rep["groups"]} == {"fc1": 8, "fc2": 24}
