@@ -584,5 +584,8 @@ def analyze(model: nn.Module, example_inputs: Sequence, *, leaf_modules: Iterabl
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    traced = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    # No copy: tracing and eval-mode, no-grad shape propagation leave the model as it was
+    # (training flags are restored), and copying a large model costs more than analysing it.
+    traced = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                   copy_model=False)
     return run_analysis(traced, registry)
