@@ -196,7 +196,7 @@ def embedding(ctx):
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
-@register_rule(nn.RNNBase)
+@register_rule(nn.RNN, nn.GRU, nn.LSTM)
 def rnn(ctx):
     """GRU/LSTM/RNN: consumes ``input_size`` features, produces ``hidden_size`` units.
 
@@ -301,3 +301,11 @@ def softmax_module(ctx):
         return None
     ctx.consumes(fm)
     return fm
+
+
+try:  # torchvision's stochastic depth: a per-sample (row) or per-batch scalar, never per channel
+    from torchvision.ops import StochasticDepth as _StochasticDepth
+except ImportError:  # pragma: no cover - torchvision is optional
+    _StochasticDepth = None
+if _StochasticDepth is not None:
+    register_rule(_StochasticDepth, rule=passthrough)

@@ -43,9 +43,12 @@ class RuleRegistry:
         return add(rule) if rule is not None else add
 
     def for_module(self, module: nn.Module) -> Optional[Rule]:
+        """The rule of the nearest registered class in the MRO — unless the module's class
+        overrides ``forward``: then it computes something else and no rule applies."""
+        forward = type(module).forward
         for cls in type(module).__mro__:
             if cls in self.modules:
-                return self.modules[cls]
+                return self.modules[cls] if cls.forward is forward else None
         return None
 
     def for_function(self, fn) -> Optional[Rule]:

@@ -1,0 +1,183 @@
+"""Model-zoo coverage: every torchvision classification model converts and exports exactly, or says why not.
+
+For each model (weights=None, input 1×3×224×224, 299 for inception_v3): analyze → convert →
+random integer sizes in every group (30–90 % of N) → export → compare the eval-mode gated
+model with the exported model, and the exported model's MACs (FlopCounterMode) with
+``complexity()``. Side by side: Torch-Pruning building its dependency graph and pruning
+50 % of channels. Run by hand:
+
+    .venv/bin/python benchmarks/zoo.py                     # all 80 models
+    .venv/bin/python benchmarks/zoo.py --models resnet18 vit_b_16
+    .venv/bin/python benchmarks/zoo.py --skip-largest      # skip models above 60 GMACs... (see --max-params)
+
+Writes benchmarks/results/zoo.json and zoo.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dcopt  # noqa: E402
+from dcopt.export import _close  # noqa: E402
+
+OUT = Path(__file__).parent / "results"
+LARGE = {"vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "regnet_y_32gf", "regnet_y_16gf",
+         "efficientnet_v2_l", "convnext_large", "swin_v2_b", "swin_b", "vit_b_16", "vit_b_32", "maxvit_t",
+         "efficientnet_b7", "efficientnet_b6", "regnet_x_32gf", "vgg19_bn", "vgg19", "vgg16_bn", "vgg16",
+         "wide_resnet101_2", "resnext101_64x4d", "resnext101_32x8d", "convnext_base", "swin_v2_s", "swin_s",
+         "efficientnet_v2_m", "efficientnet_b5"}
+
+
+def input_for(name: str):
+    size = 299 if name == "inception_v3" else 224
+    return (torch.randn(1, 3, size, size),)
+
+
+def build(name: str):
+    kwargs = {"weights": None}
+    if name in ("inception_v3", "googlenet"):
+        kwargs["aux_logits"] = False
+        kwargs["init_weights"] = False
+    return torchvision.models.get_model(name, **kwargs).eval()
+
+
+def run_dcopt(name: str, seed: int = 0) -> dict:
+    rec = dict(model=name)
+    torch.manual_seed(seed)
+    model = build(name)
+    x = input_for(name)
+    t = time.perf_counter()
+    try:
+        a = dcopt.analyze(model, x)
+    except dcopt.DcoptError as exc:
+        rec.update(outcome="rejected", reasons=[str(exc)[:300]])
+        return rec
+    rec["t_analyze"] = time.perf_counter() - t
+    rec["macs"] = a.macs
+    rec["dynamic_fraction"] = a.dynamic_fraction
+    rec["groups"] = len(a.groups)
+    rec["dynamic_groups"] = len(a.dynamic_groups)
+    rec["unsupported"] = sorted({f"{r.op}: {r.reason}" for r in a.unsupported})[:12]
+    if not a.convertible:
+        rec.update(outcome="rejected", reasons=rec["unsupported"] or ["no dynamic group"])
+        return rec
+    t = time.perf_counter()
+    dm = dcopt.convert(model, x)
+    rec["t_convert"] = time.perf_counter() - t
+    rng = random.Random(seed)
+    sizes = {g.name: rng.randint(max(1, int(0.3 * g.width)), max(1, int(0.9 * g.width))) for g in dm.plan.groups}
+    dm.set_sizes(sizes)
+    t = time.perf_counter()
+    small = dcopt.export(dm, verify=False, keep_class=False)
+    rec["t_export"] = time.perf_counter() - t
+    dm.eval()
+    small.eval()
+    with torch.no_grad():
+        ref = dm(*x)
+        got = small(*x)
+    err = _close(ref, got, 1e-4)
+    rec["rel_error"] = err
+    predicted = dm.complexity("kept").macs.item()
+    counted = dcopt.count_macs(small, x)
+    rec["macs_after"] = counted
+    rec["macs_predicted"] = predicted
+    ok_macs = abs(counted - predicted) <= 1e-6 * max(1.0, predicted)
+    if err is None or err > 1e-4 or not ok_macs:
+        rec.update(outcome="mismatch", detail=f"rel_error={err}, macs counted={counted} predicted={predicted}")
+    else:
+        rec["outcome"] = "exact"
+    return rec
+
+
+def run_torch_pruning(name: str) -> dict:
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return dict(tp_outcome="not installed")
+    model = build(name)
+    x = input_for(name)
+    rec = {}
+    try:
+        t = time.perf_counter()
+        tp.DependencyGraph().build_dependency(model, example_inputs=x)
+        rec["tp_t_graph"] = time.perf_counter() - t
+        ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000]
+        pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                           pruning_ratio=0.5, ignored_layers=ignored)
+        t = time.perf_counter()
+        pruner.step()
+        rec["tp_t_prune"] = time.perf_counter() - t
+        with torch.no_grad():
+            model(*x)
+        macs, _ = tp.utils.count_ops_and_params(model, x)
+        rec["tp_outcome"] = "pruned"
+        rec["tp_macs_after"] = int(macs)
+    except Exception as exc:  # record, never stop the benchmark
+        rec["tp_outcome"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+    return rec
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", help="subset of model names")
+    p.add_argument("--skip-largest", action="store_true", help=f"skip the {len(LARGE)} largest models")
+    p.add_argument("--no-torch-pruning", action="store_true")
+    p.add_argument("--out", default=str(OUT / "zoo.json"))
+    args = p.parse_args(argv)
+    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    if args.skip_largest:
+        names = [n for n in names if n not in LARGE]
+    records = []
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            rec = run_dcopt(name)
+        except Exception as exc:
+            rec = dict(model=name, outcome="crashed", detail=f"{type(exc).__name__}: {exc}"[:500],
+                       traceback=traceback.format_exc()[-1500:])
+        if not args.no_torch_pruning:
+            rec.update(run_torch_pruning(name))
+        rec["t_total"] = time.perf_counter() - t0
+        records.append(rec)
+        print(f"{name:28s} {rec['outcome']:9s} dyn={rec.get('dynamic_fraction', 0):.0%} "
+              f"tp={rec.get('tp_outcome', '-')[:30]} {rec['t_total']:.1f}s "
+              f"{rec.get('detail', '')[:150]}", flush=True)
+        gc.collect()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=1, default=str))
+    write_markdown(records, out.with_suffix(".md"))
+
+
+def write_markdown(records, path: Path):
+    from collections import Counter
+    counts = Counter(r["outcome"] for r in records)
+    half = sum(1 for r in records if r.get("dynamic_fraction", 0) >= 0.5 and r["outcome"] == "exact")
+    tp_ok = sum(1 for r in records if r.get("tp_outcome") == "pruned")
+    lines = [f"{len(records)} models: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) +
+             f"; exact with ≥ 50 % of MACs dynamic: {half}; Torch-Pruning pruned 50 %: {tp_ok}", "",
+             "| model | outcome | dynamic MACs | MACs before → after | analyze / convert / export (s) | "
+             "Torch-Pruning | TP graph (s) | note |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        macs = f"{r.get('macs', 0) / 1e9:.2f}G → {r.get('macs_after', 0) / 1e9:.2f}G" if r.get("macs_after") else "-"
+        times = "/".join(f"{r[k]:.2f}" for k in ("t_analyze", "t_convert", "t_export") if k in r) or "-"
+        note = r.get("detail") or "; ".join(r.get("reasons", [])[:1]) or "; ".join(r.get("unsupported", [])[:1])
+        lines.append(f"| {r['model']} | {r['outcome']} | {r.get('dynamic_fraction', 0):.0%} | {macs} | {times} | "
+                     f"{str(r.get('tp_outcome', '-'))[:40]} | {r.get('tp_t_graph', float('nan')):.2f} | "
+                     f"{note[:90]} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
