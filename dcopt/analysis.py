@@ -23,7 +23,7 @@ from .fmap import FIXED, FMap, GroupTable, Positions
 from .plan import GateSpec, GroupSpec, MacTerm, Plan
 from .rules import REGISTRY
 from .rules.registry import RuleRegistry
-from .trace import Traced, trace
+from .trace import OpaqueLeaf, Traced, trace
 
 __all__ = ["Analysis", "Group", "Rejection", "analyze", "run_analysis", "ParamRef"]
 
@@ -183,6 +183,11 @@ class Ctx:
 
     def plan_attr(self, attr: str, pos: Positions, kind: str = "width") -> None:
         """After slicing, set module attribute ``attr`` to the number of kept positions."""
+        # --- opaque leaves (issue 10): a module inside an opaque block keeps its width
+        if self.module is not None and id(self.module) in self._w.opaque_modules:
+            self.reject(pos, f"module {self.target} is also used inside an opaque block; it keeps its width")
+            return
+        # ---
         self._w.attrs.setdefault(self.target, {})[attr] = (kind, pos)
 
     def gate(self, a: torch.fx.Node) -> None:
@@ -244,6 +249,35 @@ def _values_in(v) -> list[FMap]:
     return []
 
 
+# --- opaque leaves (issue 10) ------------------------------------------------------------
+def _fetch(gm: nn.Module, qual: str) -> Any:
+    mod, _, name = qual.rpartition(".")
+    try:
+        return getattr(gm.get_submodule(mod) if mod else gm, name)
+    except AttributeError:
+        return None
+
+
+def _opaque_owned(gm: torch.fx.GraphModule, opaque: dict) -> tuple[set[int], set[int]]:
+    """ids of the tensors and modules opaque blocks use: their own (shared ones included)
+    and tensors their callers hand them (``get_attr`` arguments). Slicing any of them would
+    change what the block computes, which the analysis cannot see."""
+    tensors: set[int] = set()
+    modules: set[int] = set()
+    for name in opaque:
+        block = _fetch(gm, name) if name else None
+        if isinstance(block, nn.Module):
+            modules.update(id(m) for m in block.modules())
+            tensors.update(id(t) for t in block.parameters())
+            tensors.update(id(t) for t in block.buffers())
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in opaque:
+            tensors.update(id(_fetch(gm, a.target)) for a in node.all_input_nodes if a.op == "get_attr")
+    tensors.discard(id(None))
+    return tensors, modules
+# ---
+
+
 class _Walker:
     def __init__(self, traced: Traced, registry: RuleRegistry):
         self.traced = traced
@@ -263,6 +297,16 @@ class _Walker:
         self.rewrites: dict[str, dict] = {}
         self.rnns: dict[str, Positions] = {}
         self.touched: dict[str, set[int]] = {}
+        self.pinned: dict[str, torch.fx.Node] = {}  # parameters read by ops without a rule
+        # --- opaque leaves (issue 10): blocks fx could not trace, and what they own
+        self.opaque = {o.name: o for o in getattr(traced, "opaque", ())}
+        self.opaque_tensors, self.opaque_modules = _opaque_owned(self.gm, self.opaque)
+        # ---
+
+    def is_opaque(self, node: torch.fx.Node) -> bool:
+        """(issue 10) An auto-leaf no rule names by its exact type: a black box."""
+        return (node.op == "call_module" and node.target in self.opaque
+                and type(self.modules[node.target]) not in self.registry.modules)
 
     def reject(self, gid: int, node: torch.fx.Node, reason: str, kind: str) -> None:
         module = self.modules.get(node.target) if node.op == "call_module" else None
@@ -270,6 +314,12 @@ class _Walker:
                                             location=source_location(node.stack_trace), kind=kind)))
 
     def plan_param(self, qual: str, dims: tuple, node: torch.fx.Node) -> None:
+        # --- opaque leaves (issue 10): a tensor an opaque block uses is never sliced
+        if self.opaque_tensors and id(_fetch(self.gm, qual)) in self.opaque_tensors:
+            Ctx(self, node).reject([d for d in dims if d is not None],
+                                   f"{qual} is also used inside an opaque block; it keeps its shape")
+            return
+        # ---
         if qual in self.params:
             old = self.params[qual]
             ctx = Ctx(self, node)
@@ -306,6 +356,11 @@ class _Walker:
         ctx = Ctx(self, node)
         if node.op == "call_module":
             rule = self.registry.for_module(ctx.module)
+            # --- opaque leaves (issue 10): an auto-leaf's own forward is what runs; a rule
+            # found along the MRO (a subclass of nn.Linear...) would describe another forward
+            if self.is_opaque(node):
+                rule = None
+            # ---
         elif node.op == "call_method":
             rule = self.registry.for_method(node.target)
         else:
@@ -318,15 +373,31 @@ class _Walker:
         return torch.fx.node.map_arg(node.args, lambda n: self.values.get(n.name))
 
     def unknown(self, ctx: Ctx) -> None:
-        tracked = ctx.tracked_args()
-        if tracked:
-            ctx.reject([fm for _, fm in tracked], f"no rule for {_op_name(ctx.node, ctx.module)}; "
+        # a parameter an unknown op reads must keep its shape, whatever else plans for it
+        for n in ctx.node.all_input_nodes:
+            if isinstance(self.values.get(n.name), ParamRef):
+                self.pinned.setdefault(n.target, ctx.node)
+        # --- opaque leaves (issue 10)
+        leaf = self.opaque.get(ctx.target) if self.is_opaque(ctx.node) else None
+        if leaf is not None:
+            # every group reaching it, also inside a tuple value (an RNN's (out, h) passed whole)
+            reaching = [f for n in ctx.node.all_input_nodes for f in _values_in(self.values.get(n.name))]
+            if reaching:
+                ctx.reject(reaching, f"opaque block {leaf.name} ({leaf.type}): {leaf.describe()}; "
+                           "its inputs and outputs keep their width")
+            return None
+        # ---
+        reaching = [f for n in ctx.node.all_input_nodes for f in _values_in(self.values.get(n.name))]
+        if reaching:
+            ctx.reject(reaching, f"no rule for {_op_name(ctx.node, ctx.module)}; "
                        "dcopt does not assume an unknown op keeps features apart")
         return None
 
     def check_macs(self, node: torch.fx.Node) -> None:
         """A node that costs MACs and touches a group must say how its MACs scale."""
         macs = self.traced.macs.get(node.name, 0)
+        if self.is_opaque(node):
+            return  # opaque leaves (issue 10): what reaches them was rejected in unknown()
         if macs and node.name not in self.mac_terms and self.touched[node.name]:
             Ctx(self, node).reject(list(self.touched[node.name]),
                                    "costs MACs that dcopt cannot express in the group widths")
@@ -346,7 +417,8 @@ class Analysis:
         rich.print(a.render())
     """
 
-    def __init__(self, *, roles, groups, rejections, macs, params, dynamic_macs, graph, plan, node_keys):
+    def __init__(self, *, roles, groups, rejections, macs, params, dynamic_macs, graph, plan, node_keys,
+                 opaque=()):
         self.roles: dict[str, str] = roles
         self.groups: list[Group] = groups
         self.rejections: list[Rejection] = rejections
@@ -356,6 +428,8 @@ class Analysis:
         self.graph: nx.DiGraph = graph
         self.plan: Plan = plan
         self.node_keys: dict[str, str] = node_keys
+        #: submodules fx could not trace, kept as black boxes (issue 10): name, type, reason, location
+        self.opaque: list[OpaqueLeaf] = list(opaque)
 
     @property
     def convertible(self) -> bool:
@@ -383,7 +457,8 @@ class Analysis:
         return dict(convertible=self.convertible, macs=self.macs, params=self.params,
                     dynamic_macs=self.dynamic_macs, dynamic_fraction=self.dynamic_fraction,
                     roles=dict(self.roles), groups=[g.to_dict() for g in self.groups],
-                    rejections=[r.to_dict() for r in self.rejections])
+                    rejections=[r.to_dict() for r in self.rejections],
+                    opaque=[o.to_dict() for o in self.opaque])
 
     def render(self):
         from .report import render_analysis
@@ -420,6 +495,10 @@ def _attr_safe(name: str, taken: set) -> str:
 
 def _finalize(w: _Walker) -> Analysis:
     gt = w.groups
+    for qual, node in w.pinned.items():
+        if qual in w.params:
+            Ctx(w, node).reject([d for d in w.params[qual] if d is not None],
+                                f"{qual} is read by {_op_name(node, None)}, which has no rule; it keeps its shape")
     roots = gt.roots()
     bad: dict[int, list[Rejection]] = {}
     for gid, rej in w.pending:
@@ -561,7 +640,8 @@ def _finalize(w: _Walker) -> Analysis:
             graph.add_edge(keys[inp.name], keys[node.name])
     n_params = sum(p.numel() for p in w.gm.parameters())
     return Analysis(roles=roles, groups=groups, rejections=rejections, macs=total_macs, params=n_params,
-                    dynamic_macs=dynamic_macs, graph=graph, plan=plan, node_keys=keys)
+                    dynamic_macs=dynamic_macs, graph=graph, plan=plan, node_keys=keys,
+                    opaque=getattr(w.traced, "opaque", ()))
 
 
 def run_analysis(traced: Traced, registry: RuleRegistry = REGISTRY) -> Analysis:
@@ -571,7 +651,8 @@ def run_analysis(traced: Traced, registry: RuleRegistry = REGISTRY) -> Analysis:
 
 
 def analyze(model: nn.Module, example_inputs: Sequence, *, leaf_modules: Iterable = (),
-            concrete_args: Optional[dict] = None, registry: RuleRegistry = REGISTRY) -> Analysis:
+            concrete_args: Optional[dict] = None, registry: RuleRegistry = REGISTRY,
+            strict_trace: bool = False) -> Analysis:
     """Find which layer widths of ``model`` can be learned, and why the others cannot.
 
     ``example_inputs`` is a tuple of tensors the model is called with (shapes matter,
@@ -587,5 +668,5 @@ def analyze(model: nn.Module, example_inputs: Sequence, *, leaf_modules: Iterabl
     # No copy: tracing and eval-mode, no-grad shape propagation leave the model as it was
     # (training flags are restored), and copying a large model costs more than analysing it.
     traced = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                   copy_model=False)
+                   copy_model=False, strict_trace=strict_trace)
     return run_analysis(traced, registry)

@@ -19,6 +19,8 @@ class Config:
     target_macs:  budget mode: a fraction of the full model's MACs to land on; β is then
                   adapted by dual ascent (``dual_lr`` per step) and the pressure is MACs-based.
     leaf_modules: module types or qualified names fx must not trace into.
+    strict_trace: fail with TraceError when fx cannot trace a submodule, instead of keeping
+                  that submodule as an opaque leaf (full width in and out, parameters kept).
     """
 
     kappa_min: float = 0.125
@@ -29,6 +31,7 @@ class Config:
     leaf_modules: tuple = ()
     concrete_args: Optional[dict] = None
     strict: bool = False
+    strict_trace: bool = False
 
     def __post_init__(self):
         if not 0.0 < self.kappa_min <= 1.0:

@@ -17,6 +17,17 @@ _ROLE_STYLE = {"DCL": "bold green", "ACL": "cyan", "FCL": "dim"}
 _STATUS_STYLE = {"dynamic": "bold green", "fixed": "dim", "rejected": "bold red"}
 
 
+def _rel(location):
+    """``file:line`` relative to the working directory when the file is below it."""
+    import os
+
+    if not location:
+        return ""
+    path, _, line = location.rpartition(":")
+    rel = os.path.relpath(path)
+    return f"{rel if not rel.startswith('..') else path}:{line}"
+
+
 def _human(n: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
@@ -52,8 +63,18 @@ def render_analysis(a: "Analysis", *, show_layers: bool = True):
         for col in ("layer", "op", "reason", "where"):
             rej.add_column(col)
         for r in a.unsupported:
-            rej.add_row(r.node, r.op, r.reason, r.location or "")
+            rej.add_row(r.node, r.op, r.reason, _rel(r.location))
         parts.append(rej)
+    # --- opaque leaves (issue 10): submodules fx could not trace, kept as black boxes
+    if getattr(a, "opaque", None):
+        opq = Table(title="Opaque blocks (fx could not trace them; full width in and out)",
+                    title_style="bold yellow")
+        for col in ("block", "type", "why fx stopped", "where"):
+            opq.add_column(col)
+        for o in a.opaque:
+            opq.add_row(o.name, o.type, o.reason, o.location or "")
+        parts.append(opq)
+    # ---
     parts.append(Text(f"MACs {_human(a.macs)} · params {_human(a.params)} · dynamic groups "
                       f"{len(a.dynamic_groups)}/{len(a.groups)} · MACs dcopt can optimise "
                       f"{a.dynamic_fraction:.1%}", style="bold"))

@@ -164,9 +164,14 @@ class DynamicModel(nn.Module):
 
     @torch.no_grad()
     def _project(self) -> None:
-        """Keep κ in [κ_min, 1] (a projection after each optimizer step, done lazily)."""
+        """Keep κ in [κ_min, 1] (a projection after each optimizer step, done lazily).
+
+        Only an out-of-range κ is touched: an in-place write would bump its version and
+        break the backward of an earlier forward (gradient accumulation)."""
+        lo = self.config.kappa_min
         for k in self._kappas():
-            k.clamp_(self.config.kappa_min, 1.0)
+            if not lo <= float(k) <= 1.0:
+                k.clamp_(lo, 1.0)
 
     # -- sizes ----------------------------------------------------------------------------
     def sizes(self) -> dict[str, SizeInfo]:
@@ -266,7 +271,8 @@ def convert(model: nn.Module, example_inputs: Optional[Sequence] = None, config:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    traced = trace(model, example_inputs, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args)
+    traced = trace(model, example_inputs, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args,
+                   strict_trace=cfg.strict_trace)
     analysis = run_analysis(traced)
     if cfg.strict and analysis.unsupported:
         lines = "; ".join(f"{r.node}: {r.reason}" + (f" ({r.location})" if r.location else "")

@@ -3,6 +3,14 @@
 Why a custom tracer: RNNs (and any module the user names) must stay leaves, stack
 traces must be recorded so every later message can point at the user's line, and when
 fx fails we want to say *which module* was being traced, not only fx's message.
+
+Trace what can be traced: when fx fails inside a submodule (data-dependent control flow,
+``int(lengths.max())``, iterating over a proxy, ``len(x)``...), that innermost module
+becomes an *opaque leaf* and tracing is retried, until it succeeds or the failure is in
+the top-level forward itself (then :class:`~dcopt.TraceError`). Opaque leaves run as
+black boxes: shapes come from running them on the example inputs, the analysis keeps
+their inputs and outputs at full width and never touches their parameters.
+``strict_trace=True`` turns this off (any fx failure is a TraceError).
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import TraceError
 
-__all__ = ["DcoptTracer", "Traced", "trace", "ALWAYS_LEAF"]
+__all__ = ["DcoptTracer", "Traced", "OpaqueLeaf", "trace", "ALWAYS_LEAF"]
 
 #: Module types fx must never trace into: their internals are fused kernels whose width
 #: rules dcopt knows as a whole.
@@ -40,19 +48,61 @@ class DcoptTracer(torch.fx.Tracer):
         self.leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self.leaf_names = {t for t in leaf_modules if isinstance(t, str)}
         self.dcopt_stack: list[str] = []
+        self.leaf_seen: set[str] = set()   # qualified names is_leaf_module answered True for
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from .rules import REGISTRY
+
         if isinstance(m, ALWAYS_LEAF) or isinstance(m, self.leaf_types) or qualname in self.leaf_names:
-            return True
-        return super().is_leaf_module(m, qualname)
+            leaf = True
+        elif REGISTRY.for_module(m) is not None:
+            leaf = True  # dcopt has a rule for it as a whole (also for user-registered layers)
+        else:
+            leaf = super().is_leaf_module(m, qualname)
+        if leaf:
+            self.leaf_seen.add(qualname)
+        return leaf
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
         self.dcopt_stack.append(qualname)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except BaseException as exc:
+            # The stack unwinds before the caller of trace() sees the exception: remember
+            # it on the exception, at its innermost module (the first handler to see it).
+            if not hasattr(exc, _STACK_ATTR):
+                try:
+                    setattr(exc, _STACK_ATTR, list(self.dcopt_stack))
+                except Exception:  # pragma: no cover - exotic exception types without __dict__
+                    pass
+            raise
         finally:
             self.dcopt_stack.pop()
+
+
+_STACK_ATTR = "_dcopt_module_stack"
+
+
+@dataclass
+class OpaqueLeaf:
+    """A submodule fx could not trace, kept as a black box (issue 10).
+
+    ``name``: qualified module name; ``type``: its class name; ``reason``: fx's message;
+    ``location``: ``file:line`` in the user's code where tracing failed.
+    """
+
+    name: str
+    type: str
+    reason: str
+    location: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return dict(name=self.name, type=self.type, reason=self.reason, location=self.location)
+
+    def describe(self) -> str:
+        where = f" at {self.location}" if self.location else ""
+        return f"fx could not trace it: {self.reason}{where}"
 
 
 @dataclass
@@ -64,6 +114,8 @@ class Traced:
     example_inputs: tuple
     source: Optional[nn.Module] = None
     macs: dict[str, int] = field(default_factory=dict)
+    #: submodules fx could not trace, made leaves automatically (empty with strict_trace)
+    opaque: list[OpaqueLeaf] = field(default_factory=list)
 
 
 def _user_frame(tb) -> Optional[str]:
@@ -77,23 +129,49 @@ def _user_frame(tb) -> Optional[str]:
     return found
 
 
-def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args) -> torch.fx.GraphModule:
-    tracer = DcoptTracer(leaf_modules)
-    try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as exc:  # fx raises many types: TraceError, TypeError, RuntimeError...
-        module = tracer.dcopt_stack[-1] if tracer.dcopt_stack else ""
-        location = _user_frame(sys.exc_info()[2])
-        if module:
-            suggestion = (f"Make '{module}' (or its type {type(model.get_submodule(module)).__name__}) a leaf: "
-                          f"leaf_modules=['{module}'], or pass concrete_args for the value it branches on")
-        else:
-            suggestion = ("The top-level forward cannot be traced; pass concrete_args for the value it "
-                          "branches on, or move the data-dependent part into a submodule and make it a leaf")
-        raise TraceError(f"torch.fx cannot trace the model: {type(exc).__name__}: {exc}".strip(),
-                         module=module, location=location, suggestion=suggestion) from exc
-    name = type(model).__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args,
+                    strict_trace: bool = True) -> tuple[torch.fx.GraphModule, list[OpaqueLeaf]]:
+    """fx-trace ``model``. Unless ``strict_trace``, a failure inside a submodule makes the
+    innermost traced (non-leaf) module on the stack an opaque leaf and tracing is retried;
+    every retry adds a new leaf, so this ends after at most one retry per module."""
+    opaque: list[OpaqueLeaf] = []
+    while True:
+        tracer = DcoptTracer(tuple(leaf_modules) + tuple(o.name for o in opaque))
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args)
+        except Exception as exc:  # fx raises many types: TraceError, TypeError, RuntimeError...
+            stack = getattr(exc, _STACK_ATTR, None) or []
+            # innermost module whose forward fx was running (a leaf failing to be called
+            # as a whole is its caller's problem)
+            module = next((q for q in reversed(stack) if q not in tracer.leaf_seen), "")
+            location = _user_frame(sys.exc_info()[2])
+            reason = f"{type(exc).__name__}: {exc}".strip()
+            if module and not strict_trace and module not in {o.name for o in opaque}:
+                opaque.append(OpaqueLeaf(name=module, type=type(model.get_submodule(module)).__name__,
+                                         reason=_first_line(reason), location=location))
+                continue
+            if module:
+                suggestion = (f"Make '{module}' (or its type {type(model.get_submodule(module)).__name__}) a "
+                              f"leaf: leaf_modules=['{module}'], or pass concrete_args for the value it "
+                              "branches on" + ("; without strict_trace=True dcopt does this by itself"
+                                               if strict_trace else ""))
+            else:
+                suggestion = ("The top-level forward cannot be traced; pass concrete_args for the value it "
+                              "branches on, or move the data-dependent part into a submodule (dcopt then "
+                              "keeps that submodule as an opaque leaf and optimises the rest)")
+                if opaque:
+                    suggestion += ("; submodules already made opaque leaves: "
+                                   + ", ".join(o.name for o in opaque))
+            raise TraceError(f"torch.fx cannot trace the model: {reason}",
+                             module=module, location=location, suggestion=suggestion) from exc
+        name = type(model).__name__
+        return torch.fx.GraphModule(tracer.root, graph, name), opaque
+
+
+def _first_line(text: str) -> str:
+    """fx's messages run on with advice about concrete_args; the first line is the reason."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else text
 
 
 class _MeasuringShapeProp(ShapeProp):
@@ -123,13 +201,16 @@ class _MeasuringShapeProp(ShapeProp):
 
 def _set_training(module: nn.Module, flags: dict[str, bool]):
     for name, m in module.named_modules():
-        m.training = flags[name]
+        m.training = flags.get(name, m.training)
 
 
 def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_modules: Iterable[Any] = (),
-          concrete_args: Optional[dict] = None, copy_model: bool = True) -> Traced:
+          concrete_args: Optional[dict] = None, copy_model: bool = True, strict_trace: bool = False) -> Traced:
     """Trace ``model`` (a deep copy unless ``copy_model=False``) and, with example inputs,
     attach shapes and MACs to every node.
+
+    Submodules fx cannot trace become opaque leaves (``Traced.opaque``) unless
+    ``strict_trace``; a top-level forward fx cannot trace raises :class:`TraceError`.
 
     Shapes are taken in eval mode under ``no_grad``: BatchNorm must not update running
     statistics of anyone's model, and eval mode makes a batch of one valid.
@@ -137,8 +218,18 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     if not isinstance(model, nn.Module):
         raise TypeError(f"dcopt expects a torch.nn.Module, got {type(model).__name__}")
     src = copy.deepcopy(model) if copy_model else model
-    gm = _symbolic_trace(src, tuple(leaf_modules), concrete_args)
-    traced = Traced(gm=gm, example_inputs=tuple(example_inputs) if example_inputs is not None else (), source=src)
+    # Trace in eval mode: fx bakes `self.training` into the graph as a constant, and the
+    # gated model must compute the original's inference function exactly. Training-time
+    # randomness belongs in leaf modules (nn.Dropout, StochasticDepth), which keep it.
+    flags = {name: m.training for name, m in src.named_modules()}
+    src.eval()
+    try:
+        gm, opaque = _symbolic_trace(src, tuple(leaf_modules), concrete_args, strict_trace)
+    finally:
+        _set_training(src, flags)
+    _set_training(gm, {name: flags.get(name, src.training) for name, _ in gm.named_modules()})
+    traced = Traced(gm=gm, example_inputs=tuple(example_inputs) if example_inputs is not None else (), source=src,
+                    opaque=opaque)
     if example_inputs is not None:
         traced.macs = propagate_shapes(gm, traced.example_inputs)
     return traced

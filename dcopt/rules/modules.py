@@ -303,9 +303,8 @@ def softmax_module(ctx):
     return fm
 
 
-try:  # torchvision's stochastic depth: a per-sample (row) or per-batch scalar, never per channel
-    from torchvision.ops import StochasticDepth as _StochasticDepth
-except ImportError:  # pragma: no cover - torchvision is optional
-    _StochasticDepth = None
-if _StochasticDepth is not None:
-    register_rule(_StochasticDepth, rule=passthrough)
+
+# torchvision's stochastic depth: a per-sample (row) or per-batch scalar, never per channel
+from .registry import REGISTRY as _REGISTRY  # noqa: E402
+
+_REGISTRY.modules_by_name["torchvision.ops.stochastic_depth.StochasticDepth"] = passthrough

@@ -57,7 +57,8 @@ def _along_dim(ctx):
     nd = len(ctx.shape(x))
     dim = ctx.arg(1, "dim", None)
     if not isinstance(dim, int) or norm_dim(dim, nd) == fm.dim:
-        ctx.reject(fm, "normalizes over the feature dimension (it would see the removed features)")
+        name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+        ctx.reject(fm, f"{name} works along the feature dimension (it would see the removed features)")
         return None
     ctx.consumes(fm)
     return fm

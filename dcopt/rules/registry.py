@@ -22,6 +22,9 @@ Rule = Callable[[Any], Any]
 class RuleRegistry:
     def __init__(self):
         self.modules: dict[type, Rule] = {}
+        #: rules for module classes named "package.module.Class", matched without importing
+        #: the package (torchvision's StochasticDepth would cost every `import dcopt` seconds)
+        self.modules_by_name: dict[str, Rule] = {}
         self.functions: dict[Any, Rule] = {}
         self.methods: dict[str, Rule] = {}
 
@@ -47,8 +50,9 @@ class RuleRegistry:
         overrides ``forward``: then it computes something else and no rule applies."""
         forward = type(module).forward
         for cls in type(module).__mro__:
-            if cls in self.modules:
-                return self.modules[cls] if cls.forward is forward else None
+            rule = self.modules.get(cls) or self.modules_by_name.get(f"{cls.__module__}.{cls.__qualname__}")
+            if rule is not None:
+                return rule if cls.forward is forward else None
         return None
 
     def for_function(self, fn) -> Optional[Rule]:
