@@ -356,18 +356,27 @@ class _Walker:
         ctx = Ctx(self, node)
         if node.op == "call_module":
             rule = self.registry.for_module(ctx.module)
-            # --- opaque leaves (issue 10): an auto-leaf's own forward is what runs; a rule
-            # found along the MRO (a subclass of nn.Linear...) would describe another forward
+            # an auto-leaf's own forward is what runs; a rule found along the MRO would
+            # describe another forward
             if self.is_opaque(node):
                 rule = None
-            # ---
         elif node.op == "call_method":
             rule = self.registry.for_method(node.target)
         else:
             rule = self.registry.for_function(node.target)
         if rule is None:
             return self.unknown(ctx)
-        return rule(ctx)
+        try:
+            return rule(ctx)
+        except Exception as exc:  # a rule that cannot read this call: reject, never crash
+            reaching = [f for n in node.all_input_nodes for f in _values_in(self.values.get(n.name))]
+            ctx.reject(reaching + list(self.produced.get(node.name, ())),
+                       f"the rule for {_op_name(node, ctx.module)} cannot read this call "
+                       f"({type(exc).__name__}: {exc})")
+            for n in node.all_input_nodes:
+                if isinstance(self.values.get(n.name), ParamRef):
+                    self.pinned.setdefault(n.target, node)
+            return None
 
     def value_of_args(self, node):
         return torch.fx.node.map_arg(node.args, lambda n: self.values.get(n.name))
