@@ -22,3 +22,6 @@ __all__ += ["save_exported", "load_exported"]
 from .report import count_macs, export_report, render_export_report
 
 __all__ += ["count_macs", "export_report", "render_export_report"]
+from .train import History, fit
+
+__all__ += ["fit", "History"]

@@ -17,7 +17,8 @@ class Config:
                   weighted by what it really costs.
     beta:         strength of the complexity pressure (start value in budget mode).
     target_macs:  budget mode: a fraction of the full model's MACs to land on; β is then
-                  adapted by dual ascent (``dual_lr`` per step) and the pressure is MACs-based.
+                  adapted by dual ascent (``dual_lr`` per step) and the pressure is MACs-based,
+                  with an augmented-Lagrangian term ρ/2·(f − t)² (``budget_rho``) against overshoot.
     leaf_modules: module types or qualified names fx must not trace into.
     strict_trace: fail with TraceError when fx cannot trace a submodule, instead of keeping
                   that submodule as an opaque leaf (full width in and out, parameters kept).
@@ -27,7 +28,8 @@ class Config:
     regularizer: str = "l2"
     beta: float = 1.0
     target_macs: Optional[float] = None
-    dual_lr: float = 0.05
+    dual_lr: float = 0.002
+    budget_rho: float = 20.0
     leaf_modules: tuple = ()
     concrete_args: Optional[dict] = None
     strict: bool = False
@@ -44,6 +46,8 @@ class Config:
             raise ValueError(f"target_macs is a fraction of the full MACs in (0, 1], got {self.target_macs}")
         if self.dual_lr <= 0:
             raise ValueError(f"dual_lr must be > 0, got {self.dual_lr}")
+        if self.budget_rho < 0:
+            raise ValueError(f"budget_rho must be >= 0, got {self.budget_rho}")
         self.leaf_modules = tuple(self.leaf_modules)
 
     @classmethod

@@ -203,7 +203,7 @@ class DynamicModel(nn.Module):
         """MACs and parameters. ``at="current"``: at the continuous sizes, differentiable;
         ``at="kept"``: at the integer sizes eval and export use; ``at="full"``."""
         if at == "current":
-            s = [k.clamp(self.config.kappa_min, 1.0) * g.width for k, g in zip(self._kappas(), self.plan.groups)]
+            s = [_st_clamp(k, self.config.kappa_min) * g.width for k, g in zip(self._kappas(), self.plan.groups)]
         elif at == "kept":
             s = [torch.tensor(float(n)) for n in self.kept_sizes()]
         elif at == "full":
@@ -216,25 +216,34 @@ class DynamicModel(nn.Module):
         """The complexity term to add to the task loss.
 
         "l2": (β/G)·Σκ²  — the paper's. "macs": β·MACs(s)/MACs_full. Budget mode
-        (``target_macs``) uses the MACs form and adapts β by one dual-ascent step per call
-        (β ← max(0, β + dual_lr·(MACs/MACs_full − target))), so call it once per step.
+        (``target_macs`` = t) is an augmented Lagrangian on the MACs fraction f:
+        β·f + ρ/2·(f − t)², with one dual-ascent step per call,
+        β ← max(0, β + dual_lr·(f − t)) — so call it once per training step. The quadratic
+        term stops the overshoot that plain dual ascent shows while sizes are still moving.
         """
-        kappas = [k.clamp(self.config.kappa_min, 1.0) for k in self._kappas()]
+        kappas = [_st_clamp(k, self.config.kappa_min) for k in self._kappas()]
         if not kappas:
             return torch.zeros(())
-        if self.config.target_macs is not None:
+        cfg = self.config
+        if cfg.target_macs is not None:
             frac = self.complexity().macs_fraction.to(kappas[0].dtype)
             if self._phase == "optimize" and self.training:
                 with torch.no_grad():
-                    step = self.config.dual_lr * (float(frac) - self.config.target_macs)
+                    step = cfg.dual_lr * (float(frac) - cfg.target_macs)
                     self.beta.copy_((self.beta + step).clamp(min=0.0))
-            return self.beta * frac
-        if self.config.regularizer == "macs":
+            return self.beta * frac + 0.5 * cfg.budget_rho * (frac - cfg.target_macs) ** 2
+        if cfg.regularizer == "macs":
             return self.beta * self.complexity().macs_fraction.to(kappas[0].dtype)
         return self.beta / len(kappas) * sum(k ** 2 for k in kappas)
 
     def extra_repr(self) -> str:
         return f"groups={len(self.plan.groups)}, phase={self._phase}"
+
+
+def _st_clamp(k: torch.Tensor, lo: float) -> torch.Tensor:
+    """κ clamped to [lo, 1] in value, with the gradient passed straight through: at κ = 1,
+    where every size starts, clamp's own gradient is zero and no pressure would reach it."""
+    return k + (k.detach().clamp(lo, 1.0) - k.detach())
 
 
 def _lookup(gm: nn.Module, qual: str) -> torch.Tensor:

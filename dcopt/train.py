@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
-from torch import nn
 
 __all__ = ["fit", "History", "EpochRecord"]
 
@@ -151,7 +150,7 @@ def _short(name: str, limit: int = 14) -> str:
 
 
 def _sizes_text(sizes: dict[str, int], widths: dict[str, int], limit: int = 4) -> str:
-    items = [f"{_short(n)} {k}/{widths.get(n, k)}" for n, k in sizes.items()]
+    items = [f"{_short(n)}: {k}/{widths.get(n, k)}" for n, k in sizes.items()]
     more = len(items) - limit
     return ", ".join(items[:limit]) + (f", +{more} more" if more > 0 else "")
 
@@ -184,17 +183,17 @@ class _NoProgress:
             pass
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, show_metric: bool):
     if not enabled:
         return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    metric = " · metric {task.fields[metric]}" if show_metric else ""
     return Progress(
         TextColumn("[bold]{task.fields[phase]:>8}[/] ep {task.fields[ep]}"),
-        BarColumn(bar_width=24),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]} · metric {task.fields[metric]} · "
-                   "MACs {task.fields[macs]} · [cyan]{task.fields[sizes]}[/]"),
+        BarColumn(bar_width=16),
+        TextColumn("loss {task.fields[loss]}" + metric + " · MACs {task.fields[macs]} · "
+                   "[cyan]{task.fields[sizes]}[/]"),
         TimeElapsedColumn(),
     )
 
@@ -266,7 +265,7 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
 
     step = 0
     epoch = 0
-    with _progress(progress) as bar:
+    with _progress(progress, metric_fn is not None and val_data is not None) as bar:
         task_id = bar.add_task("fit", total=(steps_per_epoch * total_epochs) if steps_per_epoch else None,
                                phase="", ep="", loss="–", metric="–", macs="–", sizes="")
         for phase, n_epochs in plan:
