@@ -130,21 +130,12 @@ def load(map_location="cpu"):
 '''
 
 
-def save_exported(model: nn.Module, path, example_inputs: Optional[Sequence] = None, *,
-                  class_name: str = "ExportedModel", check: bool = True) -> Path:
-    """Save an exported model so that it loads with torch alone; returns the folder.
-
-    Writes ``__init__.py`` (standalone code + ``load()``), ``weights.pt`` and, with
-    ``example_inputs``, ``model.pt2`` (torch.export). With ``check`` the written code is
-    imported back and compared with ``model`` on the example inputs.
-
-    Example::
-
-        dcopt.save_exported(small, "out/small", example_inputs=(x,))
-    """
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    gm = _as_graph_module(model)
+def _python_source(model: nn.Module, class_name: str) -> tuple[str, dict]:
+    """Standalone source for ``model`` and the state dict it loads; raises ExportError."""
+    try:
+        gm = _as_graph_module(model)
+    except Exception as exc:
+        raise ExportError(f"cannot write standalone code: fx cannot trace the exported model ({exc})") from exc
     body = []
     targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for qual in sorted(targets):
@@ -153,37 +144,72 @@ def save_exported(model: nn.Module, path, example_inputs: Optional[Sequence] = N
             raise ExportError(f"cannot write standalone code for module '{qual}' "
                               f"({type(gm.get_submodule(qual)).__name__}): not a plain torch.nn layer")
         body.append(f"        _place(self, {qual!r}, {expr})")
-    modules_done = set(targets)
     for qual, t in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if qual.rpartition(".")[0] in modules_done:
+        if qual.rpartition(".")[0] in targets:
             continue
         ctor = "torch.nn.Parameter(torch.empty({}, dtype={}))" if isinstance(t, nn.Parameter) else \
             "torch.empty({}, dtype={})"
         body.append(f"        _place(self, {qual!r}, {ctor.format(list(t.shape), t.dtype)})")
-    if not body:
-        body.append("        pass")
-    code = gm.code
     python_code = gm.graph.python_code(root_module="self")
-    imports = _imports(python_code.globals)
-    text = _TEMPLATE.format(imports="\n".join(imports), name=class_name, body="\n".join(body),
-                            forward=textwrap.indent(textwrap.dedent(code).strip("\n"), "    "))
-    (folder / "__init__.py").write_text(text)
-    torch.save(gm.state_dict(), folder / "weights.pt")
+    text = _TEMPLATE.format(imports="\n".join(_imports(python_code.globals)), name=class_name,
+                            body="\n".join(body or ["        pass"]),
+                            forward=textwrap.indent(textwrap.dedent(gm.code).strip("\n"), "    "))
+    return text, gm.state_dict()
+
+
+def save_exported(model: nn.Module, path, example_inputs: Optional[Sequence] = None, *,
+                  class_name: str = "ExportedModel", check: bool = True) -> Path:
+    """Save an exported model so that it loads with torch alone; returns the folder.
+
+    Writes ``__init__.py`` (standalone code + ``load()``) with ``weights.pt`` and, with
+    ``example_inputs``, ``model.pt2`` (torch.export). A model that contains a block only
+    its own class can run (an opaque, untraceable block) cannot be written as standalone
+    code; then ``model.pt2`` alone is written (``WHY.txt`` says why), and if neither form
+    can be written an :class:`~dcopt.ExportError` is raised. With ``check`` what was
+    written is loaded back and compared with ``model`` on the example inputs.
+
+    Example::
+
+        dcopt.save_exported(small, "out/small", example_inputs=(x,))
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    if example_inputs is not None and isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    notes = []
+    program_ok = False
     if example_inputs is not None:
-        example_inputs = tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,)
+        example_inputs = tuple(example_inputs)
         try:
             program = torch.export.export(model.eval(), example_inputs)
             torch.export.save(program, folder / "model.pt2")
-        except Exception as exc:  # some models cannot be torch.export-ed; the Python form still is there
-            (folder / "model.pt2.txt").write_text(f"torch.export failed: {type(exc).__name__}: {exc}\n")
-        if check:
-            loaded = load_exported(folder)
-            with torch.no_grad():
-                a, b = model.eval()(*example_inputs), loaded(*example_inputs)
-            from .export import _close
-            err = _close(a, b, 1e-6)
-            if err is None or err > 1e-6:
-                raise ExportError(f"the saved model at {folder} does not reproduce the model (error {err})")
+            program_ok = True
+        except Exception as exc:  # some models cannot be torch.export-ed
+            notes.append(f"model.pt2 not written: torch.export failed: {type(exc).__name__}: {exc}")
+    try:
+        text, state = _python_source(model, class_name)
+        (folder / "__init__.py").write_text(text)
+        torch.save(state, folder / "weights.pt")
+        python_ok = True
+    except ExportError as exc:
+        notes.append(f"__init__.py not written: {exc}")
+        python_ok = False
+    if notes:
+        (folder / "WHY.txt").write_text("\n".join(notes) + "\n")
+    if not (python_ok or program_ok):
+        raise ExportError("could not save the model in a form that loads without dcopt: " + "; ".join(notes))
+    if check and example_inputs is not None:
+        from .export import _close
+
+        with torch.no_grad():
+            expected = model.eval()(*example_inputs)
+            loaded = [load_exported(folder)] if python_ok else []
+            if program_ok:
+                loaded.append(torch.export.load(folder / "model.pt2").module())
+            for m in loaded:
+                err = _close(expected, m(*example_inputs), 1e-6)
+                if err is None or err > 1e-5:
+                    raise ExportError(f"the saved model at {folder} does not reproduce the model (error {err})")
     return folder
 
 

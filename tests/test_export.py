@@ -144,3 +144,45 @@ def test_export_report_measures_the_models():
     assert rep["macs_after"] == round(dm.complexity("kept").macs.item()) < rep["macs_before"]
     assert rep["params_after"] == sum(p.numel() for p in small.parameters())
     assert {g["name"]: g["kept"] for g in rep["groups"]} == {"fc1": 8, "fc2": 24}
+
+
+class _RowLoop(nn.Module):
+    def forward(self, x):
+        return torch.stack([row * 2 for row in x])  # iterating a proxy: fx cannot trace it
+
+
+class _Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: neither fx nor torch.export can trace it
+            return x * 2
+        return x
+
+
+class _WithOpaque(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.block = block
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(self.block(self.fc1(x)))))
+
+
+def test_save_model_with_opaque_block_writes_program_or_says_why(tmp_path):
+    x = (torch.ones(3, 4),)
+    dm = dcopt.convert(_WithOpaque(_RowLoop()), x)
+    assert dm.group_names == ["fc2"]
+    dm.set_sizes({"fc2": 3})
+    small = dcopt.export(dm)
+    folder = dcopt.save_exported(small, tmp_path / "s", example_inputs=x)
+    assert (folder / "model.pt2").exists() and not (folder / "__init__.py").exists()
+    assert "__init__.py not written" in (folder / "WHY.txt").read_text()
+    program = torch.export.load(folder / "model.pt2").module()
+    assert torch.allclose(program(*x), small(*x))
+
+    dm = dcopt.convert(_WithOpaque(_Branchy()), x)
+    small = dcopt.export(dm)
+    with pytest.raises(dcopt.ExportError, match="could not save the model"):
+        dcopt.save_exported(small, tmp_path / "t", example_inputs=x)
