@@ -525,15 +525,12 @@ def _finalize(w: _Walker) -> Analysis:
                        producers=[p for g in range(len(gt)) if gt.find(g) == r for p in gt.producers[g]])
              for r in live_roots]
 
+    # raw gid -> live group index (or FIXED); built once, applied to every map
+    lut = torch.tensor([live_index.get(gt.find(g), FIXED) for g in range(len(gt))] + [FIXED], dtype=torch.long)
+
     def live(pos: Optional[Positions]) -> Optional[Positions]:
         if pos is None:
             return None
-        gid = pos.gid.clone()
-        lut = torch.full((len(gt) + 1,), FIXED, dtype=torch.long)
-        for g in range(len(gt)):
-            r = gt.find(g)
-            if r in live_index:
-                lut[g] = live_index[r]
         gid = torch.where(pos.gid >= 0, lut[pos.gid.clamp(min=0)], torch.full_like(pos.gid, FIXED))
         ch = torch.where(gid >= 0, pos.ch, torch.zeros_like(pos.ch))
         return Positions(gid, ch)
