@@ -100,6 +100,23 @@ def run_dcopt(name: str, seed: int = 0) -> dict:
     return rec
 
 
+def run_torch_pruning_isolated(name: str, mem_gb: float = 8.0, timeout: float = 600.0) -> dict:
+    """Torch-Pruning in a child process with a memory cap and a time limit: on some models
+    (swin_t) its shape inference recurses without bound and would take the machine down."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--tp-only", name, "--tp-mem-gb", str(mem_gb)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(tp_outcome=f"failed: did not finish in {timeout:.0f} s")
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr.strip().splitlines() or ["?"])[-1][:150]
+        return dict(tp_outcome=f"failed: exit {out.returncode} ({tail})")
+    return json.loads(lines[-1])
+
+
 def run_torch_pruning(name: str) -> dict:
     try:
         import torch_pruning as tp
@@ -134,7 +151,16 @@ def main(argv=None):
     p.add_argument("--skip-largest", action="store_true", help=f"skip the {len(LARGE)} largest models")
     p.add_argument("--no-torch-pruning", action="store_true")
     p.add_argument("--out", default=str(OUT / "zoo.json"))
+    p.add_argument("--tp-only", help=argparse.SUPPRESS)
+    p.add_argument("--tp-mem-gb", type=float, default=8.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.tp_only:
+        import resource
+
+        cap = int(args.tp_mem_gb * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        print(json.dumps(run_torch_pruning(args.tp_only), default=str))
+        return
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     if args.skip_largest:
         names = [n for n in names if n not in LARGE]
@@ -147,15 +173,23 @@ def main(argv=None):
             rec = dict(model=name, outcome="crashed", detail=f"{type(exc).__name__}: {exc}"[:500],
                        traceback=traceback.format_exc()[-1500:])
         if not args.no_torch_pruning:
-            rec.update(run_torch_pruning(name))
+            rec.update(run_torch_pruning_isolated(name))
         rec["t_total"] = time.perf_counter() - t0
         records.append(rec)
+        _save(records, Path(args.out))  # after every model: a crash loses nothing
         print(f"{name:28s} {rec['outcome']:9s} dyn={rec.get('dynamic_fraction', 0):.0%} "
               f"tp={rec.get('tp_outcome', '-')[:30]} {rec['t_total']:.1f}s "
               f"{rec.get('detail', '')[:150]}", flush=True)
         gc.collect()
-    out = Path(args.out)
+
+
+def _save(records, out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # keep the records of models not run this time
+        done = {r["model"] for r in records}
+        old = [r for r in json.loads(out.read_text()) if r["model"] not in done]
+        names = torchvision.models.list_models(module=torchvision.models)
+        records = sorted(old + records, key=lambda r: names.index(r["model"]) if r["model"] in names else 999)
     out.write_text(json.dumps(records, indent=1, default=str))
     write_markdown(records, out.with_suffix(".md"))
 
