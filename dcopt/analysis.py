@@ -502,8 +502,29 @@ def _attr_safe(name: str, taken: set) -> str:
     return key
 
 
+def _pin_shared_modules(w: _Walker) -> None:
+    """A module called more than once is sliced only if every call planned the slice: a
+    call whose rule kept it fixed (features on a dim it mixes, say) needs its full width."""
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in w.gm.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    for qual, dims in w.params.items():
+        owner = qual.rpartition(".")[0]
+        nodes = calls.get(owner, [])
+        if len(nodes) < 2:
+            continue
+        planners = set(w.param_nodes.get(qual, ()))
+        missing = [n for n in nodes if n.name not in planners]
+        if missing:
+            Ctx(w, missing[0]).reject([d for d in dims if d is not None],
+                                      f"module {owner} is called {len(nodes)} times and this call keeps "
+                                      "its full width")
+
+
 def _finalize(w: _Walker) -> Analysis:
     gt = w.groups
+    _pin_shared_modules(w)
     for qual, node in w.pinned.items():
         if qual in w.params:
             Ctx(w, node).reject([d for d in w.params[qual] if d is not None],

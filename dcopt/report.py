@@ -82,27 +82,36 @@ def render_analysis(a: "Analysis", *, show_layers: bool = True):
 
 
 def count_macs(model: torch.nn.Module, example_inputs) -> int:
-    """MACs as ``FlopCounterMode`` counts them (÷2), plus LSTMs by formula (the counter skips them)."""
+    """MACs as ``FlopCounterMode`` counts them (÷2), with every LSTM by formula,
+    4·H·(I+H) per step, direction and layer: the counter misses the fused float32 LSTM
+    kernel but does see the matmuls of the float64 fallback, so whatever it saw inside
+    an LSTM is replaced by the formula."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    lstm_macs = []
+    fc = FlopCounterMode(display=False)
+    starts: list[int] = []
+    correction = [0]
 
-    def hook(m, args, out):
+    def pre(m, args):
+        starts.append(fc.get_total_flops())
+
+    def post(m, args, out):
+        seen = fc.get_total_flops() - starts.pop()
         x = args[0]
-        nd = x.dim()
-        steps, batch = (x.shape[0], 1) if nd == 2 else ((x.shape[1], x.shape[0]) if m.batch_first else
-                                                         (x.shape[0], x.shape[1]))
+        steps, batch = (x.shape[0], 1) if x.dim() == 2 else ((x.shape[1], x.shape[0]) if m.batch_first else
+                                                             (x.shape[0], x.shape[1]))
         w = sum(p.numel() for n, p in m.named_parameters() if n.startswith("weight"))
-        lstm_macs.append(steps * batch * w)
+        correction[0] += 2 * steps * batch * w - seen
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.LSTM)]
+    lstms = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
+    handles = [m.register_forward_pre_hook(pre) for m in lstms] + [m.register_forward_hook(post) for m in lstms]
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with torch.no_grad(), fc:
             model(*example_inputs)
     finally:
         for h in handles:
             h.remove()
-    return fc.get_total_flops() // 2 + sum(lstm_macs)
+    return (fc.get_total_flops() + correction[0]) // 2
 
 
 def export_report(dynamic_model, exported: torch.nn.Module) -> dict:

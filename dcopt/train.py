@@ -60,6 +60,19 @@ class EpochRecord:
     kappa: dict[str, float]
     steps: int
     seconds: float
+    # per group, optimize phase only (empty otherwise): epoch means of d(task loss)/dκ and
+    # d(complexity term)/dκ — the task's pull (usually < 0: a larger κ lowers the loss)
+    # against the regularizer's push (> 0); where they cancel a size stops.
+    task_grad: dict[str, float] = field(default_factory=dict)
+    complexity_grad: dict[str, float] = field(default_factory=dict)
+    # tolerance mode: the loss estimate the β controller saw this epoch (val loss, or the
+    # training-loss EMA) and the bound (1 + tolerance)·reference it was held to.
+    constraint_loss: Optional[float] = None
+    loss_bound: Optional[float] = None
+    # tolerance mode: after this epoch the sizes went back to the last epoch that met the
+    # bound (the bound stayed violated: a size pushed past what the task needs does not
+    # come back by gradient, the consumers stop using its noisy boundary feature).
+    backtracked: bool = False
 
 
 @dataclass
@@ -77,6 +90,8 @@ class History:
     epochs: list[EpochRecord] = field(default_factory=list)
     kappa_trace: list[KappaPoint] = field(default_factory=list)
     widths: dict[str, int] = field(default_factory=dict)
+    tolerance: Optional[float] = None        # tolerance mode: the relative loss allowance
+    reference_loss: Optional[float] = None   # tolerance mode: the fixed phase's loss
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -97,7 +112,7 @@ class History:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python (JSON-serialisable) form."""
-        return {"widths": dict(self.widths),
+        return {"widths": dict(self.widths), "tolerance": self.tolerance, "reference_loss": self.reference_loss,
                 "epochs": [asdict(r) for r in self.epochs],
                 "kappa_trace": [asdict(p) for p in self.kappa_trace]}
 
@@ -201,11 +216,13 @@ def _progress(enabled: bool, show_metric: bool):
 # -- the loop -----------------------------------------------------------------------------
 
 def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optimize_epochs: int,
-        settle_epochs: int = 0, lr: float = 1e-3, size_lr: float = 3e-4,
+        settle_epochs: Optional[int] = None, lr: float = 1e-3, size_lr: Optional[float] = None,
         optimizer: Union[str, Callable] = "adam", weight_decay: float = 0.0,
         val_data: Optional[Iterable] = None, metric_fn: Optional[Callable] = None,
         grad_clip: Optional[float] = None, device: Union[str, torch.device, None] = None,
-        trace_kappa: bool = False, progress: bool = True, log_every: int = 1) -> History:
+        trace_kappa: bool = False, progress: bool = True, log_every: int = 1,
+        tolerance: Union[float, "ToleranceController", None] = None, cross_epochs: float = 8.0,
+        settle_lr: Optional[float] = None) -> History:
     """Train ``dm`` (a :class:`~dcopt.DynamicModel`) through the fixed → optimize → settle
     schedule and return the :class:`History`.
 
@@ -219,7 +236,8 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
       and weights, loss = task + ``dm.complexity_loss()`` (in budget mode that call also
       adapts β, once per step). ``settle_epochs``: sizes frozen at the learned values,
       weights fine-tune without noise. A phase with 0 epochs is skipped.
-    * ``lr``: weights. ``size_lr``: the κ of every group, deliberately slower than the
+    * ``lr``: weights (``settle_lr``, default ``lr``, in the settle phase: fine-tuning at
+      the final sizes is where a lower rate pays). ``size_lr``: the κ of every group, deliberately slower than the
       weights (DESIGN.md, "Size dynamics": sizes as fast as the weights are bistable in
       β; slower ones let the weights re-adapt and give a gradual size-vs-β curve).
     * ``optimizer``: "adam" (default), "adamw", "sgd" (momentum 0.9) or a callable
@@ -229,18 +247,44 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
     * ``progress``: a rich progress bar with phase, epoch, loss, metric, kept MACs % and
       the sizes; ``log_every`` prints a summary line every that many epochs (0: none).
     * ``trace_kappa``: also record κ and β after every optimizer step.
+    * ``tolerance`` (tolerance mode, :mod:`dcopt.tolerance`): e.g. 0.02 — find the
+      smallest model whose task loss stays within 2 % of the reference, the loss at the
+      end of the fixed phase (on ``val_data`` if given, else an EMA of the training loss).
+      β is then a Lagrange multiplier that fit adapts once per optimize epoch (the
+      ``beta`` of the config is ignored); pass a :class:`~dcopt.tolerance.ToleranceController`
+      instead of a float to set its rates. Cannot be combined with ``target_macs``.
+      Defaults change with it: ``size_lr`` = (1 − κ_min)/(``cross_epochs``·steps per epoch),
+      so a size needs at least ``cross_epochs`` epochs to cross its whole range (Adam moves
+      a parameter by at most about lr a step), and ``settle_epochs`` = optimize_epochs // 4.
+      Outside tolerance mode ``size_lr`` defaults to 3e-4 and ``settle_epochs`` to 0.
+
+    Every optimize epoch also records, per group, the mean of d(task)/dκ and of
+    d(complexity term)/dκ (``EpochRecord.task_grad``/``complexity_grad``): why a size stops.
 
     At the end the model is left with its sizes fixed (``dm.fix_sizes()``, noise off),
     in train mode; the learned sizes are what :func:`dcopt.export` keeps.
     """
     for name, n in (("fixed_epochs", fixed_epochs), ("optimize_epochs", optimize_epochs),
-                    ("settle_epochs", settle_epochs)):
+                    ("settle_epochs", 0 if settle_epochs is None else settle_epochs)):
         if int(n) != n or n < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
+    dm = _resolve(dm, train_data, device)
+    try:
+        steps_per_epoch = len(train_data)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = None
+    controller = _tolerance_controller(dm, tolerance)
+    if settle_epochs is None:
+        settle_epochs = optimize_epochs // 4 if controller is not None else 0
+    if int(settle_epochs) != settle_epochs or settle_epochs < 0:
+        raise ValueError(f"settle_epochs must be a non-negative integer, got {settle_epochs!r}")
+    if size_lr is None:
+        size_lr = _auto_size_lr(dm, steps_per_epoch, cross_epochs) if controller is not None else 3e-4
     if lr <= 0 or size_lr < 0:
         raise ValueError(f"lr must be > 0 and size_lr >= 0, got lr={lr}, size_lr={size_lr}")
+    if settle_lr is not None and settle_lr <= 0:
+        raise ValueError(f"settle_lr must be > 0, got {settle_lr}")
 
-    dm = _resolve(dm, train_data, device)
     if device is None:
         first = next(dm.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -255,13 +299,11 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
     opt = _make_optimizer(optimizer, groups, lr)
 
     widths = {name: info.width for name, info in dm.sizes().items()}
-    history = History(widths=widths)
+    history = History(widths=widths, tolerance=controller.tolerance if controller is not None else None)
     plan = [(p, n) for p, n in zip(PHASES, (fixed_epochs, optimize_epochs, settle_epochs)) if n > 0]
-    try:
-        steps_per_epoch = len(train_data)  # type: ignore[arg-type]
-    except TypeError:
-        steps_per_epoch = None
     total_epochs = sum(n for _, n in plan)
+    # the training-loss EMA: tolerance mode's loss estimate without val_data
+    ema = _tolerance_ema(steps_per_epoch) if controller is not None and val_data is None else None
 
     step = 0
     epoch = 0
@@ -269,8 +311,18 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
         task_id = bar.add_task("fit", total=(steps_per_epoch * total_epochs) if steps_per_epoch else None,
                                phase="", ep="", loss="–", metric="–", macs="–", sizes="")
         for phase, n_epochs in plan:
+            if phase == "optimize" and controller is not None:
+                history.reference_loss = _start_tolerance(controller, dm, history, ema, train_data, val_data,
+                                                          loss_fn, device)
+            if ema is not None and phase == "optimize":
+                ema = _tolerance_ema(steps_per_epoch)  # the noisy optimize losses start a new average
+            if phase == "settle" and settle_lr is not None:
+                for group in opt.param_groups:
+                    if group.get("name") == "weights":
+                        group["lr"] = settle_lr
             (dm.optimize_sizes if phase == "optimize" else dm.fix_sizes)()
             opt.zero_grad(set_to_none=True)
+            last_ok = [k.detach().clone() for k in size_params]  # the sizes the reference was measured at
             for phase_epoch in range(1, n_epochs + 1):
                 epoch += 1
                 t0 = time.perf_counter()
@@ -278,6 +330,8 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                 sum_task = sum_cx = 0.0
                 seen = 0
                 epoch_steps = 0
+                grad_task = torch.zeros(len(size_params))
+                grad_cx = torch.zeros(len(size_params))
                 for batch in train_data:
                     inputs, target = _split(batch)
                     args = _as_args(_to(inputs, device))
@@ -297,7 +351,13 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                             f"step {step}; sizes {dm.kept_sizes()}. Lower lr/size_lr or clip gradients "
                             "(grad_clip=...)")
                     opt.zero_grad(set_to_none=True)
+                    d_cx = _size_grads(cx, size_params) if phase == "optimize" else None
                     loss.backward()
+                    if d_cx is not None:
+                        d_all = torch.stack([p.grad.detach().reshape(()).cpu() if p.grad is not None
+                                             else torch.zeros(()) for p in size_params])
+                        grad_cx += d_cx
+                        grad_task += d_all - d_cx
                     if grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(weights, grad_clip)
                     opt.step()
@@ -306,6 +366,8 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                     bs = _batch_size(target, args)
                     seen += bs
                     sum_task += float(task.detach()) * bs
+                    if ema is not None:
+                        ema.add(float(task.detach()))
                     sum_cx += float(cx.detach() if isinstance(cx, torch.Tensor) else cx) * bs
                     if trace_kappa:
                         history.kappa_trace.append(KappaPoint(
@@ -327,6 +389,18 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                 val_loss, metric = _evaluate(dm, val_data, loss_fn, metric_fn, device)
                 rec = _record(dm, phase, epoch, phase_epoch, sum_task / seen, sum_cx / seen, val_loss, metric,
                               epoch_steps, time.perf_counter() - t0)
+                if phase == "optimize":
+                    rec.task_grad = {n: float(g) / epoch_steps for n, g in zip(dm.group_names, grad_task)}
+                    rec.complexity_grad = {n: float(g) / epoch_steps for n, g in zip(dm.group_names, grad_cx)}
+                    if controller is not None:
+                        rec.constraint_loss = val_loss if val_data is not None else ema.value
+                        rec.loss_bound = controller.bound
+                        if not controller.calibrated:
+                            controller.calibrate(_balance_beta(rec, float(dm.beta)))
+                        with torch.no_grad():
+                            dm.beta.fill_(controller.update(rec.constraint_loss))
+                        last_ok, rec.backtracked = _guard(controller.steps[-1], size_params, last_ok, opt,
+                                                          final=phase_epoch == n_epochs)
                 history.epochs.append(rec)
                 if progress:
                     bar.update(task_id, phase=phase, ep=f"{epoch}/{total_epochs}",
@@ -338,6 +412,97 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
         dm.fix_sizes()
         dm.train()
     return history
+
+
+def _tolerance_controller(dm, tolerance):
+    """The ToleranceController of tolerance mode (None in β and budget mode)."""
+    from .tolerance import ToleranceController
+
+    if tolerance is None:
+        return None
+    if dm.config.target_macs is not None:
+        raise ValueError("tolerance mode (fit(..., tolerance=...)) and budget mode (target_macs) each adapt β "
+                         "to a different target; choose one: convert without target_macs, or fit without "
+                         "tolerance")
+    if isinstance(tolerance, ToleranceController):
+        return tolerance
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+        raise TypeError(f"tolerance must be a number (e.g. 0.02) or a ToleranceController, got {tolerance!r}")
+    return ToleranceController(float(tolerance))
+
+
+def _auto_size_lr(dm, steps_per_epoch: Optional[int], cross_epochs: float) -> float:
+    """Tolerance mode's size learning rate: Adam moves a parameter by about lr per step at
+    most, so a κ needs at least ``cross_epochs`` epochs to cross [κ_min, 1]."""
+    if cross_epochs <= 0:
+        raise ValueError(f"cross_epochs must be > 0, got {cross_epochs}")
+    if not steps_per_epoch:
+        return 3e-4
+    return (1.0 - dm.config.kappa_min) / (cross_epochs * steps_per_epoch)
+
+
+def _tolerance_ema(steps_per_epoch: Optional[int]):
+    from .tolerance import LossAverage
+
+    return LossAverage(halflife=max(1.0, (steps_per_epoch or 100) / 4))
+
+
+def _start_tolerance(controller, dm, history, ema, train_data, val_data, loss_fn, device) -> float:
+    """Set the reference loss (unless the controller has one) and β at the start of the
+    optimize phase. The reference is the last fixed epoch's loss (val loss, or the training
+    EMA); without a fixed epoch in this call, one evaluation pass (eval mode)."""
+    if controller.reference is None:
+        last = history.phase("fixed")[-1] if history.phase("fixed") else None
+        if val_data is not None:
+            ref = last.val_loss if last is not None else _evaluate(dm, val_data, loss_fn, None, device)[0]
+        else:
+            ref = ema.value if (last is not None and ema.value is not None) else \
+                _evaluate(dm, train_data, loss_fn, None, device)[0]
+        if ref is None:
+            raise ValueError("tolerance mode needs a reference loss, but val_data yielded no batches")
+        controller.set_reference(ref)
+    elif controller.beta is None:
+        controller.set_reference(controller.reference)
+    with torch.no_grad():
+        dm.beta.fill_(controller.beta)
+    return controller.reference
+
+
+@torch.no_grad()
+def _guard(step, size_params, last_ok, opt, final: bool):
+    """Tolerance mode's fallback: remember the sizes of the last epoch that met the bound;
+    when the bound stays violated by a wide margin (``step.backtrack``), or the optimize
+    phase ends on an epoch that violates it by that margin, put them back (and restart Adam's moments for the
+    sizes, which still point down). Returns (sizes to fall back to, whether it did)."""
+    if step.feasible:
+        return [k.detach().clone() for k in size_params], False
+    if not (step.backtrack or (final and step.overshoot)) or all(torch.equal(k, o) for k, o in zip(size_params, last_ok)):
+        return last_ok, False
+    for k, old in zip(size_params, last_ok):
+        k.copy_(old)
+        opt.state.pop(k, None)
+    return last_ok, True
+
+
+def _balance_beta(rec: EpochRecord, beta: float) -> float:
+    """The β at which the regularizer's push on some κ matches the task's pull on it
+    (from one epoch's mean gradients); inf when no group is pulled."""
+    out = float("inf")
+    for name, pull in rec.task_grad.items():
+        push = rec.complexity_grad.get(name, 0.0)
+        if pull < 0 < push and beta > 0:
+            out = min(out, -pull / (push / beta))
+    return out
+
+
+def _size_grads(cx, size_params) -> Optional[torch.Tensor]:
+    """d(complexity term)/dκ per group (zeros where κ does not reach it)."""
+    if not size_params:
+        return None
+    if not (isinstance(cx, torch.Tensor) and cx.requires_grad):
+        return torch.zeros(len(size_params))
+    grads = torch.autograd.grad(cx, size_params, retain_graph=True, allow_unused=True)
+    return torch.stack([g.detach().reshape(()).cpu() if g is not None else torch.zeros(()) for g in grads])
 
 
 def _resolve(dm, train_data, device):
@@ -404,5 +569,7 @@ def _summary_line(rec: EpochRecord, widths: dict[str, int]) -> str:
     parts.append(f"MACs {100 * rec.macs_fraction:.1f}%")
     if rec.phase == "optimize":
         parts.append(f"β {rec.beta:.3g}")
+    if rec.loss_bound is not None:
+        parts.append(f"bound {_fmt(rec.loss_bound)}")
     parts.append(f"[cyan]{_sizes_text(rec.sizes, widths)}[/]")
     return " · ".join(parts)

@@ -186,3 +186,11 @@ def test_save_model_with_opaque_block_writes_program_or_says_why(tmp_path):
     small = dcopt.export(dm)
     with pytest.raises(dcopt.ExportError, match="could not save the model"):
         dcopt.save_exported(small, tmp_path / "t", example_inputs=x)
+
+
+def test_count_macs_counts_lstm_once_in_any_dtype():
+    m = nn.LSTM(3, 4, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    expected = 2 * 5 * 4 * 4 * (3 + 4)  # batch · steps · 4 gates · H · (I + H)
+    assert dcopt.count_macs(m, (x,)) == expected
+    assert dcopt.count_macs(m.double(), (x.double(),)) == expected

@@ -223,7 +223,13 @@ def _index_tensor(ctx, fm: FMap, shape: tuple, index):
             if sel.numel() == shape[in_d] and torch.equal(sel, torch.arange(shape[in_d])):
                 out_fm = fm.moved(out_d)
             else:
-                out_fm = FMap(out_d, fm.pos[sel])
+                picked = fm.pos[sel]
+                if not ((picked.gid < 0) | (picked.ch == 0)).any():
+                    # each group keeps at least its channel 0; without it (or a fixed
+                    # position) this slice could keep no feature at all
+                    ctx.reject(fm, "slices the feature dimension so that a small size would keep no feature")
+                    return None
+                out_fm = FMap(out_d, picked)
                 if not isinstance(index, tuple) and len(expanded) == 1:
                     item = None
                 else:
