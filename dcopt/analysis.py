@@ -183,11 +183,10 @@ class Ctx:
 
     def plan_attr(self, attr: str, pos: Positions, kind: str = "width") -> None:
         """After slicing, set module attribute ``attr`` to the number of kept positions."""
-        # --- opaque leaves (issue 10): a module inside an opaque block keeps its width
+        # a module inside an opaque block keeps its width
         if self.module is not None and id(self.module) in self._w.opaque_modules:
             self.reject(pos, f"module {self.target} is also used inside an opaque block; it keeps its width")
             return
-        # ---
         self._w.attrs.setdefault(self.target, {})[attr] = (kind, pos)
 
     def gate(self, a: torch.fx.Node) -> None:
@@ -249,7 +248,6 @@ def _values_in(v) -> list[FMap]:
     return []
 
 
-# --- opaque leaves (issue 10) ------------------------------------------------------------
 def _fetch(gm: nn.Module, qual: str) -> Any:
     mod, _, name = qual.rpartition(".")
     try:
@@ -275,7 +273,6 @@ def _opaque_owned(gm: torch.fx.GraphModule, opaque: dict) -> tuple[set[int], set
             tensors.update(id(_fetch(gm, a.target)) for a in node.all_input_nodes if a.op == "get_attr")
     tensors.discard(id(None))
     return tensors, modules
-# ---
 
 
 class _Walker:
@@ -298,13 +295,12 @@ class _Walker:
         self.rnns: dict[str, Positions] = {}
         self.touched: dict[str, set[int]] = {}
         self.pinned: dict[str, torch.fx.Node] = {}  # parameters read by ops without a rule
-        # --- opaque leaves (issue 10): blocks fx could not trace, and what they own
+        # blocks fx could not trace, and what they own
         self.opaque = {o.name: o for o in getattr(traced, "opaque", ())}
         self.opaque_tensors, self.opaque_modules = _opaque_owned(self.gm, self.opaque)
-        # ---
 
     def is_opaque(self, node: torch.fx.Node) -> bool:
-        """(issue 10) An auto-leaf no rule names by its exact type: a black box."""
+        """An auto-leaf no rule names by its exact type: a black box."""
         return (node.op == "call_module" and node.target in self.opaque
                 and type(self.modules[node.target]) not in self.registry.modules)
 
@@ -314,12 +310,11 @@ class _Walker:
                                             location=source_location(node.stack_trace), kind=kind)))
 
     def plan_param(self, qual: str, dims: tuple, node: torch.fx.Node) -> None:
-        # --- opaque leaves (issue 10): a tensor an opaque block uses is never sliced
+        # a tensor an opaque block uses is never sliced
         if self.opaque_tensors and id(_fetch(self.gm, qual)) in self.opaque_tensors:
             Ctx(self, node).reject([d for d in dims if d is not None],
                                    f"{qual} is also used inside an opaque block; it keeps its shape")
             return
-        # ---
         if qual in self.params:
             old = self.params[qual]
             ctx = Ctx(self, node)
@@ -386,7 +381,7 @@ class _Walker:
         for n in ctx.node.all_input_nodes:
             if isinstance(self.values.get(n.name), ParamRef):
                 self.pinned.setdefault(n.target, ctx.node)
-        # --- opaque leaves (issue 10)
+        # 
         leaf = self.opaque.get(ctx.target) if self.is_opaque(ctx.node) else None
         if leaf is not None:
             # every group reaching it, also inside a tuple value (an RNN's (out, h) passed whole)
@@ -395,7 +390,6 @@ class _Walker:
                 ctx.reject(reaching, f"opaque block {leaf.name} ({leaf.type}): {leaf.describe()}; "
                            "its inputs and outputs keep their width")
             return None
-        # ---
         reaching = [f for n in ctx.node.all_input_nodes for f in _values_in(self.values.get(n.name))]
         if reaching:
             ctx.reject(reaching, f"no rule for {_op_name(ctx.node, ctx.module)}; "
@@ -406,7 +400,7 @@ class _Walker:
         """A node that costs MACs and touches a group must say how its MACs scale."""
         macs = self.traced.macs.get(node.name, 0)
         if self.is_opaque(node):
-            return  # opaque leaves (issue 10): what reaches them was rejected in unknown()
+            return  # an opaque leaf: what reaches them was rejected in unknown()
         if macs and node.name not in self.mac_terms and self.touched[node.name]:
             Ctx(self, node).reject(list(self.touched[node.name]),
                                    "costs MACs that dcopt cannot express in the group widths")
@@ -437,7 +431,7 @@ class Analysis:
         self.graph: nx.DiGraph = graph
         self.plan: Plan = plan
         self.node_keys: dict[str, str] = node_keys
-        #: submodules fx could not trace, kept as black boxes (issue 10): name, type, reason, location
+        #: submodules fx could not trace, kept as black boxes: name, type, reason, location
         self.opaque: list[OpaqueLeaf] = list(opaque)
 
     @property

@@ -65,7 +65,7 @@ def render_analysis(a: "Analysis", *, show_layers: bool = True):
         for r in a.unsupported:
             rej.add_row(r.node, r.op, r.reason, _rel(r.location))
         parts.append(rej)
-    # --- opaque leaves (issue 10): submodules fx could not trace, kept as black boxes
+    # submodules fx could not trace, kept as black boxes
     if getattr(a, "opaque", None):
         opq = Table(title="Opaque blocks (fx could not trace them; full width in and out)",
                     title_style="bold yellow")
@@ -74,7 +74,6 @@ def render_analysis(a: "Analysis", *, show_layers: bool = True):
         for o in a.opaque:
             opq.add_row(o.name, o.type, o.reason, o.location or "")
         parts.append(opq)
-    # ---
     parts.append(Text(f"MACs {_human(a.macs)} · params {_human(a.params)} · dynamic groups "
                       f"{len(a.dynamic_groups)}/{len(a.groups)} · MACs dcopt can optimise "
                       f"{a.dynamic_fraction:.1%}", style="bold"))
