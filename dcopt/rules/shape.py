@@ -152,22 +152,9 @@ def unflatten(ctx):
     return _reshape(ctx, spec)
 
 
-@register_rule("expand", "expand_as", "broadcast_to", torch.broadcast_to)
+@register_rule("expand", "expand_as", "broadcast_to", torch.broadcast_to, "repeat", "tile", torch.tile)
 def expand(ctx):
-    x = ctx.arg(0, "input")
-    fm = ctx.fmap(x)
-    if fm is None:
-        return None
-    d = fm.dim + len(ctx.out_shape) - len(ctx.shape(x))
-    if ctx.out_shape[d] != len(fm.pos):
-        ctx.reject(fm, "expands the feature dimension")
-        return None
-    ctx.consumes(fm)
-    return fm.moved(d)
-
-
-@register_rule("repeat", "tile", torch.tile)
-def repeat(ctx):
+    """expand/repeat may add leading dims and grow size-1 dims; the feature dim must keep its length."""
     x = ctx.arg(0, "input")
     fm = ctx.fmap(x)
     if fm is None:
