@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -236,10 +237,11 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
       and weights, loss = task + ``dm.complexity_loss()`` (in budget mode that call also
       adapts β, once per step). ``settle_epochs``: sizes frozen at the learned values,
       weights fine-tune without noise. A phase with 0 epochs is skipped.
-    * ``lr``: weights (``settle_lr``, default ``lr``, in the settle phase: fine-tuning at
-      the final sizes is where a lower rate pays). ``size_lr``: the κ of every group, deliberately slower than the
-      weights (DESIGN.md, "Size dynamics": sizes as fast as the weights are bistable in
-      β; slower ones let the weights re-adapt and give a gradual size-vs-β curve).
+    * ``lr``: weights; ``settle_lr`` (default ``lr``): weights in the settle phase, where
+      fine-tuning at the final sizes pays for a lower rate. ``size_lr``: the κ of every
+      group, deliberately slower than the weights (DESIGN.md, "Size dynamics": sizes as
+      fast as the weights are bistable in β; slower ones let the weights re-adapt and
+      give a gradual size-vs-β curve).
     * ``optimizer``: "adam" (default), "adamw", "sgd" (momentum 0.9) or a callable
       ``groups -> torch.optim.Optimizer``. One optimizer lives through all phases (the
       weights keep their moments); size parameters only move in the optimize phase and
@@ -248,15 +250,17 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
       the sizes; ``log_every`` prints a summary line every that many epochs (0: none).
     * ``trace_kappa``: also record κ and β after every optimizer step.
     * ``tolerance`` (tolerance mode, :mod:`dcopt.tolerance`): e.g. 0.02 — find the
-      smallest model whose task loss stays within 2 % of the reference, the loss at the
-      end of the fixed phase (on ``val_data`` if given, else an EMA of the training loss).
-      β is then a Lagrange multiplier that fit adapts once per optimize epoch (the
-      ``beta`` of the config is ignored); pass a :class:`~dcopt.tolerance.ToleranceController`
-      instead of a float to set its rates. Cannot be combined with ``target_macs``.
-      Defaults change with it: ``size_lr`` = (1 − κ_min)/(``cross_epochs``·steps per epoch),
-      so a size needs at least ``cross_epochs`` epochs to cross its whole range (Adam moves
-      a parameter by at most about lr a step), and ``settle_epochs`` = optimize_epochs // 4.
-      Outside tolerance mode ``size_lr`` defaults to 3e-4 and ``settle_epochs`` to 0.
+      smallest model whose task loss stays within 2 % of the reference, the fixed phase's
+      converged loss (mean ``val_data`` loss of its last 3 epochs if given — recommended —
+      else an EMA of the training loss). β is then a Lagrange multiplier that fit adapts
+      once per optimize epoch (the config's ``beta`` is ignored), and the sizes go back
+      to the last epoch that met the bound when they overshoot. Pass a
+      :class:`~dcopt.tolerance.ToleranceController` instead of a float to set its rates.
+      Cannot be combined with ``target_macs`` (budget mode). Defaults change with it:
+      ``size_lr`` = (1 − κ_min)/(``cross_epochs``·steps per epoch), so a size needs at
+      least ``cross_epochs`` epochs to cross its whole range (Adam moves a parameter by at
+      most about lr a step), and ``settle_epochs`` = optimize_epochs // 4. Outside
+      tolerance mode ``size_lr`` defaults to 3e-4 and ``settle_epochs`` to 0.
 
     Every optimize epoch also records, per group, the mean of d(task)/dκ and of
     d(complexity term)/dκ (``EpochRecord.task_grad``/``complexity_grad``): why a size stops.
@@ -401,6 +405,9 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                             dm.beta.fill_(controller.update(rec.constraint_loss))
                         last_ok, rec.backtracked = _guard(controller.steps[-1], size_params, last_ok, opt,
                                                           final=phase_epoch == n_epochs)
+                        for group in opt.param_groups:  # recovering after a backtrack: sizes wait
+                            if group.get("name") == "sizes":
+                                group["lr"] = 0.0 if controller.steps[-1].recovering else size_lr
                 history.epochs.append(rec)
                 if progress:
                     bar.update(task_id, phase=phase, ep=f"{epoch}/{total_epochs}",
@@ -449,17 +456,21 @@ def _tolerance_ema(steps_per_epoch: Optional[int]):
 
 def _start_tolerance(controller, dm, history, ema, train_data, val_data, loss_fn, device) -> float:
     """Set the reference loss (unless the controller has one) and β at the start of the
-    optimize phase. The reference is the last fixed epoch's loss (val loss, or the training
-    EMA); without a fixed epoch in this call, one evaluation pass (eval mode)."""
+    optimize phase. The reference is the fixed phase's converged loss: the mean val loss of
+    its last (up to) 3 epochs, or the training-loss EMA at its end; without a fixed epoch
+    in this call, one evaluation pass (eval mode) on val_data, else on train_data."""
     if controller.reference is None:
-        last = history.phase("fixed")[-1] if history.phase("fixed") else None
+        fixed = history.phase("fixed")
         if val_data is not None:
-            ref = last.val_loss if last is not None else _evaluate(dm, val_data, loss_fn, None, device)[0]
+            losses = [r.val_loss for r in fixed]
+            ref = sum(losses[-3:]) / len(losses[-3:]) if fixed else _evaluate(dm, val_data, loss_fn, None, device)[0]
         else:
-            ref = ema.value if (last is not None and ema.value is not None) else \
+            losses = [r.train_loss for r in fixed]
+            ref = ema.value if (fixed and ema.value is not None) else \
                 _evaluate(dm, train_data, loss_fn, None, device)[0]
         if ref is None:
             raise ValueError("tolerance mode needs a reference loss, but val_data yielded no batches")
+        _warn_unconverged(losses, controller.tolerance)
         controller.set_reference(ref)
     elif controller.beta is None:
         controller.set_reference(controller.reference)
@@ -472,11 +483,11 @@ def _start_tolerance(controller, dm, history, ema, train_data, val_data, loss_fn
 def _guard(step, size_params, last_ok, opt, final: bool):
     """Tolerance mode's fallback: remember the sizes of the last epoch that met the bound;
     when the bound stays violated by a wide margin (``step.backtrack``), or the optimize
-    phase ends on an epoch that violates it by that margin, put them back (and restart Adam's moments for the
+    phase ends on an epoch beyond the hold band (``not step.in_band``), put them back (and restart Adam's moments for the
     sizes, which still point down). Returns (sizes to fall back to, whether it did)."""
     if step.feasible:
         return [k.detach().clone() for k in size_params], False
-    if not (step.backtrack or (final and step.overshoot)) or all(torch.equal(k, o) for k, o in zip(size_params, last_ok)):
+    if not (step.backtrack or (final and not step.in_band)) or all(torch.equal(k, o) for k, o in zip(size_params, last_ok)):
         return last_ok, False
     for k, old in zip(size_params, last_ok):
         k.copy_(old)
@@ -493,6 +504,20 @@ def _balance_beta(rec: EpochRecord, beta: float) -> float:
         if pull < 0 < push and beta > 0:
             out = min(out, -pull / (push / beta))
     return out
+
+
+def _warn_unconverged(losses: list, tolerance: float) -> None:
+    """The bound is only as good as the reference: say so when the fixed phase's loss was
+    still moving by more than the tolerance over its last epochs."""
+    if len(losses) < 6:
+        return
+    now, before = sum(losses[-3:]) / 3, sum(losses[-6:-3]) / 3
+    change = (now - before) / before if before > 0 else 0.0
+    if abs(change) > tolerance:
+        warnings.warn(f"tolerance mode: the fixed phase's loss still moved by {100 * change:+.1f} % over its last "
+                      f"3 epochs, more than the tolerance ({100 * tolerance:g} %); the reference loss, and so the "
+                      "bound, may be off. Train the fixed phase longer (fixed_epochs).", RuntimeWarning,
+                      stacklevel=4)
 
 
 def _size_grads(cx, size_params) -> Optional[torch.Tensor]:
