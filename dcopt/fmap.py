@@ -56,9 +56,6 @@ class Positions:
     def is_fixed(self) -> bool:
         return bool((self.gid < 0).all())
 
-    def same_as(self, other: "Positions") -> bool:
-        return len(self) == len(other) and bool(torch.equal(self.gid, other.gid)) and bool(torch.equal(self.ch, other.ch))
-
 
 @dataclass(frozen=True, eq=False)
 class FMap:
@@ -84,7 +81,6 @@ class GroupTable:
         self.key: list[str] = []
         self.producers: list[list[str]] = []
         self.parent: list[int] = []
-        self.rejected: dict[int, list] = {}  # gid -> list of Rejection records (pre-root)
         self._by_key: dict[str, int] = {}
 
     def new(self, width: int, key: str, producer: str) -> int:

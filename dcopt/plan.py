@@ -12,7 +12,7 @@ import torch
 
 from .fmap import FIXED, Positions
 
-__all__ = ["GroupSpec", "GateSpec", "MacTerm", "Plan", "keep_index", "soft_width"]
+__all__ = ["GroupSpec", "GateSpec", "MacTerm", "Plan", "keep_index", "keep_mask"]
 
 
 @dataclass
@@ -71,19 +71,3 @@ def keep_mask(pos: Positions, sizes: list[int]) -> torch.Tensor:
 
 def keep_index(pos: Positions, sizes: list[int]) -> torch.Tensor:
     return torch.nonzero(keep_mask(pos, sizes), as_tuple=False).flatten()
-
-
-def soft_width(pos: Optional[Positions], full: int, s: list[torch.Tensor]) -> torch.Tensor:
-    """Number of kept positions, piecewise linear (hence differentiable) in the sizes.
-
-    At integer sizes it is exactly the width export produces: channel ``c`` counts when
-    ``c < s``; between integers the boundary channel counts by its fractional part.
-    """
-    if pos is None:
-        return torch.tensor(float(full))
-    fixed = (pos.gid < 0).sum().to(torch.float32)
-    total = fixed
-    for g in pos.gids():
-        ch = pos.ch[pos.gid == g].to(torch.float32)
-        total = total + (s[g] - ch).clamp(0.0, 1.0).sum()
-    return total

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 from ..fmap import FMap, Positions
 
-__all__ = ["passthrough", "norm_dim", "norm_dims", "first_fmap", "reject_tracked", "n_outputs"]
+__all__ = ["normalizes_last", "passthrough", "norm_dim", "norm_dims", "reject_tracked", "n_outputs"]
 
 
 def n_outputs(node) -> int:
@@ -29,10 +29,6 @@ def norm_dims(dims, nd: int) -> Optional[list[int]]:
     return [norm_dim(int(d), nd) for d in dims]
 
 
-def first_fmap(ctx) -> Optional[FMap]:
-    return ctx.fmap(ctx.arg(0, "input"))
-
-
 def passthrough(ctx) -> Optional[FMap]:
     """The op acts on each feature on its own and keeps the tensor's layout
     (activations, dropout, dtype casts): its output has its input's map."""
@@ -48,3 +44,18 @@ def passthrough(ctx) -> Optional[FMap]:
 def reject_tracked(ctx, reason: str) -> None:
     for _, fm in ctx.tracked_args():
         ctx.reject(fm, reason)
+
+
+def normalizes_last(ctx, n_dims: int, what: str):
+    """LayerNorm-like ops normalize over the last ``n_dims`` dims: per-position elsewhere,
+    but over the feature dim their statistics would see the removed features."""
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    if fm is None:
+        return None
+    if fm.dim >= len(ctx.shape(x)) - n_dims:
+        ctx.reject(fm, f"{what} normalizes over the feature dimension: its mean and variance see every "
+                       "feature, so removing one changes the rest")
+        return None
+    ctx.consumes(fm)
+    return fm

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..fmap import FMap, Positions
-from .common import norm_dim, passthrough
+from .common import norm_dim, normalizes_last, passthrough
 from .registry import register_rule
 
 __all__: list[str] = []
@@ -163,17 +163,7 @@ def groupnorm(ctx):
 
 @register_rule(nn.LayerNorm)
 def layernorm(ctx):
-    x = ctx.arg(0, "input")
-    fm = ctx.fmap(x)
-    if fm is None:
-        return None
-    nd = len(ctx.shape(x))
-    if fm.dim >= nd - len(ctx.module.normalized_shape):
-        ctx.reject(fm, "LayerNorm normalizes over the feature dimension: its mean and variance see every "
-                       "feature, so removing one changes the rest")
-        return None
-    ctx.consumes(fm)
-    return fm
+    return normalizes_last(ctx, len(ctx.module.normalized_shape), "LayerNorm")
 
 
 @register_rule(nn.PReLU)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fmap import FMap
-from .common import n_outputs, norm_dim, norm_dims
+from .common import n_outputs, norm_dim, norm_dims, normalizes_last
 from .registry import register_rule
 
 __all__: list[str] = []
@@ -103,15 +103,5 @@ def _pad(ctx):
 
 @register_rule(F.layer_norm)
 def _layer_norm(ctx):
-    x = ctx.arg(0, "input")
-    fm = ctx.fmap(x)
-    if fm is None:
-        return None
-    nd = len(ctx.shape(x))
     shape = ctx.arg(1, "normalized_shape")
-    n = len(shape) if isinstance(shape, (tuple, list)) else 1
-    if fm.dim >= nd - n:
-        ctx.reject(fm, "layer_norm normalizes over the feature dimension")
-        return None
-    ctx.consumes(fm)
-    return fm
+    return normalizes_last(ctx, len(shape) if isinstance(shape, (tuple, list)) else 1, "layer_norm")
