@@ -1,8 +1,10 @@
 """dcopt: learn layer widths while training, then export a smaller plain PyTorch model.
 
 Public API: :func:`analyze`, :func:`convert`, :func:`export`, :func:`save_exported`,
-:func:`fit`, :func:`register_rule` and the exceptions.
+:func:`fit` (with :class:`ToleranceController` for tolerance mode), :func:`count_macs`,
+:func:`register_rule` and the exceptions.
 """
+from . import counting  # noqa: F401  (dcopt.counting.flop_counter)
 from .errors import ConversionError, DcoptError, ExportError, TraceError, UnsupportedOpError
 from .rules import register_rule
 from .analysis import Analysis, analyze
@@ -25,3 +27,6 @@ __all__ += ["count_macs", "export_report", "render_export_report"]
 from .train import History, fit
 
 __all__ += ["fit", "History"]
+from .tolerance import ToleranceController
+
+__all__ += ["ToleranceController"]

@@ -8,6 +8,8 @@ from rich.console import Group as RichGroup
 from rich.table import Table
 from rich.text import Text
 
+from .counting import flop_counter
+
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis import Analysis
 
@@ -81,13 +83,12 @@ def render_analysis(a: "Analysis", *, show_layers: bool = True):
 
 
 def count_macs(model: torch.nn.Module, example_inputs) -> int:
-    """MACs as ``FlopCounterMode`` counts them (÷2), with every LSTM by formula,
+    """MACs as ``FlopCounterMode`` counts them (÷2; with the fused CPU attention kernels
+    torch does not count, :mod:`dcopt.counting`), with every LSTM by formula,
     4·H·(I+H) per step, direction and layer: the counter misses the fused float32 LSTM
     kernel but does see the matmuls of the float64 fallback, so whatever it saw inside
     an LSTM is replaced by the formula."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    fc = FlopCounterMode(display=False)
+    fc = flop_counter()
     starts: list[int] = []
     correction = [0]
 

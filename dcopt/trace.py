@@ -26,6 +26,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
+from .counting import flop_counter
 from .errors import TraceError
 
 __all__ = ["DcoptTracer", "Traced", "OpaqueLeaf", "trace", "ALWAYS_LEAF"]
@@ -191,7 +192,7 @@ class _MeasuringShapeProp(ShapeProp):
         return out
 
     def propagate(self, *args):
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             self._counter = counter
             try:
                 return super().propagate(*args)
