@@ -271,7 +271,7 @@ def torch_pruning_baseline(model: nn.Module, example_inputs, target_macs: int, i
         rec["layers"][name] = dict(type=b["type"], in_before=b["in"], in_after=a["in"], out_before=b["out"],
                                    out_after=a["out"], changed=(a["in"], a["out"]) != (b["in"], b["out"]))
     for name, layer in rec["layers"].items():
-        if not layer["changed"] and name not in rec["left_alone"] and rec["ok"]:
+        if not layer["changed"] and name not in rec["left_alone"] and rec["ok"] and rec["steps_taken"]:
             rec["left_alone"][name] = f"{layer['type']}: unchanged (ignored, or bound to the model's input/output)"
     rec["params_after"] = sum(p.numel() for p in work.parameters())
     rec["seconds"] = round(time.perf_counter() - t0, 2)
@@ -474,11 +474,13 @@ def plot_results(records: list[dict], path: Path, title: str, metric_name: str) 
 
 
 def write_results(name: str, records: list[dict], out: Path, title: str, metric_name: str,
-                  config: Optional[dict] = None, notes: Optional[str] = None, extra: Optional[dict] = None) -> None:
+                  config: Optional[dict] = None, notes: Optional[str] = None, extra: Optional[dict] = None,
+                  plot: bool = True) -> None:
     """Write ``out/<name>.json`` (records, :func:`machine_info`, ``config``, ``extra``),
     ``out/<name>.md`` (title, table of :func:`results_table`, ``notes`` markdown, the plot)
     and ``out/<name>.png`` (metric vs MACs % of full, log x, one marker per method).
-    Files are written to a temporary name first and renamed (a crash leaves the old ones)."""
+    Files are written to a temporary name first and renamed (a crash leaves the old ones).
+    ``plot=False`` skips the PNG (drawing it costs about a second)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     payload = dict(name=name, title=title, metric_name=metric_name, config=config or {}, machine=machine_info(),
@@ -493,6 +495,7 @@ def write_results(name: str, records: list[dict], out: Path, title: str, metric_
     tmp = out / f".{name}.md.tmp"
     tmp.write_text("\n".join(md))
     os.replace(tmp, out / f"{name}.md")
-    tmp = out / f".{name}.tmp.png"
-    plot_results(records, tmp, title, metric_name)
-    os.replace(tmp, out / f"{name}.png")
+    if plot:
+        tmp = out / f".{name}.tmp.png"
+        plot_results(records, tmp, title, metric_name)
+        os.replace(tmp, out / f"{name}.png")

@@ -1,0 +1,172 @@
+"""The VAD benchmark (benchmarks/vad.py, issue 6 §2 and issue 9) and the helpers it shares
+with the keyword-spotting benchmark (benchmarks/speech_common.py): EER, the static
+baseline's width search, the Torch-Pruning baseline's record, and a tiny end-to-end run."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import speech_common as sc
+from benchmarks import speech_data as sd
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- EER -----------------------------------------------------------------------------------
+
+def test_eer_perfect_separation_is_zero_and_inverted_is_one():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
+    labels = torch.tensor([1, 1, 1, 0, 0, 0])
+    assert sc.eer(scores, labels) == 0.0
+    assert sc.eer(-scores, labels) == 1.0
+
+
+def test_eer_of_random_scores_is_about_one_half():
+    rng = np.random.default_rng(0)
+    assert sc.eer(rng.random(20000), rng.random(20000) > 0.3) == pytest.approx(0.5, abs=0.02)
+
+
+def test_eer_hand_computed():
+    # sorted: .9P .8P .7N .4P .3N .2N → (FPR, FNR) = (0,1) (0,2/3) (0,1/3) (1/3,1/3) ...: EER 1/3
+    assert sc.eer([0.9, 0.8, 0.7, 0.4, 0.3, 0.2], [1, 1, 0, 1, 0, 0]) == pytest.approx(1 / 3)
+    # .9P .8N .7P .6N: (0,1) (0,.5) (.5,.5): EER 1/2
+    assert sc.eer([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx(0.5)
+    # one score for everything: a single step from (0,1) to (1,0), crossing at 1/2
+    assert sc.eer([0.5] * 4, [1, 0, 0, 1]) == pytest.approx(0.5)
+    # ROC points (0,1) (0,.5) (.5,.5)…: interpolation between (0,1)/(0,.5) is never needed;
+    # an asymmetric case: .9P .8N .7N .6P .5N: (0,1) (0,.5) (1/3,.5) (2/3,.5) (2/3,0)
+    # d = FPR-FNR: -1, -.5, -1/6, 1/6 → crossing halfway between (1/3,.5) and (2/3,.5): 1/2
+    assert sc.eer([0.9, 0.8, 0.7, 0.6, 0.5], [1, 0, 0, 1, 0]) == pytest.approx(0.5)
+
+
+def test_eer_with_one_class_is_nan():
+    assert math.isnan(sc.eer([0.1, 0.2], [1, 1]))
+
+
+# -- static baseline and Torch-Pruning -------------------------------------------------------
+
+class SmallConv(nn.Module):
+    def __init__(self, c: int = 32, h: int = 16):
+        super().__init__()
+        self.c1 = nn.Conv1d(10, c, 3, padding=1)
+        self.b1 = nn.BatchNorm1d(c)
+        self.c2 = nn.Conv1d(c, c, 3, padding=1)
+        self.b2 = nn.BatchNorm1d(c)
+        self.fc = nn.Linear(c, h)
+        self.head = nn.Linear(h, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.head(torch.relu(self.fc(x.mean(-1))))
+
+
+def small_conv(mult: float) -> SmallConv:
+    return SmallConv(sc.scaled_width(32, mult), sc.scaled_width(16, mult))
+
+
+def test_static_scaled_lands_just_below_the_target():
+    x = torch.randn(1, 10, 20)
+    full = sc.count_macs(small_conv(1.0), (x,))
+    for frac in (0.5, 0.2):
+        target = int(frac * full)
+        model, mult = sc.static_scaled(small_conv, (x,), target)
+        macs = sc.count_macs(model, (x,))
+        assert macs <= target
+        # one more channel in every layer would be above the target: the search is tight
+        c = model.c1.out_channels
+        assert sc.count_macs(SmallConv(c + 1, model.fc.out_features + 1), (x,)) > target
+        assert macs >= 0.8 * target and 0 < mult < 1
+    model, mult = sc.static_scaled(small_conv, (x,), 10 * full)
+    assert mult == 1.0 and model.c1.out_channels == 32
+    model, mult = sc.static_scaled(small_conv, (x,), 1, lo=0.05)
+    assert mult == 0.05                                     # below what any width reaches: the floor
+
+
+def test_torch_pruning_baseline_records_what_it_pruned():
+    torch.manual_seed(0)
+    model = SmallConv()
+    x = torch.randn(1, 10, 20)
+    full = sc.count_macs(model, (x,))
+    pruned, rec = sc.torch_pruning_baseline(model, (x,), full // 3, ignored_layers=[model.head], steps=30)
+    assert rec["ok"] and rec["error"] is None and rec["reached_target"]
+    assert rec["macs_before"] == full and rec["macs_after"] == sc.count_macs(pruned, (x,)) <= full // 3
+    assert rec["layers"]["c1"]["changed"] and rec["layers"]["c1"]["out_after"] < 32
+    head = rec["layers"]["head"]
+    assert head["out_after"] == 3 and head["in_after"] == rec["layers"]["fc"]["out_after"] < 16  # ignored: out kept
+    assert rec["params_after"] == sum(p.numel() for p in pruned.parameters()) < rec["params_before"]
+    assert model.c1.out_channels == 32                      # the original is untouched
+    assert pruned(torch.randn(4, 10, 7)).shape == (4, 3)
+
+
+class WithGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(10, 24, 3, padding=1)
+        self.gru = nn.GRU(24, 12, batch_first=True)
+        self.head = nn.Linear(12, 1)
+
+    def forward(self, x):
+        y, _ = self.gru(torch.relu(self.c1(x)).transpose(1, 2))
+        return self.head(y).squeeze(-1)
+
+
+def test_torch_pruning_leaves_the_gru_hidden_size_and_prunes_its_input():
+    torch.manual_seed(0)
+    model = WithGRU()
+    x = torch.randn(1, 10, 5)
+    full = sc.count_macs(model, (x,))
+    pruned, rec = sc.torch_pruning_baseline(model, (x,), int(0.7 * full), ignored_layers=[model.head], steps=20)
+    assert rec["ok"], rec["error"]
+    assert "gru" in rec["left_alone"] and "GRU" in rec["left_alone"]["gru"]
+    assert rec["gru_input_pruner"]
+    assert pruned.gru.hidden_size == 12 and pruned.gru.input_size == pruned.c1.out_channels < 24
+    assert pruned(torch.randn(2, 10, 9)).shape == (2, 9)
+
+
+def test_torch_pruning_baseline_never_raises():
+    model = SmallConv()
+    pruned, rec = sc.torch_pruning_baseline(model, (torch.randn(1, 10, 20),), 1, ignored_layers=[nn.Linear(2, 2)])
+    assert not rec["ok"] and "not a module of the model" in rec["error"]
+    assert pruned.c1.out_channels == 32 and pruned is not model
+
+
+# -- the tiny benchmark run ------------------------------------------------------------------
+
+@pytest.mark.skipif(not sd.espeak_available(), reason="espeak-ng not installed (scripts/install_system_deps.sh)")
+def test_vad_benchmark_tiny_run_writes_its_files(tmp_path):
+    from benchmarks import vad
+
+    assert vad.main(["--tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "vad.json").read_text())
+    runs = [r["run"] for r in result["records"]]
+    assert runs == vad.ALL_RUNS
+    full = result["records"][0]
+    assert full["method"] == "full" and full["macs_fraction"] == 1.0
+    for r in result["records"]:
+        assert r["macs"] > 0 and r["params"] > 0 and 0.0 <= r["metric"] <= 1.0
+        assert set(r["eer_by_band"]) == set(sd.SNR_BAND_NAMES)
+        if r["method"].startswith("dcopt"):
+            assert r["export_max_abs_diff"] < 1e-3
+            assert r["macs_fraction"] == pytest.approx(r["macs_fraction_dcopt"], abs=1e-6)
+        if r["method"] == "torch-pruning":
+            assert r["torch_pruning"]["ok"], r["torch_pruning"]["error"]
+    assert {"issue6_80pct_fewer_macs", "issue6_dcopt_le_static", "issue9_tolerance"} <= set(result["targets"])
+    assert result["machine"]["torch"] == torch.__version__
+    md = (tmp_path / "vad.md").read_text()
+    assert "| run | method | MACs | MACs % of full |" in md and "## Targets" in md and "Tiny smoke run" in md
+    assert (tmp_path / "vad.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --resume keeps everything and runs nothing new; --only reruns one run
+    assert vad.main(["--tiny", "--out", str(tmp_path), "--resume"]) == 0
+    assert [r["run"] for r in json.loads((tmp_path / "vad.json").read_text())["records"]] == runs
