@@ -1,0 +1,93 @@
+"""The spoken-keywords benchmark (benchmarks/kws.py, issue 6 section 3): its model is what
+the benchmark claims (every residual stack a dynamic coupled group, exact export), and
+its --tiny run writes the json / md / png with every run of the plan."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dcopt
+from benchmarks import kws
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(widths=(32, 64, 128), kernel=9):
+    torch.manual_seed(0)
+    return kws.KWSResNet(widths, kernel=kernel)
+
+
+def test_every_residual_stack_is_one_dynamic_group():
+    model = _model()
+    a = dcopt.analyze(model, (torch.randn(2, 40, 100),))
+    assert not a.unsupported                              # nothing rejected (fc's output is merely fixed)
+    by_producer = {p: g for g in a.groups for p in g.producers}
+    # the stage groups: stem / projection, every block's second conv and the residual adds, coupled
+    stage1 = by_producer["stem.0"]
+    assert stage1 is by_producer["layers.0.conv2"] and stage1.status == "dynamic" and stage1.width == 32
+    for stage, width in (("layers.1", 64), ("layers.2", 128)):
+        g = by_producer[f"{stage}.conv2"]
+        assert g is by_producer[f"{stage}.proj.0"] and g.status == "dynamic" and g.width == width
+    # each block's inner width is its own dynamic group
+    for block in ("layers.0", "layers.1", "layers.2"):
+        assert by_producer[f"{block}.conv1"].status == "dynamic"
+    assert by_producer["fc"].status == "fixed"          # the 10 classes stay
+    assert len([g for g in a.groups if g.status == "dynamic"]) == 6
+    assert a.dynamic_fraction == pytest.approx(1.0)
+
+
+def test_convert_and_export_are_exact():
+    model = _model(widths=(16, 24, 32))
+    x = torch.randn(4, 40, 100)
+    dm = dcopt.convert(model, (x[:2],), kappa_min=0.125)
+    model.eval(), dm.eval()
+    with torch.no_grad():
+        assert torch.equal(dm(x), model(x))          # at full width the gated model is the model
+        dm.set_sizes({n: max(1, info.width // 3 + i) for i, (n, info) in enumerate(dm.sizes().items())})
+        small = dcopt.export(dm).eval()
+        ref, out = dm(x), small(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # MACs of the exported model (counted) = dcopt's complexity at the kept sizes (example batch of 2)
+    assert dcopt.count_macs(small, (x[:2],)) == int(dm.complexity(at="kept").macs)
+    assert dcopt.count_macs(small, (x[:1],)) < dcopt.count_macs(model, (x[:1],)) / 4
+    assert all(not type(m).__module__.startswith("dcopt") for m in small.modules())
+
+
+def test_batches_are_the_same_at_the_same_epoch_whatever_ran_before():
+    x, y = torch.arange(20.0)[:, None], torch.arange(20)
+    a = kws.Batches(x, y, 4, seed=3)
+    list(a), list(a)
+    b = kws.Batches(x, y, 4, seed=3, start_epoch=2)
+    assert [t.tolist() for t, _ in a] == [t.tolist() for t, _ in b]
+    assert sorted(v for t, _ in b for v in t.flatten().tolist()) == list(range(20))
+
+
+def test_tiny_run_writes_its_files(tmp_path):
+    assert kws.main(["--tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "kws.json").read_text())
+    runs = [r["run"] for r in result["records"]]
+    assert runs == kws.plan_names(kws.TINY)
+    methods = {r["method"] for r in result["records"]}
+    assert methods == {"full", "dcopt-kappa", "dcopt-budget", "static", "torch-pruning"}
+    full = result["records"][0]
+    for r in result["records"]:
+        assert 0.0 <= r["metric"] <= 1.0 and r["macs"] > 0 and r["params"] > 0
+        assert set(r["test_bands"]) == {"<5", "5-15", "15-25", ">=25"}
+        assert r["macs"] <= full["macs"]
+    assert {"full", "kmin-0.125", "budget-0.15"} <= set(result["histories"])
+    assert result["partial"] is False and "verdicts" in result
+    md = (tmp_path / "kws.md").read_text()
+    assert "| run |" in md and "SNR band" in md
+    assert (tmp_path / "kws.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --resume keeps what is there and runs nothing new
+    assert kws.main(["--tiny", "--out", str(tmp_path), "--resume"]) == 0
+    again = json.loads((tmp_path / "kws.json").read_text())
+    assert [r["run"] for r in again["records"]] == runs
