@@ -653,13 +653,7 @@ def _assert_close(ref, got, what):
 
 # -- the property ---------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models are tiny: thread start-up dominates on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @settings(max_examples=_N, deadline=None, derandomize=_DERANDOMIZE, suppress_health_check=[HealthCheck.too_slow])

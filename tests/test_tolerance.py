@@ -35,12 +35,7 @@ from dcopt.train import _guard, fit
 from test_train import KAPPA_MIN, RANK, batches, mlp_data, mse, planted_data, planted_model, tiny_dm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the controller -----------------------------------------------------------------------

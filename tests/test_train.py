@@ -32,13 +32,7 @@ from dcopt.train import History, fit
 D_IN, RANK, HIDDEN, D_OUT = 32, 8, 64, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI machine has 2 shared cores; small models run faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mse(out, y):
