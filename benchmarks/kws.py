@@ -79,8 +79,9 @@ TARGET_DELTA_PP = 1.5
 FULL = dict(widths=(32, 64, 128), kernel=9, blocks=1, n_per_class=None, batch=32, fixed=8, optimize=10,
             settle=4, lr=2e-3, settle_lr=2e-4, size_lr=4e-3, beta=6.0, regularizer="l2",
             kappa_mins=(0.5, 0.25, 0.125), budgets=(0.5, 0.25, 0.15), budget_kappa_min=0.125, dual_lr=0.05,
-            budget_rho=200.0, seed=0)
-TINY = dict(FULL, widths=(8, 16, 16), kernel=3, batch=8, fixed=1, optimize=1, settle=1, size_lr=3e-2)
+            budget_rho=200.0, seed=0, replicate_seeds=(1,), replicate_runs=("kmin-0.125", "budget-0.15"))
+TINY = dict(FULL, widths=(8, 16, 16), kernel=3, batch=8, fixed=1, optimize=1, settle=1, size_lr=3e-2,
+            replicate_seeds=(), replicate_runs=())
 
 
 # -- the model ------------------------------------------------------------------------------
@@ -297,7 +298,7 @@ def _record(run: str, method: str, model: nn.Module, data: dict, seconds: float,
                 **extra)
 
 
-def run_full(p: dict, data: dict, fixed: dict) -> tuple[dict, list]:
+def run_full(p: dict, data: dict, fixed: dict, run: str = "full") -> tuple[dict, list]:
     """The full-width model for the same total epochs (continuing after the fixed phase)."""
     torch.manual_seed(p["seed"])
     dm = dcopt.convert(build_model(p), _example(data))
@@ -310,7 +311,7 @@ def run_full(p: dict, data: dict, fixed: dict) -> tuple[dict, list]:
                      metric_fn=error_rate, progress=False)
     seconds = time.perf_counter() - t0 + fixed["seconds"]
     model = dcopt.export(dm)
-    return _record("full", "full", model, data, seconds, widths=list(p["widths"])), _history(hist)
+    return _record(run, "full", model, data, seconds, widths=list(p["widths"]), seed=p["seed"]), _history(hist)
 
 
 def run_dcopt(run: str, p: dict, data: dict, fixed: dict, *, kappa_min: float,
@@ -338,7 +339,7 @@ def run_dcopt(run: str, p: dict, data: dict, fixed: dict, *, kappa_min: float,
     method = "dcopt-budget" if target_macs is not None else "dcopt-kappa"
     rec = _record(run, method, small, data, seconds, kappa_min=kappa_min, target_macs=target_macs,
                   regularizer=opts["regularizer"], beta_start=opts["beta"], beta_end=float(dm.beta),
-                  macs_fraction_dcopt=float(kept.macs_fraction), sizes=sizes)
+                  macs_fraction_dcopt=float(kept.macs_fraction), sizes=sizes, seed=p["seed"])
     return rec, _history(hist)
 
 
@@ -354,7 +355,7 @@ def run_static(run: str, p: dict, data: dict, target_macs: int) -> tuple[dict, l
     h = train_plain(model, _train(p, data, 0), _val(data), ce, epochs=total, lr=p["lr"], metric_fn=error_rate,
                     settle_lr=p["settle_lr"], settle_epochs=p["settle"])
     rec = _record(run, "static", model, data, time.perf_counter() - t0, width_mult=mult,
-                  widths=list(model.widths), target_macs_abs=int(target_macs))
+                  widths=list(model.widths), target_macs_abs=int(target_macs), seed=p["seed"])
     return rec, h["epochs"]
 
 
@@ -372,7 +373,7 @@ def run_tp(run: str, p: dict, data: dict, fixed: dict, target_macs: int) -> tupl
     seconds = time.perf_counter() - t0 + fixed["seconds"]
     changed = {n: f"{l['out_before']}→{l['out_after']}" for n, l in tp_rec["layers"].items()
                if l["out_after"] != l["out_before"]}
-    rec = _record(run, "torch-pruning", pruned, data, seconds, target_macs_abs=int(target_macs),
+    rec = _record(run, "torch-pruning", pruned, data, seconds, target_macs_abs=int(target_macs), seed=p["seed"],
                   tp=dict(ok=tp_rec["ok"], error=tp_rec["error"], ratio=tp_rec["ratio"],
                           reached_target=tp_rec["reached_target"], steps_taken=tp_rec["steps_taken"],
                           out_widths=changed, left_alone=tp_rec["left_alone"], package=tp_rec["package"]))
@@ -387,10 +388,23 @@ def dcopt_runs(p: dict) -> list[tuple[str, dict]]:
     return runs
 
 
-def plan_names(p: dict) -> list[str]:
-    names = ["full"] + [n for n, _ in dcopt_runs(p)]
-    names += [f"static@{n}" for n, _ in dcopt_runs(p)] + [f"tp@{n}" for n, _ in dcopt_runs(p)]
+def plan_names(p: dict, replicates: bool = True) -> list[str]:
+    """The runs: the main plan at ``p['seed']``, then (``replicates``) the same for the
+    ``replicate_runs`` at each of ``replicate_seeds``, named ``<run>/seed<s>``."""
+    dc = [n for n, _ in dcopt_runs(p)]
+    names = ["full"] + dc + [f"static@{n}" for n in dc] + [f"tp@{n}" for n in dc]
+    if replicates:
+        rep = [n for n in dc if n in p["replicate_runs"]]
+        for s in p["replicate_seeds"]:
+            names += [f"{n}/seed{s}" for n in ["full"] + rep + [f"static@{n}" for n in rep]
+                      + [f"tp@{n}" for n in rep]]
     return names
+
+
+def split_seed(name: str) -> tuple[str, Optional[int]]:
+    """``"static@kmin-0.125/seed1"`` → ``("static@kmin-0.125", 1)``; no suffix → (name, None)."""
+    base, sep, s = name.rpartition("/seed")
+    return (base, int(s)) if sep and s.isdigit() else (name, None)
 
 
 def verdicts(records: list[dict]) -> dict:
@@ -441,7 +455,8 @@ TUNING = [
 
 def notes_markdown(p: dict, records: list[dict], extra: dict) -> str:
     full = next((r for r in records if r["method"] == "full"), None)
-    lines = [f"{'**Partial results** (' + str(len(records)) + ' of ' + str(len(plan_names(p))) + ' runs). ' if len(records) < len(plan_names(p)) else ''}"
+    n_done = len(records) + len(extra.get("replicates") or [])
+    lines = [f"{'**Partial results** (' + str(n_done) + ' of ' + str(len(plan_names(p))) + ' runs). ' if n_done < len(plan_names(p)) else ''}"
              f"KWSResNet widths {'/'.join(map(str, p['widths']))}, kernel {p['kernel']}, on 40 log-mel × 100 "
              f"frames; {extra['n_train']} / {extra['n_val']} / {extra['n_test']} clips train / val / test (split "
              f"by voice). Adam lr {p['lr']:g} (settle {p['settle_lr']:g}), batch {p['batch']}; every run "
@@ -460,6 +475,17 @@ def notes_markdown(p: dict, records: list[dict], extra: dict) -> str:
             e = r["test_bands"][b]
             cells.append("–" if e["error"] is None else f"{100 * e['error']:.1f}% (n={e['n']})")
         lines.append(f"| {r['run']} | " + " | ".join(cells) + f" | {100 * r['val_error']:.2f}% |")
+    reps = extra.get("replicates") or []
+    for seed in sorted({split_seed(r["run"])[1] for r in reps}):
+        mine = [dict(r, run=split_seed(r["run"])[0]) for r in reps if split_seed(r["run"])[1] == seed]
+        full_s = next((r for r in mine if r["method"] == "full"), None)
+        lines += ["", f"## Replicate: seed {seed} (other initial weights, batch order and noise; same data)", "",
+                  "| run | MACs % of this seed's full | test error | Δ vs this seed's full (pp) | val error |",
+                  "|---|---|---|---|---|"]
+        for r in mine:
+            pct = f"{100 * r['macs'] / full_s['macs']:.1f}%" if full_s else "–"
+            d = f"{100 * (r['metric'] - full_s['metric']):+.2f}" if full_s and r is not full_s else "–"
+            lines.append(f"| {r['run']} | {pct} | {100 * r['metric']:.2f}% | {d} | {100 * r['val_error']:.2f}% |")
     dc = [r for r in records if r["method"].startswith("dcopt")]
     if dc:
         lines += ["", "## Learned widths (dcopt, kept/N per group)", "", "| run | β end | sizes |", "|---|---|---|"]
@@ -499,12 +525,19 @@ def save(out: Path, p: dict, records: list[dict], histories: dict, extra: dict, 
     from benchmarks.speech_common import write_results
 
     order = {n: i for i, n in enumerate(plan_names(p))}
-    records = sorted(records, key=lambda r: order.get(r["run"], 1e9))
+    everything = sorted(records, key=lambda r: order.get(r["run"], 1e9))
+    records = [r for r in everything if split_seed(r["run"])[1] is None]
+    reps = [r for r in everything if split_seed(r["run"])[1] is not None]
+    rep_verdicts = {}
+    for seed in sorted({split_seed(r["run"])[1] for r in reps}):
+        rep_verdicts[f"seed{seed}"] = verdicts([dict(r, run=split_seed(r["run"])[0]) for r in reps
+                                                if split_seed(r["run"])[1] == seed])
+    extra = dict(extra, replicates=reps, replicate_verdicts=rep_verdicts)
+    partial = len(everything) < len(plan_names(p))
     write_results(NAME, records, out, "Spoken keywords (10 digits, 4 languages, in noise): test error vs MACs",
                   "error rate", config=dict(p, tiny=tiny, threads=torch.get_num_threads()),
-                  notes=notes_markdown(p, records, extra),
-                  extra=dict(extra, verdicts=verdicts(records), histories=histories,
-                             partial=len(records) < len(plan_names(p))))
+                  notes=notes_markdown(p, records, dict(extra, partial=partial)),
+                  extra=dict(extra, verdicts=verdicts(records), histories=histories, partial=partial))
 
 
 def main(argv=None) -> int:
@@ -544,13 +577,14 @@ def main(argv=None) -> int:
     if (args.resume or args.only) and path.exists():
         old = json.loads(path.read_text())
         if old.get("config", {}).get("tiny", False) == args.tiny:
-            records, histories = old["records"], old.get("histories", {})
+            records = old["records"] + old.get("replicates", [])
+            histories = old.get("histories", {})
             extra["previous_seconds"] = extra["seconds_total"] = old.get("seconds_total")
     done = {r["run"] for r in records}
     todo = [n for n in names if (args.only is None or n in args.only) and (args.only is not None or n not in done)]
 
     cache = None if (args.tiny or args.no_cache) else sd.DEFAULT_CACHE_DIR
-    fixed = None
+    fixed: dict = {}
     specs = dict(dcopt_runs(p))
 
     def put(rec: dict, hist) -> None:
@@ -560,31 +594,36 @@ def main(argv=None) -> int:
         extra["seconds_total"] = round(time.perf_counter() - t_all + (extra.get("previous_seconds") or 0), 1)
         if not args.tiny:  # --tiny (tests) draws once at the end: a plot costs seconds
             save(args.out, p, records, histories, extra, args.tiny)
-        full = next((r for r in records if r["method"] == "full"), None)
+        full = next((r for r in records if r["method"] == "full"
+                     and split_seed(r["run"])[1] == split_seed(rec["run"])[1]), None)
         rel = f"{100 * rec['macs'] / full['macs']:.1f}% MACs, " if full else ""
         print(f"[{time.strftime('%H:%M:%S')}] {rec['run']}: {rel}{rec['macs'] / 1e6:.2f} M MACs, test error "
               f"{100 * rec['metric']:.2f}%, val {100 * rec['val_error']:.2f}%, {rec['seconds']:.0f} s", flush=True)
 
     for name in todo:
         by = {r["run"]: r for r in records}
-        needs_fixed = not name.startswith("static@")
-        if needs_fixed and fixed is None:
-            fixed = fixed_phase(p, data, cache)
-            histories["fixed"] = fixed["history"]
+        plain, seed = split_seed(name)
+        ps = p if seed is None else dict(p, seed=seed)
+        sfx = "" if seed is None else f"/seed{seed}"
+        if not plain.startswith("static@") and ps["seed"] not in fixed:
+            fixed[ps["seed"]] = fixed_phase(ps, data, cache)
+            histories["fixed" + sfx] = fixed[ps["seed"]]["history"]
+        fx = fixed.get(ps["seed"])
         try:
-            if name == "full":
-                put(*run_full(p, data, fixed))
-            elif name in specs:
-                put(*run_dcopt(name, p, data, fixed, **specs[name]))
+            if plain == "full":
+                put(*run_full(ps, data, fx, run=name))
+            elif plain in specs:
+                put(*run_dcopt(name, ps, data, fx, **specs[plain]))
             else:
-                base, _, ref = name.partition("@")
+                base, _, ref = plain.partition("@")
+                ref += sfx
                 if ref not in by:
                     print(f"skip {name}: run {ref} first (its MACs are the target)", flush=True)
                     continue
                 if base == "static":
-                    put(*run_static(name, p, data, by[ref]["macs"]))
+                    put(*run_static(name, ps, data, by[ref]["macs"]))
                 else:
-                    put(*run_tp(name, p, data, fixed, by[ref]["macs"]))
+                    put(*run_tp(name, ps, data, fx, by[ref]["macs"]))
         except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
             import traceback
             traceback.print_exc()
