@@ -484,6 +484,40 @@ def targets(records: list[dict]) -> dict:
     return out
 
 
+def observations(records: list[dict]) -> list[str]:
+    """Facts worth reading next to the table: which κ runs hit their floor, which runs
+    trained identically, and whether tolerance mode's bound ever bound."""
+    out = []
+    for r in records:
+        if r["method"] != "dcopt-kappa":
+            continue
+        k = r["options"]["kappa_min"]
+        floor = [g for g, n in r["sizes"].items() if n <= math.ceil(k * r["group_widths"][g])]
+        out.append(f"{r['run']}: kept {r['sizes']} of {r['group_widths']}; "
+                   + (f"at the κ_min floor: {', '.join(floor)}" if floor else "no group at its κ_min floor "
+                      "(the L2 push and the task's pull balanced above it)") + ".")
+    dc = [r for r in records if r["method"].startswith("dcopt")]
+    for i, a in enumerate(dc):
+        for b in dc[i + 1:]:
+            if a["macs"] == b["macs"] and a["metric"] == b["metric"]:
+                out.append(f"{a['run']} and {b['run']} ended identical (same seed and batches, and the option that "
+                           "differs never came into play).")
+    for r in records:
+        if r["method"] != "dcopt-tolerance":
+            continue
+        opt = [h for h in r["history"] if h["phase"] == "optimize"]
+        over = sum(1 for h in opt if h["constraint_loss"] is not None and h["loss_bound"] is not None
+                   and h["constraint_loss"] > h["loss_bound"])
+        vals = [h["constraint_loss"] for h in opt if h["constraint_loss"] is not None]
+        out.append(f"{r['run']}: reference val loss {r['reference_loss']:.4f}, bound {opt[0]['loss_bound']:.4f}; "
+                   f"val loss during the optimize phase {min(vals):.4f}–{max(vals):.4f}, above the bound in {over} of "
+                   f"{len(opt)} epochs; β {opt[0]['beta']:.3g} → {opt[-1]['beta']:.3g}; "
+                   f"{sum(bool(h['backtracked']) for h in opt)} backtracks; MACs {100 * opt[-1]['macs_fraction']:.1f} %"
+                   + (" (still falling in the last optimize epoch)" if len(opt) > 1 and
+                      opt[-1]["macs_fraction"] < opt[-2]["macs_fraction"] - 0.005 else "") + ".")
+    return out
+
+
 def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool) -> str:
     full = next((r for r in records if r["method"] == "full"), None)
     done = {r["run"] for r in records}
@@ -542,6 +576,9 @@ def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool) 
             lines.append(f"* Issue 9, tolerance 1 % and 5 % give two different points, each at least as good as "
                          f"budget mode at the same MACs: {fam} ({'; '.join(parts)}).")
         lines.append("")
+    obs = observations(records)
+    if obs:
+        lines += ["## Observations (computed from the records)", ""] + [f"* {o}" for o in obs] + [""]
     tp = [r for r in records if r["method"] == "torch-pruning"]
     if tp:
         rec = tp[0]["torch_pruning"]
