@@ -532,12 +532,15 @@ def _finalize(w: _Walker) -> Analysis:
     live_roots = [r for r in roots if r not in bad]
     live_index = {r: i for i, r in enumerate(live_roots)}
     # readable names: the first producer of each root
-    first_producer = {}
+    # every root's producers in gid order, in one pass (a scan of all gids per root was
+    # quadratic: 1000 groups took seconds)
+    root_producers: dict[int, list[str]] = {}
     for gid in range(len(gt)):
-        first_producer.setdefault(gt.find(gid), gt.producers[gid][0])
+        root_producers.setdefault(gt.find(gid), []).extend(gt.producers[gid])
+    first_producer = {r: ps[0] for r, ps in root_producers.items()}
     taken: set = set()
     specs = [GroupSpec(name=first_producer[r], key=_attr_safe(first_producer[r], taken), width=gt.width[r],
-                       producers=[p for g in range(len(gt)) if gt.find(g) == r for p in gt.producers[g]])
+                       producers=list(root_producers[r]))
              for r in live_roots]
 
     # raw gid -> live group index (or FIXED); built once, applied to every map
@@ -637,7 +640,7 @@ def _finalize(w: _Walker) -> Analysis:
             continue
         rejs = bad[r]
         status = "rejected" if any(x.kind == "unsupported" for x in rejs) else "fixed"
-        producers = [p for g in range(len(gt)) if gt.find(g) == r for p in gt.producers[g]]
+        producers = list(root_producers[r])
         seen = set()
         reasons = []
         for x in rejs:

@@ -20,6 +20,11 @@ class Config:
                   adapted by dual ascent (``dual_lr`` per step) and the pressure is MACs-based,
                   with an augmented-Lagrangian term ρ/2·(f − t)² (``budget_rho``) against overshoot.
     leaf_modules: module types or qualified names fx must not trace into.
+    round_to:     kept widths are multiples of this (rounded up, at most the full width N):
+                  CPU and GPU kernels run faster on channel counts that fill their vector
+                  blocks (8 or 16). Applies wherever an integer size is taken — eval mode,
+                  the fixed/settle phases, ``complexity(at="kept")``, ``sizes()``, export —
+                  so an eval-mode DynamicModel still equals its export. Default 1 (⌈s⌉).
     strict_trace: fail with TraceError when fx cannot trace a submodule, instead of keeping
                   that submodule as an opaque leaf (full width in and out, parameters kept).
     """
@@ -34,6 +39,7 @@ class Config:
     concrete_args: Optional[dict] = None
     strict: bool = False
     strict_trace: bool = False
+    round_to: int = 1
 
     def __post_init__(self):
         if not 0.0 < self.kappa_min <= 1.0:
@@ -48,6 +54,8 @@ class Config:
             raise ValueError(f"dual_lr must be > 0, got {self.dual_lr}")
         if self.budget_rho < 0:
             raise ValueError(f"budget_rho must be >= 0, got {self.budget_rho}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
         self.leaf_modules = tuple(self.leaf_modules)
 
     @classmethod

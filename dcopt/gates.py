@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["FeatureGate", "GatedRNN", "consolidated", "LAMBDA_EPS", "INT_TOL"]
+__all__ = ["FeatureGate", "GatedRNN", "consolidated", "round_size", "LAMBDA_EPS", "INT_TOL"]
 
 #: λ is mapped affinely into [ε, 1-ε]: sqrt(λ) and sqrt(1-λ) keep finite derivatives.
 LAMBDA_EPS = 1e-3
@@ -20,10 +20,18 @@ LAMBDA_EPS = 1e-3
 INT_TOL = 1e-3
 
 
-def consolidated(kappa: torch.Tensor, width: int) -> int:
-    """The integer size a group keeps: ⌈s⌉ with s = κ·N, at least 1, at most N."""
+def consolidated(kappa: torch.Tensor, width: int, round_to: int = 1) -> int:
+    """The integer size a group keeps: ⌈s⌉ with s = κ·N, at least 1, rounded up to a
+    multiple of ``round_to``, at most N."""
     s = float(kappa.detach().double()) * width
-    return int(min(width, max(1, math.ceil(s - INT_TOL))))
+    return round_size(int(max(1, math.ceil(s - INT_TOL))), width, round_to)
+
+
+def round_size(n: int, width: int, round_to: int = 1) -> int:
+    """``n`` rounded up to a multiple of ``round_to``, at most ``width``."""
+    if round_to > 1:
+        n = -(-n // round_to) * round_to
+    return int(min(width, n))
 
 
 class FeatureGate(nn.Module):
@@ -45,6 +53,7 @@ class FeatureGate(nn.Module):
         self.dim = dim
         self.widths = list(widths)
         self.noise = False
+        self.round_to = 1   # kept sizes are multiples of this (set by DynamicModel from its Config)
         self.register_buffer("group", group.clone(), persistent=False)
         self.register_buffer("ch", ch.clone(), persistent=False)
 
@@ -65,7 +74,7 @@ class FeatureGate(nn.Module):
     def forward(self, x: torch.Tensor, *kappas: torch.Tensor) -> torch.Tensor:
         if self.training and self.noise:
             return self._noisy(x, kappas)
-        keep = [consolidated(k, n) for k, n in zip(kappas, self.widths)]
+        keep = [consolidated(k, n, getattr(self, "round_to", 1)) for k, n in zip(kappas, self.widths)]
         if keep == self.widths:
             return x
         limit = self._per_position(torch.tensor(keep, device=x.device), 1 << 62)
@@ -114,11 +123,12 @@ class GatedRNN(nn.Module):
     def __init__(self, rnn: nn.RNNBase):
         super().__init__()
         self.rnn = rnn
+        self.round_to = 1   # kept sizes are multiples of this (set by DynamicModel from its Config)
 
     def forward(self, kappa: torch.Tensor, *args, **kwargs):
         rnn = self.rnn
         H = rnn.hidden_size
-        k = consolidated(kappa, H)
+        k = consolidated(kappa, H, getattr(self, "round_to", 1))
         if k >= H:
             return rnn(*args, **kwargs)
         ref = rnn.weight_hh_l0

@@ -48,10 +48,11 @@ def build_gated(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     for i, spec in enumerate(plan.gates):
         src = nodes[spec.source]
         local = sorted(spec.pos.gids())
-        remap = torch.full((len(plan.groups) + 1,), -1, dtype=torch.long)
-        for j, g in enumerate(local):
-            remap[g] = j
-        group = torch.where(spec.pos.gid >= 0, remap[spec.pos.gid.clamp(min=0)], spec.pos.gid)
+        # global group index -> index among this gate's groups (no table of all groups per
+        # gate: that is quadratic in the number of groups)
+        local_t = torch.tensor(local, dtype=torch.long)
+        group = torch.where(spec.pos.gid >= 0, torch.searchsorted(local_t, spec.pos.gid.clamp(min=0)),
+                            spec.pos.gid)
         gate = FeatureGate(spec.dim, group, spec.pos.ch, [plan.groups[g].width for g in local])
         name = f"g{i}_{spec.source}"
         getattr(gm, GATES).add_module(name, gate)
@@ -67,16 +68,20 @@ def build_gated(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         for c in spec.consumers:
             nodes[c].replace_input_with(src, gnode)
 
+    calls: dict[str, list[torch.fx.Node]] = {}
+    if plan.rnns:
+        for node in graph.nodes:
+            if node.op == "call_module" and node.target in plan.rnns:
+                calls.setdefault(node.target, []).append(node)
     for target, pos in plan.rnns.items():
         (g,) = pos.gids()
         rnn = gm.get_submodule(target)
         parent, _, attr = target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, GatedRNN(rnn))
-        for node in list(graph.nodes):
-            if node.op == "call_module" and node.target == target:
-                with graph.inserting_before(node):
-                    k = size_node(g)
-                node.args = (k, *node.args)
+        for node in calls.get(target, ()):
+            with graph.inserting_before(node):
+                k = size_node(g)
+            node.args = (k, *node.args)
     graph.lint()
     gm.recompile()
     return gm
@@ -147,9 +152,12 @@ class DynamicModel(nn.Module):
         self._phase = phase
         for k in self._kappas():
             k.requires_grad_(phase == "optimize")
+        round_to = getattr(self.config, "round_to", 1)
         for m in self.gm.modules():
             if isinstance(m, FeatureGate):
                 m.noise = phase == "optimize"
+            if isinstance(m, (FeatureGate, GatedRNN)):
+                m.round_to = round_to
 
     def get_extra_state(self):
         return {"phase": self._phase}
@@ -178,9 +186,9 @@ class DynamicModel(nn.Module):
         out = {}
         for g, k in zip(self.plan.groups, self._kappas()):
             kk = float(k.detach().clamp(self.config.kappa_min, 1.0))
-            out[g.name] = SizeInfo(s=kk * g.width, kept=consolidated(k.detach().clamp(self.config.kappa_min, 1.0),
-                                                                         g.width),
-                                   width=g.width, kappa=kk)
+            kept = consolidated(k.detach().clamp(self.config.kappa_min, 1.0), g.width,
+                                getattr(self.config, "round_to", 1))
+            out[g.name] = SizeInfo(s=kk * g.width, kept=kept, width=g.width, kappa=kk)
         return out
 
     def kept_sizes(self) -> list[int]:

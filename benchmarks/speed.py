@@ -1,0 +1,604 @@
+"""Speed of dcopt on this machine's CPU (GitHub issue 8), every number a ratio taken in one run.
+
+1. **Gate overhead**: time of a training step (forward + backward + Adam step) of the
+   DynamicModel in optimize mode (``dm.optimize_sizes()``, loss + ``dm.complexity_loss()``,
+   every κ at 0.75 so the noise and the RNN unit masks are active) divided by the
+   original model's, for the speech CRNN (``examples/crnn_speech.py``) and torchvision
+   resnet18. Target ≤ 1.15.
+2. **Realized speed-up**: inference latency of the exported model at 50 % and 25 % of the
+   MACs (one uniform κ for every group, found by bisection on the kept MACs) divided by the
+   full model's, against the MACs ratio; with kept widths as they come (``round_to=1``)
+   and rounded up to multiples of 8 (``convert(..., round_to=8)``). Target: latency ratio
+   ≤ 1.25 × MACs ratio.
+3. **Scaling**: seconds of ``dcopt.analyze``, ``dcopt.convert`` and ``dcopt.export`` for
+   MLPs (Linear + ReLU) and conv stacks (Conv2d + BatchNorm + ReLU) of 10, 100 and 1000
+   layers; the log-log slope against the number of graph nodes (1 = linear).
+4. **Peak memory** of ``convert`` + ``export`` (at κ = 0.5) for resnet50 and vit_b_16, in a
+   child process per model: the rise of the resident-set high-water mark (VmHWM, reset
+   through ``/proc/self/clear_refs`` just before; ``ru_maxrss`` where that is not available)
+   over the RSS before convert, divided by the model's parameter bytes.
+
+Timings are medians of repeated, *interleaved* measurements (A, B, B, A, A, B, …), so load
+from other processes hits both sides of a ratio alike; the load average (``os.getloadavg``)
+before and after each section and the torch thread count are recorded.
+
+Run::
+
+    .venv/bin/python benchmarks/speed.py                 # ≈ 5–10 min on 2 quiet cores
+    .venv/bin/python benchmarks/speed.py --threads 2     # all cores of this machine
+    .venv/bin/python benchmarks/speed.py --tiny --out /tmp/speed   # seconds (tests)
+
+Writes ``speed.json``, ``speed.md`` and ``speed.png`` (the scaling curves, log-log) to
+``--out`` (default benchmarks/results). Sections can be picked with ``--sections``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+import dcopt  # noqa: E402
+
+OUT = Path(__file__).parent / "results"
+OVERHEAD_TARGET = 1.15
+LATENCY_TARGET = 1.25
+SECTIONS = ("overhead", "latency", "scaling", "memory")
+
+FULL = dict(
+    overhead=dict(cases=["crnn", "resnet18"], crnn=dict(batch=32, frames=300), resnet18=dict(batch=8, res=224),
+                  warmup=2, repeats=7, kappa=0.75),
+    latency=dict(cases=["crnn_b1", "crnn_b32", "resnet18", "resnet50"], targets=[0.5, 0.25], round_to=[1, 8],
+                 warmup=3, repeats=21),
+    scaling=dict(layers=[10, 100, 1000], repeats={10: 5, 100: 3, 1000: 1}, width=64, channels=16),
+    memory=dict(models=["resnet50", "vit_b_16"], kappa=0.5),
+)
+TINY = dict(
+    overhead=dict(cases=["crnn", "resnet18"], crnn=dict(batch=4, frames=20, channels=8, hidden=8),
+                  resnet18=dict(batch=2, res=32), warmup=1, repeats=3, kappa=0.75),
+    latency=dict(cases=["crnn_b1", "resnet18"], targets=[0.5, 0.25], round_to=[1, 8], warmup=1, repeats=3,
+                 tiny=True),
+    scaling=dict(layers=[2, 4, 8], repeats={2: 1, 4: 1, 8: 1}, width=8, channels=4),
+    memory=dict(models=["mlp"], kappa=0.5),
+)
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------
+
+def load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, alternating them (forward then reversed order
+    each round: A B, B A, A B, …) so slow phases of the machine hit every one alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def med(v: list[float]) -> float:
+    return statistics.median(v)
+
+
+def spread(v: list[float]) -> float:
+    """Half the interquartile range relative to the median: how noisy a series was."""
+    if len(v) < 4:
+        return (max(v) - min(v)) / (2 * med(v)) if med(v) else 0.0
+    q = statistics.quantiles(v, n=4)
+    return (q[2] - q[0]) / (2 * med(v)) if med(v) else 0.0
+
+
+def set_uniform(dm, kappa: float) -> None:
+    with torch.no_grad():
+        for k in dm.size_parameters():
+            k.fill_(kappa)
+
+
+def kappa_for_macs(dm, target: float) -> tuple[float, float]:
+    """The largest uniform κ whose kept MACs fraction is ≤ target (bisection), set on dm."""
+    lo, hi = 0.0, 1.0
+    for _ in range(25):
+        mid = (lo + hi) / 2
+        set_uniform(dm, mid)
+        if float(dm.complexity(at="kept").macs_fraction) > target:
+            hi = mid
+        else:
+            lo = mid
+    set_uniform(dm, max(lo, 1e-6))
+    return lo, float(dm.complexity(at="kept").macs_fraction)
+
+
+# ----------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------
+
+def crnn(channels: int = 64, hidden: int = 96) -> nn.Module:
+    from crnn_speech import CRNN
+    return CRNN(channels=channels, hidden=hidden)
+
+
+def torchvision_model(name: str) -> nn.Module:
+    import torchvision
+    return torchvision.models.get_model(name, weights=None)
+
+
+def mlp_stack(layers: int, width: int) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for _ in range(layers):
+        mods += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*mods, nn.Linear(width, 10))
+
+
+def conv_stack(layers: int, channels: int) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for _ in range(layers):
+        mods += [nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU()]
+    return nn.Sequential(*mods, nn.Conv2d(channels, 4, 1))
+
+
+# ----------------------------------------------------------------------------------------
+# 1. gate overhead
+# ----------------------------------------------------------------------------------------
+
+def overhead_case(name: str, p: dict) -> dict:
+    torch.manual_seed(0)
+    c = p[name]
+    if name == "crnn":
+        model = crnn(c.get("channels", 64), c.get("hidden", 96))
+        x = torch.randn(c["batch"], 40, c["frames"])
+        y = (torch.rand(c["batch"], c["frames"], 1) > 0.5).float()
+        loss_fn = nn.functional.binary_cross_entropy_with_logits
+        shape = f"batch {c['batch']} × 40 mels × {c['frames']} frames"
+    else:
+        model = torchvision_model(name)
+        x = torch.randn(c["batch"], 3, c["res"], c["res"])
+        y = torch.randint(0, 1000, (c["batch"],))
+        loss_fn = nn.functional.cross_entropy
+        shape = f"batch {c['batch']} × 3 × {c['res']} × {c['res']}"
+    dm = dcopt.convert(model, (x[:2],))
+    model.train()
+    dm.train()
+    dm.optimize_sizes()
+    set_uniform(dm, p["kappa"])
+    opt_a = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt_b = torch.optim.Adam([{"params": list(dm.weight_parameters()), "lr": 1e-4},
+                              {"params": list(dm.size_parameters()), "lr": 0.0}])  # κ stays at p["kappa"]
+
+    def step_original():
+        opt_a.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt_a.step()
+
+    def step_dynamic():
+        opt_b.zero_grad(set_to_none=True)
+        (loss_fn(dm(x), y) + dm.complexity_loss()).backward()
+        opt_b.step()
+
+    times = interleaved({"original": step_original, "dynamic": step_dynamic}, p["repeats"], p["warmup"])
+    a, b = med(times["original"]), med(times["dynamic"])
+    row = dict(model=name, input=shape, groups=len(dm.plan.groups),
+               gates=sum(isinstance(m, dcopt.gates.FeatureGate) for m in dm.modules()),
+               original_s=a, dynamic_s=b, ratio=b / a, target=OVERHEAD_TARGET, met=b / a <= OVERHEAD_TARGET,
+               spread_original=spread(times["original"]), spread_dynamic=spread(times["dynamic"]),
+               repeats=p["repeats"], times=times)
+    print(f"overhead {name:9s} ({shape}): original {a * 1e3:.1f} ms, dynamic {b * 1e3:.1f} ms per step, "
+          f"ratio {b / a:.3f} (target ≤ {OVERHEAD_TARGET})", flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------------
+# 2. realized speed-up
+# ----------------------------------------------------------------------------------------
+
+def latency_setup(name: str, tiny: bool):
+    torch.manual_seed(0)
+    if name.startswith("crnn"):
+        batch = int(name.split("_b")[1])
+        model = crnn(8, 8) if tiny else crnn()
+        return model, torch.randn(batch, 40, 20 if tiny else 300), f"batch {batch} × 40 × {20 if tiny else 300}"
+    res = 32 if tiny else 224
+    return torchvision_model(name), torch.randn(1, 3, res, res), f"batch 1 × 3 × {res} × {res}"
+
+
+def latency_case(name: str, p: dict) -> list[dict]:
+    model, x, shape = latency_setup(name, p.get("tiny", False))
+    model.eval()
+    full_macs = dcopt.count_macs(model, (x,))
+    variants: dict[str, nn.Module] = {"full": model}
+    info = {}
+    for r in p["round_to"]:
+        dm = dcopt.convert(model, (x,), round_to=r)
+        for t in p["targets"]:
+            kappa, frac = kappa_for_macs(dm, t)
+            small = dcopt.export(dm).eval()
+            key = f"{t:g}/round{r}"
+            variants[key] = small
+            widths = sorted({info_.kept for info_ in dm.sizes().values()})
+            info[key] = dict(target=t, round_to=r, kappa=kappa, macs_fraction=dcopt.count_macs(small, (x,)) / full_macs,
+                             predicted_fraction=frac, kept_widths=widths,
+                             params_fraction=sum(q.numel() for q in small.parameters())
+                             / sum(q.numel() for q in model.parameters()))
+    fns = {}
+    for k, m in variants.items():
+        fns[k] = (lambda m=m: m(x))
+    with torch.inference_mode():
+        times = interleaved(fns, p["repeats"], p["warmup"])
+    full = med(times["full"])
+    rows = []
+    for key, d in info.items():
+        lat = med(times[key]) / full
+        rows.append(dict(model=name, input=shape, **d, full_ms=full * 1e3, ms=med(times[key]) * 1e3,
+                         latency_ratio=lat, speedup=1 / lat, macs_speedup=1 / d["macs_fraction"],
+                         latency_over_macs=lat / d["macs_fraction"],
+                         met=lat / d["macs_fraction"] <= LATENCY_TARGET, spread=spread(times[key]),
+                         spread_full=spread(times["full"]), repeats=p["repeats"]))
+        print(f"latency  {name:9s} {key:12s}: MACs {d['macs_fraction']:.3f}, latency {lat:.3f} of full "
+              f"({full * 1e3:.2f} ms → {med(times[key]) * 1e3:.2f} ms), latency/MACs {lat / d['macs_fraction']:.2f} "
+              f"(target ≤ {LATENCY_TARGET})", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# 3. scaling
+# ----------------------------------------------------------------------------------------
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    lx = [math.log(v) for v in xs]
+    ly = [math.log(max(v, 1e-9)) for v in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def scaling_kind(kind: str, p: dict) -> dict:
+    points = []
+    for L in p["layers"]:
+        torch.manual_seed(0)
+        if kind == "mlp":
+            model, x = mlp_stack(L, p["width"]), torch.randn(2, p["width"])
+        else:
+            model, x = conv_stack(L, p["channels"]), torch.randn(1, p["channels"], 8, 8)
+        reps = p["repeats"][L]
+        t = {"analyze": [], "convert": [], "export": []}
+        nodes = None
+        for _ in range(reps):
+            gc.collect()
+            t0 = time.perf_counter()
+            a = dcopt.analyze(model, (x,))
+            t1 = time.perf_counter()
+            dm = dcopt.convert(model, (x,))
+            t2 = time.perf_counter()
+            set_uniform(dm, 0.5)
+            t3 = time.perf_counter()
+            dcopt.export(dm)
+            t4 = time.perf_counter()
+            t["analyze"].append(t1 - t0)
+            t["convert"].append(t2 - t1)
+            t["export"].append(t4 - t3)
+            nodes = len(a.graph)
+            del a, dm
+        pt = dict(layers=L, nodes=nodes, repeats=reps, **{k: med(v) for k, v in t.items()})
+        points.append(pt)
+        print(f"scaling  {kind:4s} {L:5d} layers ({nodes} nodes): analyze {pt['analyze']:.3f} s, convert "
+              f"{pt['convert']:.3f} s, export {pt['export']:.3f} s", flush=True)
+    nodes = [q["nodes"] for q in points]
+    slopes = {k: slope(nodes, [q[k] for q in points]) for k in ("analyze", "convert", "export")}
+    last = {k: slope(nodes[-2:], [q[k] for q in points[-2:]]) for k in slopes}
+    print(f"scaling  {kind:4s} log-log slope (all points): " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items())
+          + "; last two: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items()), flush=True)
+    return dict(kind=kind, points=points, slope=slopes, slope_last=last)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. peak memory (one child process per model)
+# ----------------------------------------------------------------------------------------
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_bytes(reset_ok: bool) -> int:
+    kb = _status_kb("VmHWM") if reset_ok else None
+    return 1024 * (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def memory_child(name: str, kappa: float) -> dict:
+    """Runs in the child: build the model, then convert and export, watching the RSS peak."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if name == "mlp":
+        model, x = mlp_stack(4, 64), torch.randn(2, 64)
+    else:
+        model = torchvision_model(name).eval()
+        x = torch.randn(1, 3, 224, 224)
+    # imports and first-call caches of dcopt and torch are not convert's memory
+    dcopt.export(dcopt.convert(mlp_stack(2, 8), (torch.randn(2, 8),)))
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    gc.collect()
+    rss0 = 1024 * (_status_kb("VmRSS") or 0)
+    reset_ok = _reset_hwm()
+    t0 = time.perf_counter()
+    dm = dcopt.convert(model, (x,))
+    t1 = time.perf_counter()
+    peak_convert = _hwm_bytes(reset_ok)
+    rss_after_convert = 1024 * (_status_kb("VmRSS") or 0)
+    set_uniform(dm, kappa)
+    t2 = time.perf_counter()
+    small = dcopt.export(dm)
+    t3 = time.perf_counter()
+    peak_total = _hwm_bytes(reset_ok)
+    small_bytes = sum(p.numel() * p.element_size() for p in small.parameters())
+    return dict(model=name, param_bytes=param_bytes, buffer_bytes=buffer_bytes, exported_param_bytes=small_bytes,
+                rss_before=rss0, rss_after_convert=rss_after_convert, peak_convert=peak_convert,
+                peak_total=peak_total, hwm_reset=reset_ok, convert_s=t1 - t0, export_s=t3 - t2,
+                groups=len(dm.plan.groups), kappa=kappa)
+
+
+def memory_case(name: str, p: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", name, "--kappa", str(p["kappa"])]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child for {name} failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    pb = r["param_bytes"]
+    r["convert_peak_over_params"] = (r["peak_convert"] - r["rss_before"]) / pb
+    r["total_peak_over_params"] = (r["peak_total"] - r["rss_before"]) / pb
+    r["convert_kept_over_params"] = (r["rss_after_convert"] - r["rss_before"]) / pb
+    print(f"memory   {name:9s}: parameters {pb / 2**20:.1f} MiB; peak RSS rise convert {r['convert_peak_over_params']:.2f}×, "
+          f"convert + export {r['total_peak_over_params']:.2f}× the parameter bytes "
+          f"(convert {r['convert_s']:.1f} s, export {r['export_s']:.1f} s)", flush=True)
+    return r
+
+
+# ----------------------------------------------------------------------------------------
+# outputs
+# ----------------------------------------------------------------------------------------
+
+def plot(scaling: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(scaling)), figsize=(5.5 * max(1, len(scaling)), 4.2), squeeze=False)
+    for ax, s in zip(axes[0], scaling):
+        n = [q["nodes"] for q in s["points"]]
+        for k, c in (("analyze", "tab:blue"), ("convert", "tab:orange"), ("export", "tab:green")):
+            ax.loglog(n, [q[k] for q in s["points"]], "o-", color=c, label=f"{k} (slope {s['slope'][k]:.2f})")
+        ref = s["points"][-1]["convert"]
+        ax.loglog(n, [ref * v / n[-1] for v in n], "k:", lw=1, label="linear (slope 1)")
+        ax.set_xlabel("graph nodes")
+        ax.set_ylabel("seconds")
+        ax.set_title(f"{s['kind']} stack ({', '.join(str(q['layers']) for q in s['points'])} layers)")
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    busy = [v for sec in res["load"].values() for v in (sec["before"][0], sec["after"][0])]
+    loaded = any(v > 0.7 for v in busy)
+    lines = ["# dcopt speed on this machine's CPU (issue 8)", "",
+             f"`benchmarks/speed.py{' --tiny' if res['tiny'] else ''}`: torch {m['torch']}, {m['threads']} torch "
+             f"thread(s), {m['cpus']} CPU(s) ({m['cpu']}), Python {m['python']}; {res['seconds']:.0f} s in all. "
+             "Every ratio is taken within this run, from medians of interleaved repeats.", ""]
+    if loaded:
+        lines += [f"**The machine was loaded during this run** (1-minute load average up to {max(busy):.2f} on "
+                  f"{m['cpus']} cores, from other processes): the values are provisional; rerun "
+                  "`benchmarks/speed.py` on a quiet machine.", ""]
+    if res["tiny"]:
+        lines += ["*Tiny smoke run (toy sizes): the numbers say nothing about speed.*", ""]
+    lines += ["Load average (1, 5, 15 min) before → after each section: " + "; ".join(
+        f"{k} {v['before']} → {v['after']}" for k, v in res["load"].items()) + ".", ""]
+    if res.get("overhead"):
+        lines += ["## 1. Gate overhead in training (target ≤ %.2f)" % OVERHEAD_TARGET, "",
+                  "Forward + backward + Adam step; DynamicModel in optimize mode (noise on, every κ = "
+                  f"{res['config']['overhead']['kappa']}), loss + `complexity_loss()`, against the original model.", "",
+                  "| model | input | groups | gates | original (ms) | DynamicModel (ms) | ratio | met |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in res["overhead"]:
+            lines.append(f"| {r['model']} | {r['input']} | {r['groups']} | {r['gates']} | {r['original_s'] * 1e3:.1f} "
+                         f"± {r['spread_original']:.0%} | {r['dynamic_s'] * 1e3:.1f} ± {r['spread_dynamic']:.0%} | "
+                         f"**{r['ratio']:.3f}** | {'yes' if r['met'] else '**no**'} |")
+        lines += ["", "± : half the interquartile range over the repeats, relative to the median.", ""]
+    if res.get("latency"):
+        lines += ["## 2. Realized speed-up of the exported model (target: latency ratio ≤ %.2f × MACs ratio)"
+                  % LATENCY_TARGET, "",
+                  "Inference (`torch.inference_mode`, eval); one uniform κ for all groups, the largest whose kept "
+                  "MACs are ≤ the target; MACs counted on the exported model. `round 8`: "
+                  "`convert(..., round_to=8)`, kept widths rounded up to multiples of 8.", "",
+                  "| model | input | target | rounding | MACs | params | full (ms) | exported (ms) | latency ratio "
+                  "| latency / MACs | kept widths | met |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["latency"]:
+            w = r["kept_widths"]
+            ws = ", ".join(map(str, w)) if len(w) <= 6 else ", ".join(map(str, w[:5])) + f", … ({len(w)})"
+            lines.append(f"| {r['model']} | {r['input']} | {r['target']:.0%} | {r['round_to']} | {r['macs_fraction']:.3f} "
+                         f"| {r['params_fraction']:.3f} | {r['full_ms']:.2f} | {r['ms']:.2f} ± {r['spread']:.0%} | "
+                         f"{r['latency_ratio']:.3f} | **{r['latency_over_macs']:.2f}** | {ws} | "
+                         f"{'yes' if r['met'] else '**no**'} |")
+        lines += [""]
+    if res.get("scaling"):
+        lines += ["## 3. Scaling with the number of layers", "",
+                  "| stack | layers | nodes | analyze (s) | convert (s) | export (s) |", "|---|---|---|---|---|---|"]
+        for s in res["scaling"]:
+            for q in s["points"]:
+                lines.append(f"| {s['kind']} | {q['layers']} | {q['nodes']} | {q['analyze']:.3f} | {q['convert']:.3f} "
+                             f"| {q['export']:.3f} |")
+        lines += ["", "Log-log slope of seconds against nodes (1 = linear, 2 = quadratic), fitted over all points "
+                  "and over the last two (the asymptote):", "",
+                  "| stack | analyze | convert | export |", "|---|---|---|---|"]
+        for s in res["scaling"]:
+            lines.append(f"| {s['kind']} | " + " | ".join(f"{s['slope'][k]:.2f} (last {s['slope_last'][k]:.2f})"
+                                                       for k in ("analyze", "convert", "export")) + " |")
+        lines += ["", "![scaling](speed.png)", ""]
+    if res.get("memory"):
+        lines += ["## 4. Peak memory of convert + export", "",
+                  "Rise of the resident-set high-water mark over the RSS before `convert`, in a fresh child "
+                  "process per model (model built, example input batch 1), divided by the model's parameter "
+                  f"bytes; export at κ = {res['config']['memory']['kappa']}.", "",
+                  "| model | parameters (MiB) | peak rise: convert | peak rise: convert + export | "
+                  "RSS kept after convert | exported params (MiB) | convert (s) | export (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in res["memory"]:
+            lines.append(f"| {r['model']} | {r['param_bytes'] / 2**20:.1f} | {r['convert_peak_over_params']:.2f}× | "
+                         f"**{r['total_peak_over_params']:.2f}×** | {r['convert_kept_over_params']:.2f}× | "
+                         f"{r['exported_param_bytes'] / 2**20:.1f} | {r['convert_s']:.1f} | {r['export_s']:.1f} |")
+        lines += [""]
+    if res.get("notes"):
+        lines += ["## Notes", ""] + [f"* {n}" for n in res["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _rounded(obj):
+    if isinstance(obj, float):
+        return float(f"{obj:.5g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
+NOTES = [
+    "Overhead: the DynamicModel always computes at full width in training; what it adds are the gates' "
+    "elementwise passes over each gated tensor (mask, scale, noise on the boundary channel; profiled on "
+    "resnet18, batch 8: gate forwards 3 % of a step, their backward about as much) and, at κ < 1, the GRU's "
+    "weight masks (`GatedRNN`). At κ = 1 the GRU would run unmasked.",
+    "Latency, profiled per op (torch.profiler, 1 thread, resnet18 at 25 % MACs, round 8): the convolutions' "
+    "time falls exactly with their MACs (0.241 of full for 0.237 of the MACs); what does not fall as fast are "
+    "the memory-bound ops whose cost is linear in the width, not quadratic: the stem's max-pool "
+    "(`max_pool2d_with_indices`, NCHW, 13 % of the full model's time, 0.49 of it at 25 % MACs), batch norms, "
+    "ReLUs and residual adds, plus the classifier and per-op dispatch. resnet50 has more conv work per "
+    "memory-bound op and meets the target.",
+    "CRNN: 95 % of the time is the bidirectional GRU, which runs one time step after another; per step its "
+    "gate nonlinearities (sigmoid, tanh: linear in the hidden size) and fixed per-step costs do not shrink with "
+    "the MACs (quadratic in the hidden size). At batch 1 (streaming) the GRU is bound by per-step overhead "
+    "and the exported model gains little; at batch 32 the matrix products dominate and the speed-up follows "
+    "the MACs much more closely.",
+    "round_to=8 (`convert(..., round_to=8)`, kept widths rounded up to multiples of 8 in the DynamicModel "
+    "itself, so eval mode still equals the export) helps wherever widths like 31, 45 or 67 came out: kernels "
+    "fill their 8-wide AVX2 vectors. Measured in development: resnet18 at 50 % MACs 1.26 → 1.19, at 25 % "
+    "1.47 → 1.32; CRNN batch 32 at 50 % 1.50 → 1.19 (latency ratio / MACs ratio).",
+    "Fixed after profiling (cProfile) the scaling section — before → after (separate runs on the loaded machine), "
+    "1000-layer stacks, 1 thread: "
+    "export rebuilt a table of all group sizes for every sliced tensor (quadratic; MLP 5.5 s → 2.8 s, "
+    "conv 9.0 s → 3.9 s); the analysis listed each group's producers by scanning every group (quadratic; "
+    "analyze MLP 4.2 s → 2.3 s); rewrite built a table of all groups per gate and scanned the graph per RNN. "
+    "Slope over the last decade before: 1.23–1.32 (MLP), after: 0.9–1.1.",
+    "Fixed after measuring peak memory: export deep-copied the whole gated model and then the user's whole "
+    "module tree before slicing; it now copies neither the tensors it slices nor the leaf modules it "
+    "already holds. Peak rise of convert + export: resnet50 2.77× → 1.73×, vit_b_16 2.11× → 1.95× the "
+    "parameter bytes (what remains: convert's copy of the model, which leaves the user's model untouched, "
+    "and the exported model itself).",
+]
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (toy sizes; says nothing about speed)")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--kappa", type=float, default=0.5, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.kappa)))
+        return 0
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args) -> int:
+    p = copy.deepcopy(TINY if args.tiny else FULL)
+    t_start = time.perf_counter()
+    res: dict = dict(tiny=args.tiny, config=p, load={},
+                     meta=dict(torch=torch.__version__, python=platform.python_version(),
+                               threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(),
+                               cpus=os.cpu_count(), cpu=cpu_name(), started=time.strftime("%Y-%m-%d %H:%M:%S %Z")),
+                     notes=list(NOTES))
+    dcopt.analyze(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)), (torch.randn(1, 3),))  # imports
+    for section in args.sections:
+        before = load()
+        if section == "overhead":
+            res["overhead"] = [overhead_case(n, p["overhead"]) for n in p["overhead"]["cases"]]
+        elif section == "latency":
+            res["latency"] = [r for n in p["latency"]["cases"] for r in latency_case(n, p["latency"])]
+        elif section == "scaling":
+            res["scaling"] = [scaling_kind(k, p["scaling"]) for k in ("mlp", "conv")]
+        elif section == "memory":
+            res["memory"] = [memory_case(n, p["memory"]) for n in p["memory"]["models"]]
+        res["load"][section] = dict(before=before, after=load())
+    res["seconds"] = time.perf_counter() - t_start
+    res["config"]["scaling"]["repeats"] = {str(k): v for k, v in p["scaling"]["repeats"].items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_rounded(res), indent=1, ensure_ascii=False)
+    (args.out / "speed.json").write_text(text + "\n")
+    (args.out / "speed.md").write_text(markdown(res))
+    if res.get("scaling"):
+        plot(res["scaling"], args.out / "speed.png")
+    print(f"wrote {args.out / 'speed.json'}, speed.md" + (", speed.png" if res.get("scaling") else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""benchmarks/speed.py --tiny writes its three files with the documented structure.
+No timing is asserted here: timings belong in the benchmark's results, never in tests."""
+import json
+
+from benchmarks import speed
+
+
+def test_speed_benchmark_tiny_run_writes_its_files(tmp_path):
+    assert speed.main(["--tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert result["tiny"] is True
+    assert result["meta"]["threads"] >= 1
+    assert set(result["load"]) == set(speed.SECTIONS)
+    for section in result["load"].values():
+        assert len(section["before"]) == 3 and len(section["after"]) == 3
+    assert {r["model"] for r in result["overhead"]} == {"crnn", "resnet18"}
+    for r in result["overhead"]:
+        assert r["original_s"] > 0 and r["dynamic_s"] > 0 and r["ratio"] > 0
+        assert len(r["times"]["original"]) == len(r["times"]["dynamic"]) == r["repeats"]
+    keys = {(r["model"], r["target"], r["round_to"]) for r in result["latency"]}
+    assert keys == {(m, t, k) for m in ("crnn_b1", "resnet18") for t in (0.5, 0.25) for k in (1, 8)}
+    for r in result["latency"]:
+        assert 0 < r["macs_fraction"] <= 1 and r["latency_ratio"] > 0
+        if r["round_to"] == 8:
+            assert all(w % 8 == 0 for w in r["kept_widths"])
+    for s in result["scaling"]:
+        assert s["kind"] in ("mlp", "conv") and len(s["points"]) == 3
+        assert set(s["slope"]) == {"analyze", "convert", "export"}
+        assert all(q["nodes"] > 0 and q["analyze"] > 0 for q in s["points"])
+    (m,) = result["memory"]
+    assert m["param_bytes"] > 0 and m["peak_total"] >= m["peak_convert"] > 0
+    md = (tmp_path / "speed.md").read_text()
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4."):
+        assert heading in md
+    assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
