@@ -79,7 +79,7 @@ TARGET_DELTA_PP = 1.5
 FULL = dict(widths=(32, 64, 128), kernel=9, blocks=1, n_per_class=None, batch=32, fixed=8, optimize=10,
             settle=4, lr=2e-3, settle_lr=2e-4, size_lr=4e-3, beta=6.0, regularizer="l2",
             kappa_mins=(0.5, 0.25, 0.125), budgets=(0.5, 0.25, 0.15), budget_kappa_min=0.125, dual_lr=0.05,
-            budget_rho=200.0, seed=0, replicate_seeds=(1,), replicate_runs=("kmin-0.125", "budget-0.15"))
+            budget_rho=200.0, seed=0, replicate_seeds=(1, 2), replicate_runs=("kmin-0.125", "budget-0.15"))
 TINY = dict(FULL, widths=(8, 16, 16), kernel=3, batch=8, fixed=1, optimize=1, settle=1, size_lr=3e-2,
             replicate_seeds=(), replicate_runs=())
 
@@ -491,6 +491,30 @@ def notes_markdown(p: dict, records: list[dict], extra: dict) -> str:
             pct = f"{100 * r['macs'] / full_s['macs']:.1f}%" if full_s else "–"
             d = f"{100 * (r['metric'] - full_s['metric']):+.2f}" if full_s and r is not full_s else "–"
             lines.append(f"| {r['run']} | {pct} | {100 * r['metric']:.2f}% | {d} | {100 * r['val_error']:.2f}% |")
+    seeds = sorted({split_seed(r["run"])[1] for r in reps})
+    if seeds:
+        main_seed = p["seed"]
+        table = {}
+        for r in records:
+            table.setdefault(r["run"], {})[main_seed] = r
+        for r in reps:
+            base, s_ = split_seed(r["run"])
+            table.setdefault(base, {})[s_] = r
+        cols = [main_seed] + seeds
+        lines += ["", "## Across seeds (runs repeated on every seed)", "",
+                  "| run | " + " | ".join(f"seed {c}: error (MACs %)" for c in cols)
+                  + " | mean error | mean Δ vs full (pp) |", "|---|" + "---|" * (len(cols) + 2)]
+        fulls = table.get("full", {})
+        for run, per in table.items():
+            if not all(c in per for c in cols):
+                continue
+            cells = [f"{100 * per[c]['metric']:.2f}% ({100 * per[c]['macs'] / fulls[c]['macs']:.1f}%)"
+                     if c in fulls else f"{100 * per[c]['metric']:.2f}%" for c in cols]
+            mean = sum(per[c]["metric"] for c in cols) / len(cols)
+            d = (sum(per[c]["metric"] - fulls[c]["metric"] for c in cols) / len(cols)
+                 if all(c in fulls for c in cols) else None)
+            lines.append(f"| {run} | " + " | ".join(cells) + f" | {100 * mean:.2f}% | "
+                         + ("–" if d is None or run == "full" else f"{100 * d:+.2f}") + " |")
     dc = [r for r in records if r["method"].startswith("dcopt")]
     if dc:
         lines += ["", "## Learned widths (dcopt, kept/N per group)", "",
