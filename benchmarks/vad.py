@@ -496,6 +496,13 @@ def observations(records: list[dict]) -> list[str]:
         out.append(f"{r['run']}: kept {r['sizes']} of {r['group_widths']}; "
                    + (f"at the κ_min floor: {', '.join(floor)}" if floor else "no group at its κ_min floor "
                       "(the L2 push and the task's pull balanced above it)") + ".")
+    full = next((r for r in records if r["method"] == "full"), None)
+    twin = next((r for r in records if r["method"] == "static" and full and r["macs"] == full["macs"]), None)
+    if twin is not None:
+        out.append(f"{twin['run']} is the full-width CRNN trained from scratch for all epochs: EER "
+                   f"{100 * twin['metric']:.2f} % vs the full run's {100 * full['metric']:.2f} % "
+                   f"({100 * (twin['metric'] - full['metric']):+.2f} pp) — two training paths of the same model; "
+                   "every number here is one seed, so gaps of this size may come from the training path alone.")
     dc = [r for r in records if r["method"].startswith("dcopt")]
     for i, a in enumerate(dc):
         for b in dc[i + 1:]:
@@ -512,9 +519,10 @@ def observations(records: list[dict]) -> list[str]:
         out.append(f"{r['run']}: reference val loss {r['reference_loss']:.4f}, bound {opt[0]['loss_bound']:.4f}; "
                    f"val loss during the optimize phase {min(vals):.4f}–{max(vals):.4f}, above the bound in {over} of "
                    f"{len(opt)} epochs; β {opt[0]['beta']:.3g} → {opt[-1]['beta']:.3g}; "
-                   f"{sum(bool(h['backtracked']) for h in opt)} backtracks; MACs {100 * opt[-1]['macs_fraction']:.1f} %"
-                   + (" (still falling in the last optimize epoch)" if len(opt) > 1 and
-                      opt[-1]["macs_fraction"] < opt[-2]["macs_fraction"] - 0.005 else "") + ".")
+                   f"{sum(bool(h['backtracked']) for h in opt)} backtracks; MACs in the last optimize epoch "
+                   f"{100 * opt[-1]['macs_fraction']:.1f} %"
+                   + (" (still falling)" if len(opt) > 1 and opt[-1]["macs_fraction"] < opt[-2]["macs_fraction"] - 0.005
+                      else "") + f", exported {100 * r['macs_fraction']:.1f} %.")
     return out
 
 
@@ -606,12 +614,21 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"runs to do, of: {' '.join(ALL_RUNS)}")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in vad.json and skip them")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report-only", action="store_true", help="rewrite vad.md/png/json from vad.json, run nothing")
     ap.add_argument("--state-dir", type=Path, default=None,
                     help="where the fixed-phase checkpoint lives (default: data/, or --out with --tiny)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     p = copy.deepcopy(TINY if args.tiny else FULL)
+    if args.report_only:
+        old = json.loads((args.out / f"{NAME}.json").read_text())
+        cfg, recs, fixed = old["config"], old["records"], old.get("fixed_phase")
+        sc.write_results(NAME, recs, args.out, title(cfg["p"], cfg["tiny"]), "EER", config=cfg,
+                         notes=notes(recs, cfg["p"], fixed, cfg["tiny"]),
+                         extra=dict(fixed_phase=fixed, targets=targets(recs)))
+        print((args.out / f"{NAME}.md").read_text())
+        return 0
     state_dir = args.state_dir or (args.out if args.tiny else sd.DEFAULT_CACHE_DIR)
     bench = Bench(p, args.out, args.tiny, state_dir, args.threads)
     if args.resume or args.only:
