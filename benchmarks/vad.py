@@ -234,27 +234,31 @@ class Bench:
         self.fixed_info: Optional[dict] = None
         self.t_start = time.perf_counter()
         self.threads = threads
+        self.name = NAME if p["seed"] == 0 else f"{NAME}-seed{p['seed']}"
+        self.replicates: dict = {}
         tr = self.data["train"]
         self.example = (tr["x"][:2, :, :20].contiguous(),)   # shapes for dcopt; short: tracing a GRU is slow
         self.val = chunks(self.data["val"]["x"], self.data["val"]["y"])
 
     # -- persistence --
     def load(self) -> None:
-        path = self.out / f"{NAME}.json"
+        path = self.out / f"{self.name}.json"
         if path.exists():
             old = json.loads(path.read_text())
             if old.get("config", {}).get("p") == json.loads(json.dumps(self.p)):
                 self.records = old.get("records", [])
                 self.fixed_info = old.get("fixed_phase")
+                self.replicates = old.get("replicates") or {}
             else:
                 print("vad.json has another configuration: starting over", flush=True)
 
     def save(self, final: bool = True) -> None:
         cfg = dict(p=self.p, tiny=self.tiny, threads=self.threads, runs=ALL_RUNS,
                    data="speech_data.make_vad_dataset(split, features='power')" + (" tiny" if self.tiny else ""))
-        sc.write_results(NAME, self.records, self.out, title(self.p, self.tiny), "EER", config=cfg,
-                         notes=notes(self.records, self.p, self.fixed_info, self.tiny),
-                         extra=dict(fixed_phase=self.fixed_info, targets=targets(self.records)),
+        sc.write_results(self.name, self.records, self.out, title(self.p, self.tiny), "EER", config=cfg,
+                         notes=notes(self.records, self.p, self.fixed_info, self.tiny, self.replicates),
+                         extra=dict(fixed_phase=self.fixed_info, targets=targets(self.records),
+                                    replicates=self.replicates),
                          plot=final or not self.tiny)
 
     def record(self, rec: dict) -> None:
@@ -526,7 +530,45 @@ def observations(records: list[dict]) -> list[str]:
     return out
 
 
-def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool) -> str:
+def replicate_summary(records: list[dict]) -> list[dict]:
+    """The few numbers of a replicate run kept in vad.json (per run: MACs, EERs, widths)."""
+    keep = ("run", "method", "macs", "params", "metric", "val_eer", "macs_fraction", "widths", "seconds")
+    return [{k: r.get(k) for k in keep} for r in records]
+
+
+def replicate_notes(replicates: dict, main: list[dict]) -> list[str]:
+    lines = []
+    for seed, recs in sorted(replicates.items()):
+        full = next((r for r in recs if r["method"] == "full"), None)
+        if full is None:
+            continue
+        lines += [f"## Replicate: seed {seed} (a subset of the runs; `vad.py --seed {seed}`)", "",
+                  "Another initialisation, batch order and noise, everything else as above; Δ against this seed's "
+                  "own full model. Seed 0 (the table above) for comparison.", "",
+                  "| run | MACs % of full | EER | Δ vs full (pp) | seed 0: MACs % | seed 0: EER | seed 0: Δ (pp) |",
+                  "|---|---|---|---|---|---|---|"]
+        full0 = next((r for r in main if r["method"] == "full"), None)
+        for r in recs:
+            r0 = next((x for x in main if x["run"] == r["run"]), None)
+            d = "–" if r is full else f"{100 * (r['metric'] - full['metric']):+.2f}"
+            if r0 is not None and full0 is not None:
+                d0 = "–" if r0 is full0 else f"{100 * (r0['metric'] - full0['metric']):+.2f}"
+                tail = f"{100 * r0['macs'] / full0['macs']:.1f}% | {100 * r0['metric']:.2f}% | {d0}"
+            else:
+                tail = "– | – | –"
+            lines.append(f"| {r['run']} | {100 * r['macs'] / full['macs']:.1f}% | {100 * r['metric']:.2f}% | {d} | "
+                         f"{tail} |")
+        pairs = [(r, next((x for x in recs if x["run"] == f"static-{r['run']}"), None))
+                 for r in recs if r["method"].startswith("dcopt")]
+        parts = [f"{r['run']} {100 * r['metric']:.2f}% vs static {100 * s['metric']:.2f}%" for r, s in pairs if s]
+        if parts:
+            lines += ["", f"Seed {seed}, dcopt vs static at the same MACs: " + "; ".join(parts) + "."]
+        lines.append("")
+    return lines
+
+
+def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool,
+          replicates: Optional[dict] = None) -> str:
     full = next((r for r in records if r["method"] == "full"), None)
     done = {r["run"] for r in records}
     missing = [r for r in ALL_RUNS if r not in done]
@@ -584,6 +626,8 @@ def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool) 
             lines.append(f"* Issue 9, tolerance 1 % and 5 % give two different points, each at least as good as "
                          f"budget mode at the same MACs: {fam} ({'; '.join(parts)}).")
         lines.append("")
+    if replicates:
+        lines += replicate_notes(replicates, records)
     obs = observations(records)
     if obs:
         lines += ["## Observations (computed from the records)", ""] + [f"* {o}" for o in obs] + [""]
@@ -615,19 +659,30 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep the runs already in vad.json and skip them")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true", help="rewrite vad.md/png/json from vad.json, run nothing")
+    ap.add_argument("--replicate", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="with --report-only: vad-seed<N>.json files whose runs go into vad.json/md as replicates")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="another seed (data order, initialisation, noise); results go to vad-seed<N>.*")
     ap.add_argument("--state-dir", type=Path, default=None,
                     help="where the fixed-phase checkpoint lives (default: data/, or --out with --tiny)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     p = copy.deepcopy(TINY if args.tiny else FULL)
+    if args.seed is not None:
+        p["seed"] = args.seed
+    out_name = NAME if p["seed"] == 0 else f"{NAME}-seed{p['seed']}"
     if args.report_only:
-        old = json.loads((args.out / f"{NAME}.json").read_text())
+        old = json.loads((args.out / f"{out_name}.json").read_text())
         cfg, recs, fixed = old["config"], old["records"], old.get("fixed_phase")
-        sc.write_results(NAME, recs, args.out, title(cfg["p"], cfg["tiny"]), "EER", config=cfg,
-                         notes=notes(recs, cfg["p"], fixed, cfg["tiny"]),
-                         extra=dict(fixed_phase=fixed, targets=targets(recs)))
-        print((args.out / f"{NAME}.md").read_text())
+        reps = old.get("replicates") or {}
+        for path in args.replicate or ():
+            rep = json.loads(Path(path).read_text())
+            reps[str(rep["config"]["p"]["seed"])] = replicate_summary(rep["records"])
+        sc.write_results(out_name, recs, args.out, title(cfg["p"], cfg["tiny"]), "EER", config=cfg,
+                         notes=notes(recs, cfg["p"], fixed, cfg["tiny"], reps),
+                         extra=dict(fixed_phase=fixed, targets=targets(recs), replicates=reps))
+        print((args.out / f"{out_name}.md").read_text())
         return 0
     state_dir = args.state_dir or (args.out if args.tiny else sd.DEFAULT_CACHE_DIR)
     bench = Bench(p, args.out, args.tiny, state_dir, args.threads)
@@ -642,7 +697,7 @@ def main(argv=None) -> int:
             continue
         bench.run(name)
     bench.save()
-    print((args.out / f"{NAME}.md").read_text())
+    print((args.out / f"{out_name}.md").read_text())
     return 0
 
 
