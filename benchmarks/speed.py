@@ -18,8 +18,8 @@
    through ``/proc/self/clear_refs`` just before; ``ru_maxrss`` where that is not available)
    over the RSS before convert, divided by the model's parameter bytes.
 
-Timings are medians of repeated, *interleaved* measurements (A, B, B, A, A, B, …), so load
-from other processes hits both sides of a ratio alike; the load average (``os.getloadavg``)
+Timings are repeated and *interleaved* (A, B, B, A, A, B, …); a ratio is the median over
+rounds of B/A measured side by side, so load from other processes hits both sides alike; the load average (``os.getloadavg``)
 before and after each section and the torch thread count are recorded.
 
 Run::
@@ -63,9 +63,9 @@ SECTIONS = ("overhead", "latency", "scaling", "memory")
 
 FULL = dict(
     overhead=dict(cases=["crnn", "resnet18"], crnn=dict(batch=32, frames=300), resnet18=dict(batch=8, res=224),
-                  warmup=2, repeats=7, kappa=0.75),
+                  warmup=2, repeats=9, kappa=0.75),
     latency=dict(cases=["crnn_b1", "crnn_b32", "resnet18", "resnet50"], targets=[0.5, 0.25], round_to=[1, 8],
-                 warmup=3, repeats=21),
+                 warmup=3, repeats=31),
     scaling=dict(layers=[10, 100, 1000], repeats={10: 5, 100: 3, 1000: 1}, width=64, channels=16),
     memory=dict(models=["resnet50", "vit_b_16"], kappa=0.5),
 )
@@ -105,6 +105,12 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 
 
 def med(v: list[float]) -> float:
     return statistics.median(v)
+
+
+def paired_ratio(base: list[float], other: list[float]) -> float:
+    """Median over rounds of other/base measured in the same round (next to each other in
+    time): robust to load that changes over seconds, which a ratio of medians is not."""
+    return statistics.median(b / a for a, b in zip(base, other))
 
 
 def spread(v: list[float]) -> float:
@@ -203,13 +209,15 @@ def overhead_case(name: str, p: dict) -> dict:
 
     times = interleaved({"original": step_original, "dynamic": step_dynamic}, p["repeats"], p["warmup"])
     a, b = med(times["original"]), med(times["dynamic"])
+    ratio = paired_ratio(times["original"], times["dynamic"])
     row = dict(model=name, input=shape, groups=len(dm.plan.groups),
                gates=sum(isinstance(m, dcopt.gates.FeatureGate) for m in dm.modules()),
-               original_s=a, dynamic_s=b, ratio=b / a, target=OVERHEAD_TARGET, met=b / a <= OVERHEAD_TARGET,
+               original_s=a, dynamic_s=b, ratio=ratio, ratio_of_medians=b / a, target=OVERHEAD_TARGET,
+               met=ratio <= OVERHEAD_TARGET,
                spread_original=spread(times["original"]), spread_dynamic=spread(times["dynamic"]),
                repeats=p["repeats"], times=times)
     print(f"overhead {name:9s} ({shape}): original {a * 1e3:.1f} ms, dynamic {b * 1e3:.1f} ms per step, "
-          f"ratio {b / a:.3f} (target ≤ {OVERHEAD_TARGET})", flush=True)
+          f"ratio {ratio:.3f} (target ≤ {OVERHEAD_TARGET})", flush=True)
     return row
 
 
@@ -253,12 +261,13 @@ def latency_case(name: str, p: dict) -> list[dict]:
     full = med(times["full"])
     rows = []
     for key, d in info.items():
-        lat = med(times[key]) / full
+        lat = paired_ratio(times["full"], times[key])
         rows.append(dict(model=name, input=shape, **d, full_ms=full * 1e3, ms=med(times[key]) * 1e3,
                          latency_ratio=lat, speedup=1 / lat, macs_speedup=1 / d["macs_fraction"],
                          latency_over_macs=lat / d["macs_fraction"],
                          met=lat / d["macs_fraction"] <= LATENCY_TARGET, spread=spread(times[key]),
                          spread_full=spread(times["full"]), repeats=p["repeats"]))
+        rows[-1]["latency_ratio_of_medians"] = med(times[key]) / full
         print(f"latency  {name:9s} {key:12s}: MACs {d['macs_fraction']:.3f}, latency {lat:.3f} of full "
               f"({full * 1e3:.2f} ms → {med(times[key]) * 1e3:.2f} ms), latency/MACs {lat / d['macs_fraction']:.2f} "
               f"(target ≤ {LATENCY_TARGET})", flush=True)
@@ -425,7 +434,8 @@ def markdown(res: dict) -> str:
     lines = ["# dcopt speed on this machine's CPU (issue 8)", "",
              f"`benchmarks/speed.py{' --tiny' if res['tiny'] else ''}`: torch {m['torch']}, {m['threads']} torch "
              f"thread(s), {m['cpus']} CPU(s) ({m['cpu']}), Python {m['python']}; {res['seconds']:.0f} s in all. "
-             "Every ratio is taken within this run, from medians of interleaved repeats.", ""]
+             "Every ratio is taken within this run: the median over rounds of interleaved repeats of the ratio "
+             "measured side by side in each round; milliseconds are medians.", ""]
     if loaded:
         lines += [f"**The machine was loaded during this run** (1-minute load average up to {max(busy):.2f} on "
                   f"{m['cpus']} cores, from other processes): the values are provisional; rerun "
@@ -526,8 +536,8 @@ NOTES = [
     "the MACs much more closely.",
     "round_to=8 (`convert(..., round_to=8)`, kept widths rounded up to multiples of 8 in the DynamicModel "
     "itself, so eval mode still equals the export) helps wherever widths like 31, 45 or 67 came out: kernels "
-    "fill their 8-wide AVX2 vectors. Measured in development: resnet18 at 50 % MACs 1.26 → 1.19, at 25 % "
-    "1.47 → 1.32; CRNN batch 32 at 50 % 1.50 → 1.19 (latency ratio / MACs ratio).",
+    "fill their 8-wide AVX2 vectors (compare rounding 1 and 8 in the table: the same target, most of all "
+    "the CRNN at batch 32 and resnet18 at 50 %).",
     "Fixed after profiling (cProfile) the scaling section — before → after (separate runs on the loaded machine), "
     "1000-layer stacks, 1 thread: "
     "export rebuilt a table of all group sizes for every sliced tensor (quadratic; MLP 5.5 s → 2.8 s, "
