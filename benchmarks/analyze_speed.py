@@ -1,6 +1,13 @@
-"""How long the spine takes on resnet50 (run by hand; results to benchmarks/results/analyze_speed.{json,md}).
+"""How long the spine takes (issue 7: resnet50 under 2 s; dependency analysis no slower
+than Torch-Pruning's). Run by hand on a quiet machine; results to
+benchmarks/results/analyze_speed.{json,md}.
 
     .venv/bin/python benchmarks/analyze_speed.py
+
+``dcopt.analyze`` and Torch-Pruning's ``DependencyGraph().build_dependency`` (both trace
+the model, run it once on the example input and build their graph) are timed
+interleaved, A B A B …, so background load hits both alike; the ratio is of medians.
+``convert`` includes its own analysis, so what a user pays is convert + export.
 """
 from __future__ import annotations
 
@@ -28,26 +35,57 @@ def timed(fn, repeats=5):
     return statistics.median(times), result
 
 
+def tp_graph(model, x):
+    import torch_pruning as tp
+
+    return tp.DependencyGraph().build_dependency(model, example_inputs=x)
+
+
+def interleaved(a, b, repeats=7):
+    """Medians of a and b timed alternately (b: None when Torch-Pruning is not installed)."""
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        b = None
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, acc in ((a, ta), (b, tb)):
+            if fn is None:
+                continue
+            t = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t)
+    return statistics.median(ta), (statistics.median(tb) if tb else None)
+
+
 def main():
     torch.manual_seed(0)
     rows = []
-    for name in ("resnet18", "resnet50", "mobilenet_v2"):
+    for name in ("resnet18", "resnet50", "mobilenet_v2", "densenet121"):
         model = getattr(torchvision.models, name)(weights=None).eval()
         x = (torch.randn(1, 3, 224, 224),)
         dcopt.analyze(model, x)  # warm-up (imports, allocator)
         t_an, a = timed(lambda: dcopt.analyze(model, x))
         t_cv, dm = timed(lambda: dcopt.convert(model, x), 3)
         t_ex, _ = timed(lambda: dcopt.export(dm), 3)
+        t_an, t_tp = interleaved(lambda: dcopt.analyze(model, x), lambda: tp_graph(model, x))
         rows.append(dict(model=name, analyze_s=round(t_an, 3), convert_s=round(t_cv, 3), export_s=round(t_ex, 3),
-                         total_s=round(t_an + t_cv + t_ex, 3), groups=len(a.groups),
+                         total_s=round(t_an + t_cv + t_ex, 3), pipeline_s=round(t_cv + t_ex, 3),
+                         tp_graph_s=round(t_tp, 3) if t_tp else None,
+                         analyze_over_tp=round(t_an / t_tp, 3) if t_tp else None, groups=len(a.groups),
                          dynamic_fraction=round(a.dynamic_fraction, 4)))
         print(rows[-1])
     OUT.mkdir(exist_ok=True)
-    meta = dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads())
+    import os
+
+    meta = dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+                loadavg_after=os.getloadavg())
     (OUT / "analyze_speed.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    lines = ["| model | analyze (s) | convert (s) | export (s) | groups | dynamic MACs |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['analyze_s']} | {r['convert_s']} | {r['export_s']} | {r['groups']} | "
-              f"{r['dynamic_fraction']:.1%} |" for r in rows]
+    lines = ["| model | analyze (s) | convert (s) | export (s) | convert + export (s) | Torch-Pruning graph (s) | "
+             "analyze / TP graph | groups | dynamic MACs |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['analyze_s']} | {r['convert_s']} | {r['export_s']} | {r['pipeline_s']} | "
+              f"{r['tp_graph_s']} | {r['analyze_over_tp']} | {r['groups']} | {r['dynamic_fraction']:.1%} |"
+              for r in rows]
     (OUT / "analyze_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
