@@ -430,7 +430,8 @@ def plot(scaling: list[dict], path: Path) -> None:
 def markdown(res: dict) -> str:
     m = res["meta"]
     busy = [v for sec in res["load"].values() for v in (sec["before"][0], sec["after"][0])]
-    loaded = any(v > 0.7 for v in busy)
+    # the load average counts this benchmark's own runnable threads too
+    loaded = any(v > m["threads"] + 0.7 for v in busy)
     lines = ["# dcopt speed on this machine's CPU (issue 8)", "",
              f"`benchmarks/speed.py{' --tiny' if res['tiny'] else ''}`: torch {m['torch']}, {m['threads']} torch "
              f"thread(s), {m['cpus']} CPU(s) ({m['cpu']}), Python {m['python']}; {res['seconds']:.0f} s in all. "
@@ -438,7 +439,7 @@ def markdown(res: dict) -> str:
              "measured side by side in each round; milliseconds are medians.", ""]
     if loaded:
         lines += [f"**The machine was loaded during this run** (1-minute load average up to {max(busy):.2f} on "
-                  f"{m['cpus']} cores, from other processes): the values are provisional; rerun "
+                  f"{m['cpus']} cores, {m['threads']} of it this run's own threads): the values are provisional; rerun "
                   "`benchmarks/speed.py` on a quiet machine.", ""]
     if res["tiny"]:
         lines += ["*Tiny smoke run (toy sizes): the numbers say nothing about speed.*", ""]
