@@ -10,14 +10,9 @@ import torch
 
 import dcopt
 from benchmarks import kws
+from benchmarks.speech_data import espeak_available
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(widths=(32, 64, 128), kernel=9):
@@ -70,6 +65,7 @@ def test_batches_are_the_same_at_the_same_epoch_whatever_ran_before():
     assert sorted(v for t, _ in b for v in t.flatten().tolist()) == list(range(20))
 
 
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng not installed (scripts/install_system_deps.sh)")
 def test_tiny_run_writes_its_files(tmp_path):
     assert kws.main(["--tiny", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "kws.json").read_text())

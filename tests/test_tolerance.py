@@ -297,6 +297,8 @@ def test_planted_rank_tolerance_mode_finds_the_structure(regularizer):
 
 # -- the benchmark ------------------------------------------------------------------------
 
+@pytest.mark.skipif(not __import__("benchmarks.speech_data").speech_data.espeak_available(),
+                    reason="espeak-ng not installed (scripts/install_system_deps.sh)")
 def test_filterbank_benchmark_tiny_run_writes_its_files(tmp_path):
     from benchmarks import filterbank
 

@@ -14,13 +14,7 @@ from torch import nn
 from benchmarks import speech_common as sc
 from benchmarks import speech_data as sd
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- EER -----------------------------------------------------------------------------------
