@@ -281,39 +281,14 @@ def torch_pruning_baseline(model: nn.Module, example_inputs, target_macs: int, i
 
 # -- plain training -----------------------------------------------------------------------
 
-def _args(inputs) -> tuple:
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+# The baselines are evaluated exactly as dcopt.fit evaluates a DynamicModel (eval mode,
+# means over samples), so the comparison cannot differ in how the numbers are taken.
+from dcopt.train import _as_args as _args, _batch_size as _bs  # noqa: E402
+from dcopt.train import _evaluate as _fit_evaluate  # noqa: E402
 
 
-def _bs(target, args) -> int:
-    for t in (target, *args):
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return int(t.shape[0])
-    return 1
-
-
-@torch.no_grad()
 def _evaluate(model, data, loss_fn, metric_fn):
-    if data is None:
-        return None, None
-    was = model.training
-    model.eval()
-    tl = tm = 0.0
-    seen = 0
-    try:
-        for inputs, target in data:
-            args = _args(inputs)
-            out = model(*args)
-            bs = _bs(target, args)
-            tl += float(loss_fn(out, target)) * bs
-            if metric_fn is not None:
-                tm += float(metric_fn(out, target)) * bs
-            seen += bs
-    finally:
-        model.train(was)
-    if seen == 0:
-        return None, None
-    return tl / seen, (tm / seen if metric_fn is not None else None)
+    return _fit_evaluate(model, data, loss_fn, metric_fn, None)
 
 
 def train_plain(model: nn.Module, train_batches: Iterable, val_batches: Optional[Iterable], loss_fn: Callable,
