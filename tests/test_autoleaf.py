@@ -11,7 +11,7 @@ from rich.console import Console
 from torch import nn
 
 import dcopt
-from dcopt.export import _close
+from checks import assert_exact_export
 
 # ---------------------------------------------------------------------------------------
 # Blocks fx cannot trace, each the way real models are
@@ -174,18 +174,8 @@ def _render(analysis) -> str:
 
 
 def _check_export(dm, sizes, inputs, others):
-    dm.set_sizes(sizes)
-    small = dcopt.export(dm)  # verifies by numbers on the example inputs itself
-    dm.eval()
-    small.eval()
-    with torch.no_grad():
-        for xs in (inputs, others):
-            err = _close(dm(*xs), small(*xs), 1e-5)
-            assert err is not None and err <= 1e-5, f"{sizes}: relative error {err}"
-    kept = dm.complexity("kept")
-    assert dcopt.count_macs(small, inputs) == round(kept.macs.item()), sizes
-    assert sum(p.numel() for p in small.parameters()) == round(kept.params.item()), sizes
-    return small
+    # export(verify=True): it also checks itself by numbers on the example inputs
+    return assert_exact_export(dm, inputs, sizes, others=(others,), verify=True)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import dcopt
-from test_export import check
+from checks import assert_exact_export
 
 
 def _mha_formula(b, lq, s, e):
@@ -62,4 +62,4 @@ def test_small_vit_predicted_equals_counted_at_random_sizes():
     assert dm.plan.groups
     rng = random.Random(0)
     for _ in range(3):
-        check(dm, {g.name: rng.randint(1, g.width) for g in dm.plan.groups}, x)
+        assert_exact_export(dm, x, {g.name: rng.randint(1, g.width) for g in dm.plan.groups})

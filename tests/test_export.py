@@ -11,6 +11,7 @@ from torch import nn
 
 import dcopt
 from dcopt.export import _close
+from checks import assert_exact_export
 from models import build, CASES
 
 
@@ -19,17 +20,7 @@ def random_sizes(dm, rng, lo=0.0, hi=1.0):
 
 
 def check(dm, sizes, inputs, tol=1e-5):
-    dm.set_sizes(sizes)
-    small = dcopt.export(dm, verify=False)
-    dm.eval()
-    small.eval()
-    with torch.no_grad():
-        err = _close(dm(*inputs), small(*inputs), tol)
-    assert err <= tol, f"{sizes}: relative error {err}"
-    kept = dm.complexity("kept")
-    assert dcopt.count_macs(small, inputs) == round(kept.macs.item()), sizes
-    assert sum(p.numel() for p in small.parameters()) == round(kept.params.item()), sizes
-    return small
+    return assert_exact_export(dm, inputs, sizes, tol=tol)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dcopt
-from dcopt.export import _close
+from checks import assert_exact_export
 from models import build
 
 
@@ -26,15 +26,7 @@ def test_rounded_sizes_eval_equals_export(name):
             for g, k in zip(dm.plan.groups, dm.size_parameters()):
                 k.fill_(rng.uniform(0.2, 1.0))  # continuous sizes, not integers
         _widths_ok(dm, 4)
-        small = dcopt.export(dm, verify=False)
-        dm.eval()
-        small.eval()
-        with torch.no_grad():
-            err = _close(dm(*inputs), small(*inputs), 1e-5)
-        assert err <= 1e-5, err
-        kept = dm.complexity("kept")
-        assert dcopt.count_macs(small, inputs) == round(kept.macs.item())
-        assert sum(p.numel() for p in small.parameters()) == round(kept.params.item())
+        assert_exact_export(dm, inputs)   # continuous sizes, so no set_sizes
 
 
 def test_round_to_on_a_linear_layer_and_explicit_sizes():
