@@ -149,6 +149,14 @@ def _split(batch):
     return inputs, target
 
 
+def _batches(data: Iterable, device):
+    """``(args, target)`` per batch of ``data``, on ``device``: how training and evaluation
+    read a batch, in one place."""
+    for batch in data:
+        inputs, target = _split(batch)
+        yield _as_args(_to(inputs, device)), _to(target, device)
+
+
 def _make_optimizer(optimizer, groups: list[dict], lr: float) -> torch.optim.Optimizer:
     if callable(optimizer) and not isinstance(optimizer, str):
         return optimizer(groups)
@@ -336,10 +344,7 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                 epoch_steps = 0
                 grad_task = torch.zeros(len(size_params))
                 grad_cx = torch.zeros(len(size_params))
-                for batch in train_data:
-                    inputs, target = _split(batch)
-                    args = _as_args(_to(inputs, device))
-                    target = _to(target, device)
+                for args, target in _batches(train_data, device):
                     out = dm(*args)
                     task = loss_fn(out, target)
                     if phase == "optimize":
@@ -557,10 +562,7 @@ def _evaluate(dm, data, loss_fn, metric_fn, device):
     total_loss = total_metric = 0.0
     seen = 0
     try:
-        for batch in data:
-            inputs, target = _split(batch)
-            args = _as_args(_to(inputs, device))
-            target = _to(target, device)
+        for args, target in _batches(data, device):
             out = dm(*args)
             bs = _batch_size(target, args)
             total_loss += float(loss_fn(out, target)) * bs
