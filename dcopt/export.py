@@ -15,9 +15,8 @@ import torch.fx
 from torch import nn
 
 from .errors import ExportError
-from .fmap import Positions
 from .gates import FeatureGate, GatedRNN, round_size
-from .plan import Plan
+from .plan import Plan, keep_index, keep_mask, size_limits
 from .rewrite import GATES, SIZES, DynamicModel, LazyDynamicModel, _lookup
 
 __all__ = ["export", "slice_graph_module"]
@@ -64,23 +63,6 @@ def _owner(gm: nn.Module, qual: str):
     return (gm.get_submodule(mod) if mod else gm), name
 
 
-def _limits(sizes: list[int]) -> torch.Tensor:
-    """The kept size of each group, then 0 for fixed positions: built once per export
-    (building it per tensor, as ``plan.keep_mask`` does, made export quadratic in the
-    number of groups: 1000 layers took 6 s)."""
-    return torch.tensor(list(sizes) + [0], dtype=torch.long)
-
-
-def _keep_mask(pos: Positions, limits: torch.Tensor) -> torch.Tensor:
-    """Positions kept when group ``g`` keeps its first ``limits[g]`` channels (see plan.keep_mask)."""
-    gid = torch.where(pos.gid < 0, torch.full_like(pos.gid, limits.numel() - 1), pos.gid)
-    return (pos.gid < 0) | (pos.ch < limits[gid])
-
-
-def _keep_index(pos: Positions, limits: torch.Tensor) -> torch.Tensor:
-    return torch.nonzero(_keep_mask(pos, limits), as_tuple=False).flatten()
-
-
 def _slice_tensors(gm: nn.Module, plan: Plan, limits: torch.Tensor) -> None:
     for qual, dims in plan.params.items():
         owner, name = _owner(gm, qual)
@@ -88,7 +70,7 @@ def _slice_tensors(gm: nn.Module, plan: Plan, limits: torch.Tensor) -> None:
         new = t.detach()
         for d, pos in enumerate(dims):
             if pos is not None:
-                new = new.index_select(d, _keep_index(pos, limits).to(new.device))
+                new = new.index_select(d, keep_index(pos, limits).to(new.device))
         new = new.contiguous().clone()
         if isinstance(t, nn.Parameter):
             setattr(owner, name, nn.Parameter(new, requires_grad=t.requires_grad))
@@ -97,7 +79,7 @@ def _slice_tensors(gm: nn.Module, plan: Plan, limits: torch.Tensor) -> None:
     for target, attrs in plan.attrs.items():
         module = gm.get_submodule(target)
         for attr, (kind, pos) in attrs.items():
-            setattr(module, attr, int(_keep_mask(pos, limits).sum()))
+            setattr(module, attr, int(keep_mask(pos, limits).sum()))
     for module in gm.modules():
         if isinstance(module, nn.RNNBase):
             module._init_flat_weights()
@@ -116,7 +98,7 @@ def _rewrite_nodes(gm: torch.fx.GraphModule, plan: Plan, limits: torch.Tensor) -
 
 
 def _rewrite_shape(node: torch.fx.Node, spec: dict, limits: torch.Tensor) -> None:
-    width = int(_keep_mask(spec["pos"], limits).sum())
+    width = int(keep_mask(spec["pos"], limits).sum())
     j = spec["out_dim"] - spec.get("offset", 0)
     if "kwarg" in spec:
         kwargs = dict(node.kwargs)
@@ -140,7 +122,7 @@ def _rewrite_shape(node: torch.fx.Node, spec: dict, limits: torch.Tensor) -> Non
 
 
 def _rewrite_slice(node: torch.fx.Node, spec: dict, limits: torch.Tensor) -> None:
-    keep = _keep_mask(spec["in_pos"], limits)
+    keep = keep_mask(spec["in_pos"], limits)
     rank = torch.cumsum(keep.long(), 0) - 1
     sel = spec["sel"]
     new_idx = rank[sel[keep[sel]]]
@@ -180,7 +162,7 @@ def slice_graph_module(gm: torch.fx.GraphModule, plan: Plan, sizes: list[int]) -
         memo[id(t)] = t
     gm = copy.deepcopy(gm, memo)
     _strip_dcopt(gm)
-    limits = _limits(sizes)
+    limits = size_limits(sizes)
     _slice_tensors(gm, plan, limits)
     _rewrite_nodes(gm, plan, limits)
     gm.graph.eliminate_dead_code()

@@ -12,7 +12,7 @@ import torch
 
 from .fmap import FIXED, Positions
 
-__all__ = ["GroupSpec", "GateSpec", "MacTerm", "Plan", "keep_index", "keep_mask"]
+__all__ = ["GroupSpec", "GateSpec", "MacTerm", "Plan", "keep_index", "keep_mask", "size_limits"]
 
 
 @dataclass
@@ -59,15 +59,19 @@ class Plan:
         return bool(self.groups)
 
 
-def keep_mask(pos: Positions, sizes: list[int]) -> torch.Tensor:
-    """Bool mask of the positions kept when group ``g`` keeps its first ``sizes[g]`` channels."""
-    if not sizes:
-        return torch.ones(len(pos), dtype=torch.bool)
-    limits = torch.tensor(list(sizes) + [0], dtype=torch.long)
-    gid = pos.gid.clone()
-    gid[gid < 0] = len(sizes)
+def size_limits(sizes: list[int]) -> torch.Tensor:
+    """The kept size of each group, then 0 for fixed positions (gid < 0). Build it once per
+    set of sizes and pass it to :func:`keep_mask`: rebuilding it per tensor made export
+    quadratic in the number of groups (1000 layers took 6 s)."""
+    return torch.tensor(list(sizes) + [0], dtype=torch.long)
+
+
+def keep_mask(pos: Positions, limits: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the positions kept when group ``g`` keeps its first ``limits[g]``
+    channels (``limits`` from :func:`size_limits`); fixed positions are always kept."""
+    gid = torch.where(pos.gid < 0, torch.full_like(pos.gid, limits.numel() - 1), pos.gid)
     return (pos.gid < 0) | (pos.ch < limits[gid])
 
 
-def keep_index(pos: Positions, sizes: list[int]) -> torch.Tensor:
-    return torch.nonzero(keep_mask(pos, sizes), as_tuple=False).flatten()
+def keep_index(pos: Positions, limits: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(keep_mask(pos, limits), as_tuple=False).flatten()
