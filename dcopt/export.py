@@ -32,7 +32,7 @@ def _resolve_sizes(dm: DynamicModel, sizes: Optional[dict]) -> list[int]:
             g = dm.plan.groups[names.index(name)]
             if not 1 <= int(n) <= g.width:
                 raise ValueError(f"size of {name} must be in [1, {g.width}], got {n}")
-            kept[names.index(name)] = round_size(int(n), g.width, getattr(dm.config, "round_to", 1))
+            kept[names.index(name)] = round_size(int(n), g.width, dm.config.round_to)
     return kept
 
 

@@ -74,7 +74,7 @@ class FeatureGate(nn.Module):
     def forward(self, x: torch.Tensor, *kappas: torch.Tensor) -> torch.Tensor:
         if self.training and self.noise:
             return self._noisy(x, kappas)
-        keep = [consolidated(k, n, getattr(self, "round_to", 1)) for k, n in zip(kappas, self.widths)]
+        keep = [consolidated(k, n, self.round_to) for k, n in zip(kappas, self.widths)]
         if keep == self.widths:
             return x
         limit = self._per_position(torch.tensor(keep, device=x.device), 1 << 62)
@@ -170,7 +170,7 @@ class GatedRNN(nn.Module):
     def forward(self, kappa: torch.Tensor, *args, **kwargs):
         rnn = self.rnn
         H = rnn.hidden_size
-        k = consolidated(kappa, H, getattr(self, "round_to", 1))
+        k = consolidated(kappa, H, self.round_to)
         if k >= H:
             return rnn(*args, **kwargs)
         ref = rnn.weight_hh_l0

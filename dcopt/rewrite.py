@@ -152,7 +152,7 @@ class DynamicModel(nn.Module):
         self._phase = phase
         for k in self._kappas():
             k.requires_grad_(phase == "optimize")
-        round_to = getattr(self.config, "round_to", 1)
+        round_to = self.config.round_to
         for m in self.gm.modules():
             if isinstance(m, FeatureGate):
                 m.noise = phase == "optimize"
@@ -187,7 +187,7 @@ class DynamicModel(nn.Module):
         for g, k in zip(self.plan.groups, self._kappas()):
             kk = float(k.detach().clamp(self.config.kappa_min, 1.0))
             kept = consolidated(k.detach().clamp(self.config.kappa_min, 1.0), g.width,
-                                getattr(self.config, "round_to", 1))
+                                self.config.round_to)
             out[g.name] = SizeInfo(s=kk * g.width, kept=kept, width=g.width, kappa=kk)
         return out
 
