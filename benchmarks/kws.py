@@ -541,7 +541,8 @@ def notes_markdown(p: dict, records: list[dict], extra: dict) -> str:
     lines += ["", "## Tuning (validation split only)", "",
               "β of the κ_min runs and the budget mode's dual ascent rate and penalty (dcopt's defaults, "
               "dual_lr 0.002 and ρ 20, stopped far above a 15 % budget in 10 optimize epochs) were chosen from "
-              "these single runs by their validation error and MACs; the full model's validation error is "
+              "these single runs (run by hand with `--set`; their figures are recorded here, not re-run by this "
+              "script) by their validation error and MACs; the full model's validation error is "
               "9.33 %. (The trial runs printed their test errors too, as every run of this script does; the "
               "choice did not use them.)", "",
               "| trial | MACs | val error |", "|---|---|---|"]

@@ -59,13 +59,14 @@ import dcopt  # noqa: E402
 OUT = Path(__file__).parent / "results"
 OVERHEAD_TARGET = 1.15
 LATENCY_TARGET = 1.25
-SECTIONS = ("overhead", "latency", "scaling", "memory")
+SECTIONS = ("overhead", "latency", "profile", "scaling", "memory")
 
 FULL = dict(
     overhead=dict(cases=["crnn", "resnet18"], crnn=dict(batch=32, frames=300), resnet18=dict(batch=8, res=224),
                   warmup=2, repeats=9, kappa=0.75),
     latency=dict(cases=["crnn_b1", "crnn_b32", "resnet18", "resnet50"], targets=[0.5, 0.25], round_to=[1, 8],
                  warmup=3, repeats=31),
+    profile=dict(cases=["resnet18", "crnn_b32"], target=0.25, round_to=8, repeats=10),
     scaling=dict(layers=[10, 100, 1000], repeats={10: 5, 100: 3, 1000: 1}, width=64, channels=16),
     memory=dict(models=["resnet50", "vit_b_16"], kappa=0.5),
 )
@@ -74,6 +75,7 @@ TINY = dict(
                   resnet18=dict(batch=2, res=32), warmup=1, repeats=3, kappa=0.75),
     latency=dict(cases=["crnn_b1", "resnet18"], targets=[0.5, 0.25], round_to=[1, 8], warmup=1, repeats=3,
                  tiny=True),
+    profile=dict(cases=["resnet18", "crnn_b1"], target=0.25, round_to=8, repeats=2, tiny=True),
     scaling=dict(layers=[2, 4, 8], repeats={2: 1, 4: 1, 8: 1}, width=8, channels=4),
     memory=dict(models=["mlp"], kappa=0.5),
 )
@@ -275,6 +277,59 @@ def latency_case(name: str, p: dict) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------
+# 2b. where the time goes (why latency does not fall with the MACs)
+# ----------------------------------------------------------------------------------------
+
+OP_FAMILIES = (("conv", ("conv",)), ("rnn", ("gru", "lstm", "rnn")), ("pool", ("pool",)),
+               ("norm", ("batch_norm", "layer_norm")), ("linear", ("addmm", "linear", "matmul", "mm")))
+
+
+def _family(op: str) -> str:
+    name = op.lower()
+    return next((fam for fam, keys in OP_FAMILIES if any(k in name for k in keys)), "other")
+
+
+def _self_cpu_by_family(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Self CPU time (s) per op family over ``repeats`` inference calls (torch.profiler); ops
+    run inside an RNN op count as the RNN's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                model(x)
+    out: dict[str, float] = {}
+    for e in prof.events():
+        fam = _family(e.name)
+        parent = e.cpu_parent
+        while parent is not None:            # a GRU's matmuls and sigmoids are the GRU's time
+            if _family(parent.name) == "rnn":
+                fam = "rnn"
+            parent = parent.cpu_parent
+        out[fam] = out.get(fam, 0.0) + e.self_cpu_time_total / 1e6
+    return out
+
+
+def profile_case(name: str, p: dict) -> dict:
+    """Per op family: share of the full model's time, and exported/full time against the
+    MACs ratio — which ops follow the MACs down and which do not."""
+    model, x, shape = latency_setup(name, p.get("tiny", False))
+    model.eval()
+    dm = dcopt.convert(model, (x,), round_to=p["round_to"])
+    kappa_for_macs(dm, p["target"])
+    small = dcopt.export(dm).eval()
+    macs = dcopt.count_macs(small, (x,)) / dcopt.count_macs(model, (x,))
+    full, cut = _self_cpu_by_family(model, x, p["repeats"]), _self_cpu_by_family(small, x, p["repeats"])
+    total = sum(full.values())
+    fams = {f: dict(share_of_full=full[f] / total, time_ratio=cut.get(f, 0.0) / full[f]) for f in full}
+    print(f"profile  {name:9s} at {macs:.3f} MACs: " + ", ".join(
+        f"{f} {d['share_of_full']:.0%} of full, ×{d['time_ratio']:.2f}" for f, d in sorted(fams.items())), flush=True)
+    return dict(model=name, input=shape, target=p["target"], round_to=p["round_to"], macs_fraction=macs,
+                time_ratio=sum(cut.values()) / total, families=fams)
+
+
+# ----------------------------------------------------------------------------------------
 # 3. scaling
 # ----------------------------------------------------------------------------------------
 
@@ -472,6 +527,21 @@ def markdown(res: dict) -> str:
                          f"{r['latency_ratio']:.3f} | **{r['latency_over_macs']:.2f}** | {ws} | "
                          f"{'yes' if r['met'] else '**no**'} |")
         lines += [""]
+    if res.get("profile"):
+        lines += ["## 2b. Where the time goes", "",
+                  "torch.profiler self CPU time per op family, full model vs the exported model at the target "
+                  "MACs: the family's share of the full model's time, and its exported/full time ratio (to "
+                  "compare with the MACs ratio).", "",
+                  "| model | input | MACs ratio | time ratio | " + " | ".join(f for f, _ in OP_FAMILIES)
+                  + " | other |", "|---|---|---|---|" + "---|" * (len(OP_FAMILIES) + 1)]
+        for r in res["profile"]:
+            cells = []
+            for f in [f for f, _ in OP_FAMILIES] + ["other"]:
+                d = r["families"].get(f)
+                cells.append(f"{d['share_of_full']:.0%}, ×{d['time_ratio']:.2f}" if d else "–")
+            lines.append(f"| {r['model']} | {r['input']} | {r['macs_fraction']:.3f} | {r['time_ratio']:.3f} | "
+                         + " | ".join(cells) + " |")
+        lines += [""]
     if res.get("scaling"):
         lines += ["## 3. Scaling with the number of layers", "",
                   "| stack | layers | nodes | analyze (s) | convert (s) | export (s) |", "|---|---|---|---|---|---|"]
@@ -522,24 +592,22 @@ NOTES = [
     "and step, forward and backward. It is now one autograd op (`dcopt.gates._NoisyGate`: one `where` "
     "forward, one backward, the rest on the boundary channel only; same values and gradients, "
     "tests/test_gate_op.py): one gate on an 8×64×56×56 tensor, forward + backward, 37 ms → 7 ms above a "
-    "plain pass. Step ratio before → after (separate runs, loaded machine): resnet18 1.10 → 1.09, "
+    "plain pass (measured once, during that change). Step ratio before → after (separate runs, loaded machine): resnet18 1.10 → 1.09, "
     "CRNN 1.05 → 1.01 — within the noise of a loaded machine; the gates were already a small share.",
-    "Latency, profiled per op (torch.profiler, 1 thread, resnet18 at 25 % MACs, round 8): the convolutions' "
-    "time falls exactly with their MACs (0.241 of full for 0.237 of the MACs); what does not fall as fast are "
-    "the memory-bound ops whose cost is linear in the width, not quadratic: the stem's max-pool "
-    "(`max_pool2d_with_indices`, NCHW, 13 % of the full model's time, 0.49 of it at 25 % MACs), batch norms, "
-    "ReLUs and residual adds, plus the classifier and per-op dispatch. resnet50 has more conv work per "
-    "memory-bound op and meets the target.",
-    "CRNN: 95 % of the time is the bidirectional GRU, which runs one time step after another; per step its "
-    "gate nonlinearities (sigmoid, tanh: linear in the hidden size) and fixed per-step costs do not shrink with "
-    "the MACs (quadratic in the hidden size). At batch 1 (streaming) the GRU is bound by per-step overhead "
-    "and the exported model gains little; at batch 32 the matrix products dominate and the speed-up follows "
-    "the MACs much more closely.",
+    "Latency (table 2b, measured by this script): the convolutions' time falls with their MACs; what does not "
+    "fall as fast are the memory-bound ops whose cost is linear in the width, not quadratic — in resnet18 the "
+    "stem's max-pool above all, then batch norms, ReLUs, residual adds and per-op dispatch. resnet50 has more "
+    "conv work per memory-bound op. In the CRNN nearly all the time is the bidirectional GRU, which runs one "
+    "time step after another; per step its gate nonlinearities (linear in the hidden size) and fixed per-step "
+    "costs do not shrink with the MACs (quadratic in the hidden size): at batch 1 (streaming) the exported "
+    "model gains little, at batch 32 the matrix products dominate and the speed-up follows the MACs more "
+    "closely.",
     "round_to=8 (`convert(..., round_to=8)`, kept widths rounded up to multiples of 8 in the DynamicModel "
     "itself, so eval mode still equals the export) helps wherever widths like 31, 45 or 67 came out: kernels "
     "fill their 8-wide AVX2 vectors (compare rounding 1 and 8 in the table: the same target, most of all "
     "the CRNN at batch 32 and resnet18 at 50 %).",
-    "Fixed after profiling (cProfile) the scaling section — before → after (separate runs on the loaded machine), "
+    "Fixed after profiling (cProfile) the scaling section — before → after (measured once, during those changes, "
+    "in separate runs on the loaded machine), "
     "1000-layer stacks, 1 thread: "
     "export rebuilt a table of all group sizes for every sliced tensor (quadratic; MLP 5.5 s → 2.8 s, "
     "conv 9.0 s → 3.9 s); the analysis listed each group's producers by scanning every group (quadratic; "
@@ -599,6 +667,8 @@ def _run(args) -> int:
             res["overhead"] = [overhead_case(n, p["overhead"]) for n in p["overhead"]["cases"]]
         elif section == "latency":
             res["latency"] = [r for n in p["latency"]["cases"] for r in latency_case(n, p["latency"])]
+        elif section == "profile":
+            res["profile"] = [profile_case(n, p["profile"]) for n in p["profile"]["cases"]]
         elif section == "scaling":
             res["scaling"] = [scaling_kind(k, p["scaling"]) for k in ("mlp", "conv")]
         elif section == "memory":

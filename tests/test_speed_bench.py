@@ -23,6 +23,9 @@ def test_speed_benchmark_tiny_run_writes_its_files(tmp_path):
         assert 0 < r["macs_fraction"] <= 1 and r["latency_ratio"] > 0
         if r["round_to"] == 8:
             assert all(w % 8 == 0 for w in r["kept_widths"])
+    for r in result["profile"]:
+        assert 0 < r["macs_fraction"] <= 1 and r["time_ratio"] > 0
+        assert abs(sum(f["share_of_full"] for f in r["families"].values()) - 1) < 1e-3  # shares rounded in the JSON
     for s in result["scaling"]:
         assert s["kind"] in ("mlp", "conv") and len(s["points"]) == 3
         assert set(s["slope"]) == {"analyze", "convert", "export"}
@@ -30,6 +33,6 @@ def test_speed_benchmark_tiny_run_writes_its_files(tmp_path):
     (m,) = result["memory"]
     assert m["param_bytes"] > 0 and m["peak_total"] >= m["peak_convert"] > 0
     md = (tmp_path / "speed.md").read_text()
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4."):
+    for heading in ("## 1.", "## 2.", "## 2b.", "## 3.", "## 4."):
         assert heading in md
     assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
