@@ -19,10 +19,16 @@ fused float32 LSTM kernel is handled separately, per module, in
 """
 from __future__ import annotations
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+import operator
+from typing import Callable, Hashable, Optional
 
-__all__ = ["flop_counter", "EXTRA_FLOP_FORMULAS"]
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count, shape_wrapper
+
+__all__ = ["flop_counter", "EXTRA_FLOP_FORMULAS", "zero_flop_key", "conv_flops"]
 
 aten = torch.ops.aten
 
@@ -62,3 +68,93 @@ def flop_counter() -> FlopCounterMode:
 
     missing = {op: f for op, f in EXTRA_FLOP_FORMULAS.items() if op not in flop_registry}
     return FlopCounterMode(display=False, custom_mapping=missing)
+
+
+# ----------------------------------------------------------------------------------------
+# Ops the counter need not watch (issue 7: shape propagation speed)
+# ----------------------------------------------------------------------------------------
+# The counter's Python dispatch costs more than many small ops themselves (an eval-mode
+# BatchNorm runs ~3x slower under it). These ops dispatch no aten op torch's flop registry
+# has a formula for, whatever their arguments: norms, activations, pools, dropout, shape
+# and indexing ops, elementwise arithmetic. Exact module types only (a subclass may
+# override forward); anything not named here is counted. The list is a hint, not the
+# judge: shape propagation still counts the first call of each entry and trusts it only
+# when torch counted nothing (tests/test_counting.py checks every entry, and that the
+# fast path counts what counting every node does).
+
+#: leaf module types (exact) whose forward the registry counts nothing for
+ZERO_FLOP_MODULES: frozenset = frozenset({
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU,
+    nn.Sigmoid, nn.Tanh,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Flatten,
+})
+
+#: call_function targets the registry counts nothing for
+ZERO_FLOP_FUNCTIONS: frozenset = frozenset({
+    operator.add, operator.iadd, operator.sub, operator.mul, operator.truediv, operator.neg,
+    operator.getitem, getattr,
+    torch.add, torch.mul, torch.cat, torch.flatten, torch.relu, torch.sigmoid,
+    F.relu, F.relu6, F.hardtanh, F.hardswish, F.sigmoid, F.silu, F.gelu, F.dropout,
+    F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
+})
+
+#: call_method names (on tensors) the registry counts nothing for
+ZERO_FLOP_METHODS: frozenset = frozenset({
+    "view", "reshape", "flatten", "size", "dim", "transpose", "permute", "contiguous", "unsqueeze",
+    "squeeze", "chunk", "split", "expand", "mean", "relu", "sigmoid", "add", "mul",
+})
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Hooks run inside the module call and may compute anything."""
+    from torch.nn.modules import module as _m
+
+    return bool(module._forward_pre_hooks or module._forward_hooks or _m._global_forward_pre_hooks
+                or _m._global_forward_hooks)
+
+
+def zero_flop_key(node: torch.fx.Node, module: Optional[nn.Module] = None) -> Optional[Hashable]:
+    """A key for ``node``'s op when it is listed above as counting nothing (``module``: the
+    called module of a ``call_module`` node), else None: count it."""
+    if node.op == "call_module":
+        kind = type(module)
+        return ("module", kind) if kind in ZERO_FLOP_MODULES and not _hooked(module) else None
+    if node.op == "call_function":
+        try:
+            return ("function", node.target) if node.target in ZERO_FLOP_FUNCTIONS else None
+        except TypeError:  # an unhashable callable
+            return None
+    if node.op == "call_method":
+        return ("method", node.target) if node.target in ZERO_FLOP_METHODS else None
+    return None
+
+
+_CONVS = frozenset({nn.Conv1d, nn.Conv2d, nn.Conv3d})
+
+
+def conv_flops(counter: FlopCounterMode, module: nn.Module, args: tuple, kwargs: dict) -> Optional[Callable]:
+    """For a call of an exact ``nn.Conv1d/2d/3d`` (no hooks, one batched plain tensor in):
+    ``flops(out)``, the formula ``counter`` holds for ``aten.convolution`` applied to this
+    call, so the call need not run under the counter. Such a call dispatches exactly one
+    ``aten.convolution`` of this weight, batch and output (padding modes and string padding
+    change only the input's spatial size, which the formula does not read). None: any other
+    call; count it."""
+    if (type(module) not in _CONVS or kwargs or len(args) != 1 or _hooked(module)
+            or type(args[0]) is not torch.Tensor or args[0].dim() != module.weight.dim()):
+        return None
+    formula = counter.flop_registry[torch.ops.aten.convolution]
+    x, weight = args[0], module.weight
+    rest = (module.stride, module.padding, module.dilation, False, [0] * (weight.dim() - 2), module.groups)
+    if getattr(formula, "__code__", None) is _SHAPE_WRAPPER_CODE:
+        # torch's shape_wrapper maps every tensor to its shape with a pytree walk, which
+        # costs 30x the formula: hand the shapes to the wrapped formula directly
+        shapes = formula.__wrapped__
+        bias = None if module.bias is None else module.bias.shape
+        return lambda out: shapes(x.shape, weight.shape, bias, *rest, out_shape=out.shape)
+    return lambda out: formula(x, weight, module.bias, *rest, out_val=out)
+
+
+_SHAPE_WRAPPER_CODE = shape_wrapper(lambda: 0).__code__

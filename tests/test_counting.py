@@ -1,4 +1,5 @@
 """MAC counting sees the fused CPU attention kernels torch's FlopCounterMode misses."""
+import operator
 import random
 
 import pytest
@@ -63,3 +64,115 @@ def test_small_vit_predicted_equals_counted_at_random_sizes():
     rng = random.Random(0)
     for _ in range(3):
         assert_exact_export(dm, x, {g.name: rng.randint(1, g.width) for g in dm.plan.groups})
+
+
+# -- the fast path of shape propagation counts what counting every node does (issue 7) --
+
+def _fast_and_full(model, inputs):
+    from dcopt.trace import propagate_shapes, trace
+
+    gm = trace(model, inputs).gm
+    return propagate_shapes(gm, inputs), propagate_shapes(gm, inputs, count_all=True)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_0",
+                                  "efficientnet_b0", "convnext_tiny", "densenet121", "googlenet"])
+def test_fast_counting_equals_counting_every_node_torchvision(name, one_thread):
+    torch.manual_seed(0)
+    kwargs = dict(aux_logits=False, init_weights=False) if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    fast, full = _fast_and_full(model, (torch.randn(1, 3, 32, 32),))
+    assert fast == full and sum(full.values()) > 0
+
+
+def test_fast_counting_equals_counting_every_node_test_models():
+    from models import CASES, build
+
+    for name in CASES:
+        fast, full = _fast_and_full(*build(name))
+        assert fast == full, name
+
+
+class _Odd(nn.Module):
+    """Calls the fast path must not take on trust: a conv with a hook that multiplies
+    matrices, a conv with a padding mode, a subclassed BatchNorm whose forward does a
+    matmul, an unbatched conv, a Conv2d called with a keyword."""
+
+    class MatmulBN(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) @ torch.ones(x.shape[-1], x.shape[-1])
+
+    def __init__(self):
+        super().__init__()
+        self.hooked = nn.Conv2d(3, 4, 3, padding=1)
+        self.hooked.register_forward_hook(lambda m, i, o: o @ torch.ones(o.shape[-1], o.shape[-1]))
+        self.reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+        self.same = nn.Conv2d(4, 4, 4, padding="same")
+        self.bn = self.MatmulBN(4)
+        self.plain_bn = nn.BatchNorm2d(4)
+        self.single = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.plain_bn(self.bn(self.same(self.reflect(self.hooked(x)))))
+        return self.single(x[0]).sum() + self.single(input=x).sum()
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_fast_counting_is_not_fooled_by_hooks_subclasses_and_odd_calls():
+    x = (torch.randn(2, 3, 8, 8),)
+    fast, full = _fast_and_full(_Odd().eval(), x)
+    assert fast == full
+    assert fast["hooked"] == 2 * 4 * 64 * 27 + 2 * 4 * 8 * 8 * 8   # conv + the hook's matmul
+    assert fast["bn"] == 2 * 4 * 8 * 8 * 8                           # the subclass's matmul
+
+
+@pytest.mark.parametrize("module, shape", [
+    (nn.BatchNorm2d(4), (2, 4, 5, 5)), (nn.BatchNorm1d(4), (2, 4, 5)), (nn.LayerNorm(5), (2, 4, 5)),
+    (nn.GroupNorm(2, 4), (2, 4, 5, 5)), (nn.AdaptiveAvgPool2d(1), (2, 4, 5, 5)), (nn.MaxPool2d(2), (2, 4, 6, 6)),
+    (nn.AvgPool1d(2), (2, 4, 6)), (nn.Flatten(), (2, 4, 5)), (nn.Identity(), (2, 4)), (nn.Dropout(), (2, 4)),
+])
+def test_listed_zero_flop_modules_count_nothing(module, shape):
+    """Every module type the fast path trusts counts 0 under torch's own counter (the list
+    is checked again at run time, this keeps it honest between torch upgrades)."""
+    from dcopt.counting import ZERO_FLOP_MODULES
+
+    assert type(module) in ZERO_FLOP_MODULES
+    with dcopt.counting.flop_counter() as fc, torch.no_grad():
+        module.eval()(torch.randn(*shape))
+    assert fc.get_total_flops() == 0
+
+
+def test_every_listed_op_counts_nothing():
+    from dcopt.counting import ZERO_FLOP_FUNCTIONS, ZERO_FLOP_METHODS, ZERO_FLOP_MODULES
+
+    x = torch.randn(2, 4, 6, 6)
+    ran = 0
+    with dcopt.counting.flop_counter() as fc, torch.no_grad():
+        for kind in ZERO_FLOP_MODULES:
+            try:
+                m = kind().eval()
+            except TypeError:
+                continue  # needs arguments: norms, pools (checked above)
+            m(x[0] if kind is nn.Dropout1d else x)
+            ran += 1
+        for f in ZERO_FLOP_FUNCTIONS:
+            if f is getattr:
+                continue
+            binary = f in (torch.add, torch.mul, torch.cat, torch.flatten) or f.__module__ == "_operator"
+            if f is torch.cat:
+                f([x, x], 1)
+            elif f in (F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d):
+                f(x, 2)
+            elif f is operator.neg:
+                f(x)
+            else:
+                f(x, 1) if binary else f(x)
+            ran += 1
+        for name in ZERO_FLOP_METHODS:
+            args = {"view": (-1,), "reshape": (-1,), "permute": (1, 0, 2, 3), "transpose": (0, 1),
+                    "expand": (2, 4, 6, 6), "chunk": (2,), "split": (2,), "add": (x,), "mul": (x,),
+                    "unsqueeze": (0,)}.get(name, ())
+            getattr(x, name)(*args)
+            ran += 1
+    assert fc.get_total_flops() == 0
+    assert ran >= len(ZERO_FLOP_FUNCTIONS) + len(ZERO_FLOP_METHODS) + 10
