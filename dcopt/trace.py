@@ -15,6 +15,7 @@ their inputs and outputs at full width and never touches their parameters.
 from __future__ import annotations
 
 import copy
+import linecache
 import os
 import sys
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ class DcoptTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[Any] = ()):
         super().__init__()
-        self.record_stack_traces = True
+        # not fx's stack traces: they format the whole Python stack for every node (half
+        # the tracing time); create_node records the one frame dcopt reports instead
+        self.record_stack_traces = False
         self.leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self.leaf_names = {t for t in leaf_modules if isinstance(t, str)}
         self.dcopt_stack: list[str] = []
@@ -63,6 +66,12 @@ class DcoptTracer(torch.fx.Tracer):
         if leaf:
             self.leaf_seen.add(qualname)
         return leaf
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        if not node.stack_trace:
+            node.stack_trace = _user_call_site(sys._getframe(1))
+        return node
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
@@ -83,6 +92,27 @@ class DcoptTracer(torch.fx.Tracer):
 
 
 _STACK_ATTR = "_dcopt_module_stack"
+
+
+def _user_call_site(frame) -> Optional[str]:
+    """The innermost frame outside torch and dcopt, in fx's ``node.stack_trace`` format
+    (``File "path", line N, in name`` and the code line), which is all
+    :func:`~dcopt.errors.source_location` reads of fx's full stack. Like fx, only a
+    frame at or inside a ``forward`` counts (nodes the tracer makes by itself, such as
+    placeholders, have no user line)."""
+    found = None
+    while frame is not None:
+        code = frame.f_code
+        if found is None:
+            fname = code.co_filename
+            if not fname.startswith(_TORCH_DIR) and not fname.startswith(_DCOPT_DIR):
+                found = frame
+        if found is not None and code.co_name == "forward":
+            fname, line = found.f_code.co_filename, found.f_lineno
+            return (f'File "{fname}", line {line}, in {found.f_code.co_name}\n'
+                    f'    {linecache.getline(fname, line).strip()}')
+        frame = frame.f_back
+    return None
 
 
 @dataclass

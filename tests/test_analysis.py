@@ -221,3 +221,44 @@ def test_torchvision_models(name):
         g = a.group("features.conv0")
         assert g.status == "dynamic"
     assert a.to_dict()["macs"] == a.macs
+
+
+def _helper_relu(x):
+    return torch.relu(x) + 1          # the node's line is here, inside the helper
+
+
+class _Helper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _helper_relu(self.fc(x)).sum(-1)
+
+
+def test_recorded_lines_are_the_ones_fx_full_stacks_give():
+    """dcopt records one frame per node instead of fx's full stack (issue 7, tracing
+    speed); every node must still point at the line fx's own stack trace points at."""
+    import torchvision
+    from models import CASES
+    from dcopt.errors import source_location
+    from dcopt.trace import DcoptTracer
+
+    class FxStacks(DcoptTracer):
+        def __init__(self):
+            super().__init__()
+            self.record_stack_traces = True
+
+        create_node = torch.fx.Tracer.create_node
+
+    models = [build(name)[0] for name in CASES] + [_Helper(), torchvision.models.mobilenet_v3_small()]
+    located = 0
+    for model in models:
+        ours, theirs = DcoptTracer().trace(model), FxStacks().trace(model)
+        lines = [(n.name, source_location(n.stack_trace)) for n in ours.nodes]
+        assert lines == [(n.name, source_location(n.stack_trace)) for n in theirs.nodes]
+        located += sum(loc is not None for _, loc in lines)
+    assert located > 50
+    helper = {n.name: source_location(n.stack_trace) for n in DcoptTracer().trace(_Helper()).nodes}
+    assert helper["x"] is None                                  # placeholders: no user line
+    assert helper["relu"].endswith(f"test_analysis.py:{_helper_relu.__code__.co_firstlineno + 1}")
