@@ -155,6 +155,12 @@ class Ctx:
                 self.reject([first, other], f"combines feature maps of different lengths ({len(first)} vs {len(other)})")
                 continue
             a, b = first, other
+            if a.whole_group is not None and b.whole_group is not None:
+                # the common case (a residual add of two layers' outputs) without tensor work
+                why = self._w.groups.union(a.whole_group, b.whole_group)
+                if why:
+                    self.reject([a.whole_group, b.whole_group], why)
+                continue
             both = (a.gid >= 0) & (b.gid >= 0)
             one = (a.gid >= 0) ^ (b.gid >= 0)
             if one.any():
@@ -546,12 +552,19 @@ def _finalize(w: _Walker) -> Analysis:
     # raw gid -> live group index (or FIXED); built once, applied to every map
     lut = torch.tensor([live_index.get(gt.find(g), FIXED) for g in range(len(gt))] + [FIXED], dtype=torch.long)
 
+    mapped: dict[int, tuple[Positions, Positions]] = {}   # id(pos) -> (pos, live(pos)): maps are shared
+
     def live(pos: Optional[Positions]) -> Optional[Positions]:
         if pos is None:
             return None
+        hit = mapped.get(id(pos))
+        if hit is not None:
+            return hit[1]
         gid = torch.where(pos.gid >= 0, lut[pos.gid.clamp(min=0)], torch.full_like(pos.gid, FIXED))
         ch = torch.where(gid >= 0, pos.ch, torch.zeros_like(pos.ch))
-        return Positions(gid, ch)
+        out = Positions(gid, ch)
+        mapped[id(pos)] = (pos, out)
+        return out
 
     def is_live(gids: Iterable[int]) -> set[int]:
         return {gt.find(g) for g in gids if gt.find(g) in live_index}

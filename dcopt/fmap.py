@@ -28,11 +28,14 @@ class Positions:
 
     @staticmethod
     def group(gid: int, n: int) -> "Positions":
-        return Positions(torch.full((n,), gid, dtype=torch.long), torch.arange(n))
+        pos = Positions(torch.full((n,), gid, dtype=torch.long), torch.arange(n))._known({gid} if n and gid >= 0 else set())
+        if gid >= 0:
+            object.__setattr__(pos, "whole_group", gid)
+        return pos
 
     @staticmethod
     def fixed(n: int) -> "Positions":
-        return Positions(torch.full((n,), FIXED, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+        return Positions(torch.full((n,), FIXED, dtype=torch.long), torch.zeros(n, dtype=torch.long))._known(set())
 
     @staticmethod
     def cat(parts: Sequence["Positions"]) -> "Positions":
@@ -50,11 +53,29 @@ class Positions:
         ch = self.ch.repeat_interleave(inner).repeat(outer)
         return Positions(gid, ch)
 
+    #: ``g`` when these are exactly channels ``0..n-1`` of group ``g`` in order (made by
+    #: :meth:`group`), else None; lets the analysis skip tensor work in the common case
+    whole_group = None
+
     def gids(self) -> set[int]:
-        return set(torch.unique(self.gid[self.gid >= 0]).tolist())
+        """The groups present (a new set)."""
+        return set(self._gid_set())
+
+    def _gid_set(self) -> set[int]:
+        # computed once: the tensors of a Positions are never changed in place, and the
+        # walk asks every map several times
+        known = self.__dict__.get("_gids")
+        if known is None:
+            known = set(torch.unique(self.gid[self.gid >= 0]).tolist())
+            object.__setattr__(self, "_gids", known)
+        return known
+
+    def _known(self, gids: set) -> "Positions":
+        object.__setattr__(self, "_gids", gids)
+        return self
 
     def is_fixed(self) -> bool:
-        return bool((self.gid < 0).all())
+        return not self._gid_set()
 
 
 @dataclass(frozen=True, eq=False)

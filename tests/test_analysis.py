@@ -262,3 +262,16 @@ def test_recorded_lines_are_the_ones_fx_full_stacks_give():
     helper = {n.name: source_location(n.stack_trace) for n in DcoptTracer().trace(_Helper()).nodes}
     assert helper["x"] is None                                  # placeholders: no user line
     assert helper["relu"].endswith(f"test_analysis.py:{_helper_relu.__code__.co_firstlineno + 1}")
+
+
+def test_positions_gids_cached_and_fresh():
+    """gids() is computed once per map (the walk asks often) but hands out a new set."""
+    from dcopt.fmap import Positions
+
+    a, b, f = Positions.group(3, 4), Positions.group(5, 2), Positions.fixed(3)
+    mixed = Positions.cat([a, f, b])
+    assert (a.whole_group, f.whole_group, mixed.whole_group) == (3, None, None)
+    got = mixed.gids()
+    got.add(99)
+    assert mixed.gids() == {3, 5} and a.gids() == {3} and f.gids() == set()
+    assert f.is_fixed() and not mixed.is_fixed() and mixed[4:7].is_fixed() and Positions.group(0, 0).is_fixed()
