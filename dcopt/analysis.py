@@ -705,5 +705,5 @@ def analyze(model: nn.Module, example_inputs: Sequence, *, leaf_modules: Iterabl
     # No copy: tracing and eval-mode, no-grad shape propagation leave the model as it was
     # (training flags are restored), and copying a large model costs more than analysing it.
     traced = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                   copy_model=False, strict_trace=strict_trace)
+                   copy_model=False, strict_trace=strict_trace, lazy_code=True)
     return run_analysis(traced, registry)

@@ -160,8 +160,8 @@ def _user_frame(tb) -> Optional[str]:
     return found
 
 
-def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args,
-                    strict_trace: bool = True) -> tuple[torch.fx.GraphModule, list[OpaqueLeaf]]:
+def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace: bool = True,
+                    lazy_code: bool = False) -> tuple[torch.fx.GraphModule, list[OpaqueLeaf]]:
     """fx-trace ``model``. Unless ``strict_trace``, a failure inside a submodule makes the
     innermost traced (non-leaf) module on the stack an opaque leaf and tracing is retried;
     every retry adds a new leaf, so this ends after at most one retry per module."""
@@ -196,7 +196,20 @@ def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args,
             raise TraceError(f"torch.fx cannot trace the model: {reason}",
                              module=module, location=location, suggestion=suggestion) from exc
         name = type(model).__name__
-        return torch.fx.GraphModule(tracer.root, graph, name), opaque
+        return _graph_module_class(lazy_code)(tracer.root, graph, name), opaque
+
+
+def _graph_module_class(lazy_code: bool) -> type:
+    """fx's lazy GraphModule generates and compiles the module's Python code only when
+    it is first run or read: the analysis never runs the traced module, and the code
+    cost a tenth of ``analyze``."""
+    if lazy_code:
+        try:
+            from torch.fx._lazy_graph_module import _LazyGraphModule
+            return _LazyGraphModule
+        except ImportError:  # pragma: no cover - a torch without it
+            pass
+    return torch.fx.GraphModule
 
 
 def _first_line(text: str) -> str:
@@ -281,12 +294,15 @@ def _set_training(module: nn.Module, flags: dict[str, bool]):
 
 
 def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_modules: Iterable[Any] = (),
-          concrete_args: Optional[dict] = None, copy_model: bool = True, strict_trace: bool = False) -> Traced:
+          concrete_args: Optional[dict] = None, copy_model: bool = True, strict_trace: bool = False,
+          lazy_code: bool = False) -> Traced:
     """Trace ``model`` (a deep copy unless ``copy_model=False``) and, with example inputs,
     attach shapes and MACs to every node.
 
     Submodules fx cannot trace become opaque leaves (``Traced.opaque``) unless
     ``strict_trace``; a top-level forward fx cannot trace raises :class:`TraceError`.
+    ``lazy_code``: the GraphModule's Python code is generated when first needed (for a
+    traced module that is only analysed, never).
 
     Shapes are taken in eval mode under ``no_grad``: BatchNorm must not update running
     statistics of anyone's model, and eval mode makes a batch of one valid.
@@ -300,7 +316,7 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     flags = {name: m.training for name, m in src.named_modules()}
     src.eval()
     try:
-        gm, opaque = _symbolic_trace(src, tuple(leaf_modules), concrete_args, strict_trace)
+        gm, opaque = _symbolic_trace(src, tuple(leaf_modules), concrete_args, strict_trace, lazy_code)
     finally:
         _set_training(src, flags)
     _set_training(gm, {name: flags.get(name, src.training) for name, _ in gm.named_modules()})

@@ -275,3 +275,15 @@ def test_positions_gids_cached_and_fresh():
     got.add(99)
     assert mixed.gids() == {3, 5} and a.gids() == {3} and f.gids() == set()
     assert f.is_fixed() and not mixed.is_fixed() and mixed[4:7].is_fixed() and Positions.group(0, 0).is_fixed()
+
+
+def test_lazy_code_graph_module_still_runs_and_prints():
+    """analyze traces with lazy_code (no Python code generated unless needed); such a
+    GraphModule must still run, print and deep-copy like fx's eager one."""
+    import copy
+    from dcopt.trace import trace
+
+    model, x = build("residual")
+    gm = trace(model, x, lazy_code=True).gm
+    assert "def forward" in gm.code
+    assert torch.equal(gm(*x), model(*x)) and torch.equal(copy.deepcopy(gm)(*x), model(*x))
