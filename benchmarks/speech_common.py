@@ -49,6 +49,10 @@ METHODS = {
     "dcopt-tolerance": ("dcopt tolerance", "D", "tab:purple"),
     "static": ("static (uniform widths)", "^", "tab:orange"),
     "torch-pruning": ("Torch-Pruning", "v", "tab:red"),
+    # issue 9's VAD study: runs that continue a converged full model
+    "conv-full": ("full model, trained on (conv-*)", "P", "grey"),
+    "conv-tolerance": ("dcopt tolerance, from the converged model", "D", "tab:pink"),
+    "conv-budget": ("dcopt budget, from the converged model", "s", "tab:olive"),
 }
 
 

@@ -151,12 +151,17 @@ def test_vad_benchmark_tiny_run_writes_its_files(tmp_path):
     for r in result["records"]:
         assert r["macs"] > 0 and r["params"] > 0 and 0.0 <= r["metric"] <= 1.0
         assert set(r["eer_by_band"]) == set(sd.SNR_BAND_NAMES)
-        if r["method"].startswith("dcopt"):
+        if r["method"].startswith("dcopt") or r["method"] in ("conv-tolerance", "conv-budget"):
             assert r["export_max_abs_diff"] < 1e-3
             assert r["macs_fraction"] == pytest.approx(r["macs_fraction_dcopt"], abs=1e-6)
         if r["method"] == "torch-pruning":
             assert r["torch_pruning"]["ok"], r["torch_pruning"]["error"]
     assert {"issue6_80pct_fewer_macs", "issue6_dcopt_le_static", "issue9_tolerance"} <= set(result["targets"])
+    # issue 9's study: budget runs aim at the MACs their tolerance twin reached
+    recs = {r["run"]: r for r in result["records"]}
+    for tol in ("1%", "5%"):
+        assert recs[f"conv-budget-{tol}"]["options"]["target_macs"] == recs[f"conv-tol-{tol}"]["macs_fraction_dcopt"]
+    assert "## Issue 9: tolerance vs budget mode" in (tmp_path / "vad.md").read_text()
     assert result["machine"]["torch"] == torch.__version__
     md = (tmp_path / "vad.md").read_text()
     assert "| run | method | MACs | MACs % of full |" in md and "## Targets" in md and "Tiny smoke run" in md
