@@ -233,13 +233,13 @@ class _MeasuringShapeProp(torch.fx.Interpreter):
       Python and cost 10 % of propagation; nothing in dcopt reads it).
     """
 
-    def __init__(self, gm, count_all: bool = False):
+    def __init__(self, gm, count_all: bool = False, modules: Optional[dict] = None):
         super().__init__(gm)
         self.macs: dict[str, int] = {}
         self.count_all = count_all
         self._counter = flop_counter()
         self._zero: dict[Any, bool] = {}   # zero_flop_key -> its first call counted nothing
-        self._modules = dict(gm.named_modules())
+        self._modules = modules if modules is not None else dict(gm.named_modules())
 
     def propagate(self, *args):
         return self.run(*args)
@@ -288,9 +288,14 @@ class _MeasuringShapeProp(torch.fx.Interpreter):
         return out
 
 
-def _set_training(module: nn.Module, flags: dict[str, bool]):
-    for name, m in module.named_modules():
-        m.training = flags.get(name, m.training)
+def _set_training(module, flags: dict[str, bool]):
+    """Set training flags by qualified name (``module``: a Module or its named_modules
+    as a dict); only flags that differ are written (Module.__setattr__ is slow)."""
+    named = module.items() if isinstance(module, dict) else module.named_modules()
+    for name, m in named:
+        want = flags.get(name, m.training)
+        if m.training != want:
+            m.training = want
 
 
 def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_modules: Iterable[Any] = (),
@@ -314,7 +319,8 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     # gated model must compute the original's inference function exactly. Training-time
     # randomness belongs in leaf modules (nn.Dropout, StochasticDepth), which keep it.
     flags = {name: m.training for name, m in src.named_modules()}
-    src.eval()
+    if any(flags.values()):
+        src.eval()
     try:
         gm, opaque = _symbolic_trace(src, tuple(leaf_modules), concrete_args, strict_trace, lazy_code)
     finally:
@@ -330,9 +336,11 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_all: bool = False) -> dict[str, int]:
     """Run ShapeProp (real tensors) and return the MACs of each node. ``count_all``: run
     every node under the counter (the reference the fast path is tested against)."""
-    flags = {name: m.training for name, m in gm.named_modules()}
-    gm.eval()
-    prop = _MeasuringShapeProp(gm, count_all=count_all)
+    modules = dict(gm.named_modules())
+    flags = {name: m.training for name, m in modules.items()}
+    if any(flags.values()):
+        gm.eval()
+    prop = _MeasuringShapeProp(gm, count_all=count_all, modules=modules)
     try:
         with torch.no_grad():
             prop.propagate(*example_inputs)
@@ -341,5 +349,5 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
         raise TraceError(f"running the model on the example inputs failed: {type(exc).__name__}: {exc}",
                          location=_user_frame(sys.exc_info()[2])) from exc
     finally:
-        _set_training(gm, flags)
+        _set_training(modules, flags)
     return prop.macs

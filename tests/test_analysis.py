@@ -287,3 +287,21 @@ def test_lazy_code_graph_module_still_runs_and_prints():
     gm = trace(model, x, lazy_code=True).gm
     assert "def forward" in gm.code
     assert torch.equal(gm(*x), model(*x)) and torch.equal(copy.deepcopy(gm)(*x), model(*x))
+
+
+def test_analyze_leaves_mixed_training_flags_and_statistics_alone():
+    """analyze does not copy the model: its eval-mode, no-grad propagation must give every
+    module its own flag back (a train-mode model with one eval submodule, and all-eval)."""
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    model.train()
+    model.layer2.eval()
+    for modes in ("mixed", "eval"):
+        if modes == "eval":
+            model.eval()
+        flags = [m.training for m in model.modules()]
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        dcopt.analyze(model, (torch.randn(2, 3, 32, 32),))
+        assert [m.training for m in model.modules()] == flags
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
