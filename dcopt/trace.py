@@ -25,7 +25,7 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .counting import _CONVS, conv_flops, flop_counter, zero_flop_key
 from .errors import TraceError
@@ -231,6 +231,7 @@ class _MeasuringShapeProp(torch.fx.Interpreter):
       Python dispatch cost a third of propagation). ``count_all``: watch every node.
     * tensor metadata leaves out the memory format (ShapeProp's contiguity checks run in
       Python and cost 10 % of propagation; nothing in dcopt reads it).
+    * no per-node context manager, submodules looked up in a dict.
     """
 
     def __init__(self, gm, count_all: bool = False, modules: Optional[dict] = None):
@@ -245,47 +246,69 @@ class _MeasuringShapeProp(torch.fx.Interpreter):
         return self.run(*args)
 
     def run_node(self, n):
-        out = self._run_counted(n)
-        found = False
+        # Interpreter.run_node without its per-node context manager (fx's meta
+        # preservation for re-tracing, which this never does)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        out = self._run_counted(n, args, kwargs)
+        if type(out) is torch.Tensor:
+            n.meta["tensor_meta"] = _tensor_meta(out)
+        else:
+            found = False
 
-        def tensor_meta(obj):
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return _extract_tensor_metadata(obj, include_contiguity=False)
-            return obj
+            def tensor_meta(obj):
+                nonlocal found
+                if isinstance(obj, torch.Tensor):
+                    found = True
+                    return _tensor_meta(obj)
+                return obj
 
-        meta = map_aggregate(out, tensor_meta)
-        if found:
-            n.meta["tensor_meta"] = meta
+            meta = map_aggregate(out, tensor_meta)
+            if found:
+                n.meta["tensor_meta"] = meta
         n.meta["type"] = type(out)
         return out
 
-    def _run_counted(self, n):
+    def call_module(self, target, args, kwargs):
+        return self._submodule(target)(*args, **kwargs)
+
+    def _submodule(self, target: str) -> nn.Module:
+        # named_modules lists a module shared under two names once: fall back to fx's lookup
+        module = self._modules.get(target)
+        return module if module is not None else self.fetch_attr(target)
+
+    def _run_counted(self, n, args, kwargs):
+        run = getattr(self, n.op)
         if n.op in ("placeholder", "get_attr", "output"):
-            return super().run_node(n)  # no op runs
+            return run(n.target, args, kwargs)  # no op runs
         key = None
         if not self.count_all:
-            module = self._modules.get(n.target) if n.op == "call_module" else None
-            formula = conv_flops(self._counter, module, *self.fetch_args_kwargs_from_env(n)) \
-                if type(module) in _CONVS else None
+            module = self._submodule(n.target) if n.op == "call_module" else None
+            formula = conv_flops(self._counter, module, args, kwargs) if type(module) in _CONVS else None
             if formula is not None:
-                out = super().run_node(n)
+                out = run(n.target, args, kwargs)
                 flops = formula(out)
                 if flops:
                     self.macs[n.name] = flops // 2
                 return out
             key = zero_flop_key(n, module)
             if key is not None and self._zero.get(key):
-                return super().run_node(n)
+                return run(n.target, args, kwargs)
         with self._counter:
-            out = super().run_node(n)
+            out = run(n.target, args, kwargs)
         flops = self._counter.get_total_flops()
         if key is not None:
             self._zero.setdefault(key, not flops)
         if flops:
             self.macs[n.name] = flops // 2
         return out
+
+
+def _tensor_meta(t: torch.Tensor) -> TensorMetadata:
+    """fx's tensor metadata without the memory format (its Python contiguity checks cost
+    a tenth of propagation and nothing in dcopt reads it); a plain dense tensor directly."""
+    if type(t) is torch.Tensor and t.layout is torch.strided and not t.is_quantized:
+        return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), None, False, {})
+    return _extract_tensor_metadata(t, include_contiguity=False)
 
 
 def _set_training(module, flags: dict[str, bool]):

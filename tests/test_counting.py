@@ -176,3 +176,28 @@ def test_every_listed_op_counts_nothing():
             ran += 1
     assert fc.get_total_flops() == 0
     assert ran >= len(ZERO_FLOP_FUNCTIONS) + len(ZERO_FLOP_METHODS) + 10
+
+
+def test_propagated_metadata_matches_fx_shape_prop():
+    """dcopt's propagation stores what fx's ShapeProp stores (but the memory format) on
+    every node, also for tuple outputs (RNNs) and non-tensor values."""
+    from torch.fx.passes.shape_prop import ShapeProp
+    from models import CASES, build
+    from dcopt.trace import propagate_shapes, trace
+
+    def strip(meta):
+        if hasattr(meta, "shape") and hasattr(meta, "memory_format"):
+            return meta._replace(memory_format=None)
+        return type(meta)(strip(m) for m in meta) if isinstance(meta, (tuple, list)) else meta
+
+    for name in CASES:
+        model, inputs = build(name)
+        gm = trace(model, inputs).gm
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+        theirs = {n.name: (strip(n.meta.get("tensor_meta")), n.meta.get("type")) for n in gm.graph.nodes}
+        for n in gm.graph.nodes:
+            n.meta.pop("tensor_meta", None)
+            n.meta.pop("type", None)
+        propagate_shapes(gm, inputs)
+        assert {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes} == theirs, name
