@@ -675,7 +675,7 @@ def _finalize(w: _Walker) -> Analysis:
                        module_type=type(w.modules[node.target]).__name__ if node.op == "call_module" else None)
         for inp in node.all_input_nodes:
             graph.add_edge(keys[inp.name], keys[node.name])
-    n_params = sum(p.numel() for p in w.gm.parameters())
+    n_params = sum(param_numel.values())   # named_parameters, like parameters(), lists a shared one once
     return Analysis(roles=roles, groups=groups, rejections=rejections, macs=total_macs, params=n_params,
                     dynamic_macs=dynamic_macs, graph=graph, plan=plan, node_keys=keys,
                     opaque=getattr(w.traced, "opaque", ()))
