@@ -278,7 +278,8 @@ class Bench:
         cfg = dict(p=self.p, conv=self.conv, tiny=self.tiny, threads=self.threads, runs=ALL_RUNS,
                    data="speech_data.make_vad_dataset(split, features='power')" + (" tiny" if self.tiny else ""))
         sc.write_results(self.name, self.records, self.out, title(self.p, self.tiny), "EER", config=cfg,
-                         notes=notes(self.records, self.p, self.fixed_info, self.tiny, self.replicates, self.conv),
+                         notes=notes(self.records, self.p, self.fixed_info, self.tiny, self.replicates, self.conv,
+                                     self.conv_info),
                          extra=dict(fixed_phase=self.fixed_info, conv_fixed_phase=self.conv_info,
                                     targets=targets(self.records),
                                     replicates=self.replicates),
@@ -653,16 +654,30 @@ def replicate_notes(replicates: dict, main: list[dict]) -> list[str]:
     return lines
 
 
-def conv_notes(records: list[dict], conv: Optional[dict]) -> list[str]:
-    """Issue 9's study: its runs side by side, Δ against the full model trained as long."""
+def conv_notes(records: list[dict], conv: Optional[dict], fixed_info: Optional[dict] = None,
+               conv_info: Optional[dict] = None) -> list[str]:
+    """Issue 9's study: its runs side by side, Δ against the full model trained as long,
+    and the jitter of the val loss that decides whether a tolerance can be judged."""
+    from dcopt.tolerance import loss_jitter
+
     rs = [r for r in records if r["method"].startswith("conv-")]
     base = next((r for r in rs if r["method"] == "conv-full"), None)
     if not rs or conv is None:
         return []
+
+    def jitter(info):
+        vals = [h["val_loss"] for h in (info or {}).get("history", []) if h.get("val_loss") is not None]
+        j = loss_jitter(vals)
+        return "–" if j is None else f"{100 * j:.1f} %"
+
     lines = ["## Issue 9: tolerance vs budget mode, from the converged full model", "",
-             f"Every `conv-*` run starts from the `full` run's final weights and trains {conv['optimize']} + "
-             f"{conv['settle']} epochs at lr {conv['lr']:g} (settle at the same settle lr as above), where the val loss "
-             "moves by about 2 % between epochs. Tolerance runs: `ToleranceController(tol, "
+             f"The `tol-*` runs above take their reference from the shared fixed phase at lr {records_lr(records)}: "
+             f"its val loss jitters by {jitter(fixed_info)} between epochs (`dcopt.tolerance.loss_jitter`, last 5 "
+             f"epochs), more than either tolerance, and its reference ({ref_of(records)}) is far above the full "
+             f"run's final val loss ({full_bce(records)}). The `conv-*` runs start from the "
+             f"`full` run's final weights trained on for {conv['fixed']} epochs at lr {conv['lr']:g} (shared, val "
+             f"loss jitter {jitter(conv_info)}), then train {conv['optimize']} + {conv['settle']} epochs at lr "
+             f"{conv['lr']:g} (settle at the settle lr above). Tolerance runs: `ToleranceController(tol, "
              f"rate={conv['rate']:g})`, `cross_epochs={conv['cross_epochs']:g}`, MACs regularizer, κ_min 0.05, "
              "reference = the checkpoint's val loss (fit's one evaluation pass). Budget runs: target = the MACs the "
              "tolerance run with the same tolerance reached, size lr and β as the budget runs above.", "",
@@ -676,8 +691,23 @@ def conv_notes(records: list[dict], conv: Optional[dict]) -> list[str]:
     return lines + [""]
 
 
+def ref_of(records: list[dict]) -> str:
+    r = next((r for r in records if r["method"] == "dcopt-tolerance" and r.get("reference_loss")), None)
+    return f"{r['reference_loss']:.4f}" if r else "–"
+
+
+def full_bce(records: list[dict]) -> str:
+    r = next((r for r in records if r["method"] == "full"), None)
+    return f"{r['val_bce']:.4f}" if r else "–"
+
+
+def records_lr(records: list[dict]) -> str:
+    r = next((r for r in records if r["method"] == "dcopt-tolerance"), None)
+    return f"{r['fit']['lr']:g}" if r else "–"
+
+
 def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool,
-          replicates: Optional[dict] = None, conv: Optional[dict] = None) -> str:
+          replicates: Optional[dict] = None, conv: Optional[dict] = None, conv_info: Optional[dict] = None) -> str:
     full = next((r for r in records if r["method"] == "full"), None)
     done = {r["run"] for r in records}
     missing = [r for r in ALL_RUNS if r not in done]
@@ -738,7 +768,7 @@ def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool,
                          f"{'yes' if c['distinct_points'] else 'no'}, larger tolerance → smaller model: "
                          f"{'yes' if c['larger_tolerance_smaller'] else 'no'}).")
         lines.append("")
-    lines += conv_notes(records, conv)
+    lines += conv_notes(records, conv, fixed_info, conv_info)
     if replicates:
         lines += replicate_notes(replicates, records)
     obs = observations(records)
@@ -793,8 +823,10 @@ def main(argv=None) -> int:
             rep = json.loads(Path(path).read_text())
             reps[str(rep["config"]["p"]["seed"])] = replicate_summary(rep["records"])
         sc.write_results(out_name, recs, args.out, title(cfg["p"], cfg["tiny"]), "EER", config=cfg,
-                         notes=notes(recs, cfg["p"], fixed, cfg["tiny"], reps, cfg.get("conv")),
-                         extra=dict(fixed_phase=fixed, targets=targets(recs), replicates=reps))
+                         notes=notes(recs, cfg["p"], fixed, cfg["tiny"], reps, cfg.get("conv"),
+                                     old.get("conv_fixed_phase")),
+                         extra=dict(fixed_phase=fixed, conv_fixed_phase=old.get("conv_fixed_phase"),
+                                    targets=targets(recs), replicates=reps))
         print((args.out / f"{out_name}.md").read_text())
         return 0
     state_dir = args.state_dir or (args.out if args.tiny else sd.DEFAULT_CACHE_DIR)

@@ -78,7 +78,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["ToleranceController", "ToleranceStep", "LossAverage"]
+__all__ = ["ToleranceController", "ToleranceStep", "LossAverage", "loss_drift", "loss_jitter"]
 
 
 @dataclass(frozen=True)
@@ -277,3 +277,28 @@ class LossAverage:
     @property
     def value(self) -> Optional[float]:
         return self._avg / self._weight if self._weight > 0 else None
+
+
+def loss_drift(losses) -> Optional[float]:
+    """Relative change of the mean of the last 3 losses against the 3 before (None with
+    fewer than 6): how far the reference is from converged."""
+    losses = [float(v) for v in losses]
+    if len(losses) < 6:
+        return None
+    now, before = sum(losses[-3:]) / 3, sum(losses[-6:-3]) / 3
+    return (now - before) / before if before > 0 else 0.0
+
+
+def loss_jitter(losses, window: int = 5) -> Optional[float]:
+    """Epoch-to-epoch jitter of a loss, relative to its mean over the last ``window``
+    epochs: the largest distance of an epoch's loss from the line through its two
+    neighbours (a steadily falling loss has none; :func:`loss_drift` measures the trend).
+    None with fewer than 3 losses. When it exceeds the tolerance, the controller cannot
+    tell a size that costs loss from noise."""
+    last = [float(v) for v in losses][-window:]
+    if len(last) < 3:
+        return None
+    mean = sum(last) / len(last)
+    if mean <= 0:
+        return 0.0
+    return max(abs(b - (a + c) / 2) for a, b, c in zip(last, last[1:], last[2:])) / mean

@@ -516,26 +516,21 @@ def _warn_unconverged(losses: list, tolerance: float) -> None:
     still moving by more than the tolerance over its last epochs, or jumping between epochs
     by more than the tolerance (then the controller cannot tell a size that costs loss from
     learning-rate jitter: measured on the VAD CRNN at lr 2e-3, val loss ±20 % between epochs)."""
-    if len(losses) >= 6:
-        now, before = sum(losses[-3:]) / 3, sum(losses[-6:-3]) / 3
-        change = (now - before) / before if before > 0 else 0.0
-        if abs(change) > tolerance:
-            warnings.warn(f"tolerance mode: the fixed phase's loss still moved by {100 * change:+.1f} % over its "
-                          f"last 3 epochs, more than the tolerance ({100 * tolerance:g} %); the reference loss, and "
-                          "so the bound, may be off. Train the fixed phase longer (fixed_epochs).", RuntimeWarning,
-                          stacklevel=4)
-    if len(losses) >= 3:
-        # jitter, not trend: how far each of the last epochs sits off the line through its
-        # neighbours (a steadily falling loss has none; the drift check above covers it)
-        last = losses[-5:]
-        mean = sum(last) / len(last)
-        jitter = max(abs(b - (a + c) / 2) for a, b, c in zip(last, last[1:], last[2:])) / mean if mean > 0 else 0.0
-        if jitter > tolerance:
-            warnings.warn(f"tolerance mode: the fixed phase's last epoch losses jump by up to {100 * jitter:.1f} % "
-                          f"of their mean, more than the tolerance ({100 * tolerance:g} %): the controller cannot "
-                          "tell a size that costs loss from epoch-to-epoch jitter. Lower the learning rate (e.g. "
-                          "continue from the converged full model at a lower lr, fixed_epochs=0), use a larger "
-                          "val_data, or a larger tolerance.", RuntimeWarning, stacklevel=4)
+    from .tolerance import loss_drift, loss_jitter
+
+    change = loss_drift(losses)
+    if change is not None and abs(change) > tolerance:
+        warnings.warn(f"tolerance mode: the fixed phase's loss still moved by {100 * change:+.1f} % over its "
+                      f"last 3 epochs, more than the tolerance ({100 * tolerance:g} %); the reference loss, and "
+                      "so the bound, may be off. Train the fixed phase longer (fixed_epochs).", RuntimeWarning,
+                      stacklevel=4)
+    jitter = loss_jitter(losses)
+    if jitter is not None and jitter > tolerance:
+        warnings.warn(f"tolerance mode: the fixed phase's last epoch losses jump by up to {100 * jitter:.1f} % "
+                      f"of their mean, more than the tolerance ({100 * tolerance:g} %): the controller cannot "
+                      "tell a size that costs loss from epoch-to-epoch jitter. Lower the learning rate (e.g. "
+                      "continue from the converged full model at a lower lr, fixed_epochs=0), use a larger "
+                      "val_data, or a larger tolerance.", RuntimeWarning, stacklevel=4)
 
 
 def _size_grads(cx, size_params) -> Optional[torch.Tensor]:
