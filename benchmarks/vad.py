@@ -650,6 +650,18 @@ def replicate_notes(replicates: dict, main: list[dict]) -> list[str]:
         parts = [f"{r['run']} {100 * r['metric']:.2f}% vs static {100 * s['metric']:.2f}%" for r, s in pairs if s]
         if parts:
             lines += ["", f"Seed {seed}, dcopt vs static at the same MACs: " + "; ".join(parts) + "."]
+        tols = sorted((r for r in recs if r["method"] == "conv-tolerance"),
+                      key=lambda r: float(r["run"].rsplit("-", 1)[1].rstrip("%")))
+        if tols:
+            by = {r["run"]: r for r in recs}
+            parts = []
+            for r in tols:
+                b = by.get(r["run"].replace("conv-tol-", "conv-budget-"))
+                parts.append(f"{r['run']} {100 * r['macs_fraction']:.1f} % MACs, EER {100 * r['metric']:.2f}%"
+                             + (f" vs {b['run']} {100 * b['macs_fraction']:.1f} %, {100 * b['metric']:.2f}%" if b else ""))
+            monotone = all(a["macs"] > b["macs"] for a, b in zip(tols, tols[1:]))
+            lines += ["", f"Seed {seed}, issue 9's study: " + "; ".join(parts)
+                      + f"; larger tolerance → smaller model: {'yes' if monotone else '**no**'}."]
         lines.append("")
     return lines
 
