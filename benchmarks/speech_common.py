@@ -48,6 +48,7 @@ METHODS = {
     "dcopt-budget": ("dcopt budget", "s", "tab:green"),
     "dcopt-tolerance": ("dcopt tolerance", "D", "tab:purple"),
     "static": ("static (uniform widths)", "^", "tab:orange"),
+    "static-dcopt-widths": ("static, dcopt's widths", "x", "tab:brown"),
     "torch-pruning": ("Torch-Pruning", "v", "tab:red"),
     # issue 9's VAD study: runs that continue a converged full model
     "conv-full": ("full model, trained on (conv-*)", "P", "grey"),

@@ -106,8 +106,10 @@ DCOPT_RUNS = ([f"kappa-{k:g}" for k in KAPPAS] + [f"budget-{b:g}" for b in BUDGE
               + [f"tol-{100 * t:g}%" for t in TOLERANCES])
 CONV_RUNS = (["conv-full"] + [f"conv-tol-{100 * t:g}%" for t in TOLERANCES]
              + [f"conv-budget-{100 * t:g}%" for t in TOLERANCES])
+#: static with dcopt's widths: does dcopt lose to static through its widths or its training path?
+ALLOC_RUNS = [f"alloc-{r}" for r in DCOPT_RUNS if r.startswith("budget-")]
 ALL_RUNS = (["full"] + DCOPT_RUNS + [f"static-{r}" for r in DCOPT_RUNS] + [f"tp-{r}" for r in DCOPT_RUNS]
-            + CONV_RUNS)
+            + CONV_RUNS + ALLOC_RUNS)
 
 TARGET_MACS_CUT = 0.80      # issue 6: ≥ 80 % fewer MACs ...
 TARGET_EER_PP = 1.5         # ... with at most +1.5 pp EER
@@ -358,7 +360,7 @@ class Bench:
             self.run_conv(name)
         elif name in DCOPT_RUNS:
             self.run_dcopt(name)
-        elif name.startswith("static-"):
+        elif name.startswith("static-") or name in ALLOC_RUNS:
             self.run_static(name)
         elif name.startswith("tp-"):
             self.run_tp(name)
@@ -465,17 +467,25 @@ class Bench:
         self.train_dcopt(name, method, base, opts, start, c["optimize"], fit_kw)
 
     def run_static(self, name: str) -> None:
+        """``static-<run>``: every width scaled uniformly to that run's MACs; ``alloc-<run>``:
+        exactly the widths dcopt exported for that run. Both from scratch, all epochs."""
         p = self.p
-        ref = self.get(name[len("static-"):])
+        target = name.split("-", 1)[1]
+        ref = self.get(target)
         if ref is None:
-            raise RuntimeError(f"{name} needs the result of {name[len('static-'):]} (run it first)")
+            raise RuntimeError(f"{name} needs the result of {target} (run it first)")
         torch.manual_seed(p["seed"])   # a fresh initialisation (mel-initialised filter bank)
-        model, mult = sc.static_scaled(lambda m: build(p, m), macs_example(), ref["macs"] // PER_SECOND, lo=0.02)
+        if name.startswith("alloc-"):
+            w = ref["widths"]
+            model, mult, method = CRNN(bands=w["fb"], channels=w["convs"], hidden=w["gru"]), None, "static-dcopt-widths"
+        else:
+            model, mult = sc.static_scaled(lambda m: build(p, m), macs_example(), ref["macs"] // PER_SECOND, lo=0.02)
+            method = "static"
         t0 = time.perf_counter()
         torch.manual_seed(p["seed"] + 1)
         hist = sc.train_plain(model, self.train_batches(0), None, bce, p["fixed"] + p["optimize"] + p["settle"],
                               p["lr"], settle_lr=p["settle_lr"], settle_epochs=p["settle"])
-        self.finish(name, "static", model, time.perf_counter() - t0, width_mult=mult, target_run=ref["run"],
+        self.finish(name, method, model, time.perf_counter() - t0, width_mult=mult, target_run=ref["run"],
                     target_macs=ref["macs"], history=compact_history(hist))
 
     def run_tp(self, name: str) -> None:
@@ -768,6 +778,17 @@ def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool,
                 parts.append(f"{n}: dcopt {100 * v['dcopt']:.2f}% vs static {s} vs Torch-Pruning {tp}")
             lines.append(f"* Issue 6, dcopt EER ≤ static at every budget: **{'met' if b['met'] else 'missed'}** "
                          f"({'; '.join(parts)}).")
+        allocs = [r for r in records if r["method"] == "static-dcopt-widths"]
+        if allocs:
+            by = {r["run"]: r for r in records}
+            parts = []
+            for r in allocs:
+                run = r["target_run"]
+                d, st = by.get(run), by.get(f"static-{run}")
+                parts.append(f"{run}: dcopt {100 * d['metric']:.2f}%, its widths from scratch "
+                             f"{100 * r['metric']:.2f}%, uniform widths {100 * st['metric']:.2f}%" if d and st else run)
+            lines.append("* Why dcopt loses to static (the same MACs, one seed): its widths trained from scratch like "
+                         "the static baseline (`alloc-*`) — " + "; ".join(parts) + ".")
         c = t.get("issue9_tolerance")
         if c:
             parts = [f"{n}: {100 * v['macs_fraction']:.1f} % MACs, EER {100 * v['eer']:.2f}% vs "
