@@ -38,7 +38,10 @@ that checkpoint with a fresh Adam:
 * ``static-<run>``: the CRNN with every width scaled uniformly (``static_scaled``) to the
   MACs of that dcopt run's exported model, trained from scratch for all the epochs;
 * ``tp-<run>``: the fixed-phase model pruned by Torch-Pruning (magnitude) to the same
-  MACs, fine-tuned for optimize + settle epochs (what it could not prune is recorded).
+  MACs, fine-tuned for optimize + settle epochs (what it could not prune is recorded);
+* ``alloc-budget-*``: the widths dcopt exported for that budget run, trained from scratch
+  exactly like ``static-*``: separates what dcopt's widths are worth from its training
+  path.
 
 Issue 9's study (``conv-*``) starts from a *converged* full model, the ``full`` run's final
 weights (saved as a checkpoint), and trains every run for the same ``CONV`` schedule at a
