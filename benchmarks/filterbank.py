@@ -58,6 +58,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dcopt  # noqa: E402
 from dcopt.tolerance import ToleranceController  # noqa: E402
+from benchmarks.common import json_safe  # noqa: E402
 from dcopt.train import fit  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
@@ -213,21 +214,14 @@ def plot(hist: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _rounded(obj):
-    if isinstance(obj, float):
-        return float(f"{obj:.6g}")
-    if isinstance(obj, dict):
-        return {k: _rounded(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_rounded(v) for v in obj]
-    return obj
+
 
 
 def dump_json(result: dict) -> str:
     """Rows and config readable, the per-epoch histories one line each (6 significant digits)."""
-    head = {k: _rounded(v) for k, v in result.items() if k != "histories"}
+    head = {k: json_safe(v) for k, v in result.items() if k != "histories"}
     text = json.dumps(head, indent=1)[:-2]
-    hist = ",\n".join(f"  {json.dumps(k)}: {json.dumps(_rounded(v), ensure_ascii=False)}"
+    hist = ",\n".join(f"  {json.dumps(k)}: {json.dumps(json_safe(v), ensure_ascii=False)}"
                        for k, v in result["histories"].items())
     return text + ',\n "histories": {\n' + hist + "\n }\n}\n"
 

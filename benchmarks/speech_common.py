@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.common import json_safe
+
 __all__ = ["METHODS", "count_macs", "static_scaled", "torch_pruning_baseline", "train_plain", "eer",
            "write_results", "machine_info", "scaled_width"]
 
@@ -377,20 +379,7 @@ def machine_info() -> dict:
                 torch_threads=torch.get_num_threads())
 
 
-def _json_safe(obj):
-    if isinstance(obj, float):
-        return None if not math.isfinite(obj) else float(f"{obj:.6g}")
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return _json_safe(obj.item())
-    if isinstance(obj, torch.Tensor):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+
 
 
 def _fmt_int(n) -> str:
@@ -466,7 +455,7 @@ def write_results(name: str, records: list[dict], out: Path, title: str, metric_
     payload = dict(name=name, title=title, metric_name=metric_name, config=config or {}, machine=machine_info(),
                    records=records, **(extra or {}))
     tmp = out / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(_json_safe(payload), indent=1, ensure_ascii=False) + "\n")
+    tmp.write_text(json.dumps(json_safe(payload), indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, out / f"{name}.json")
     md = [f"# {title}", "", results_table(records, metric_name), ""]
     if notes:

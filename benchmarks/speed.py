@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 import dcopt  # noqa: E402
+from benchmarks.common import json_safe  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 OVERHEAD_TARGET = 1.15
@@ -574,14 +575,7 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _rounded(obj):
-    if isinstance(obj, float):
-        return float(f"{obj:.5g}")
-    if isinstance(obj, dict):
-        return {k: _rounded(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_rounded(v) for v in obj]
-    return obj
+
 
 
 NOTES = [
@@ -677,7 +671,7 @@ def _run(args) -> int:
     res["seconds"] = time.perf_counter() - t_start
     res["config"]["scaling"]["repeats"] = {str(k): v for k, v in p["scaling"]["repeats"].items()}
     args.out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_rounded(res), indent=1, ensure_ascii=False)
+    text = json.dumps(json_safe(res, 5), indent=1, ensure_ascii=False)
     (args.out / "speed.json").write_text(text + "\n")
     (args.out / "speed.md").write_text(markdown(res))
     if res.get("scaling"):

@@ -15,7 +15,6 @@ Writes benchmarks/results/zoo.json and zoo.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import random
