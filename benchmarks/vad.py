@@ -571,12 +571,10 @@ def targets(records: list[dict]) -> dict:
     out["issue6_dcopt_le_static"] = dict(per_run=vs_static,
                                          met=all(v["dcopt_le_static"] for v in vs_static.values()
                                                  if v["dcopt_le_static"] is not None) if vs_static else None)
-    conv = {r["run"]: r for r in records if r["method"].startswith("conv-")}
-    tols = [r for r in conv.values() if r["method"] == "conv-tolerance"]
-    if tols:
+    pairs, monotone = tolerance_pairs(records)
+    if pairs:
         per_run = {}
-        for r in tols:
-            b = conv.get(r["run"].replace("conv-tol-", "conv-budget-"))
+        for r, b in pairs:
             per_run[r["run"]] = dict(macs_fraction=r["macs_fraction"], eer=r["metric"], val_bce=r["val_bce"],
                                      reference_loss=r["reference_loss"],
                                      budget_run=b["run"] if b else None,
@@ -585,13 +583,20 @@ def targets(records: list[dict]) -> dict:
                                      at_least_as_good=(r["metric"] <= b["metric"]) if b else None)
         fracs = sorted(v["macs_fraction"] for v in per_run.values())
         distinct = len(fracs) > 1 and all(b - a >= 0.05 for a, b in zip(fracs, fracs[1:]))
-        # sensible: a larger tolerance buys a smaller model
-        order = sorted(tols, key=lambda r: float(r["run"].rsplit("-", 1)[1].rstrip("%")))
-        monotone = all(a["macs"] > b["macs"] for a, b in zip(order, order[1:]))
         out["issue9_tolerance"] = dict(per_run=per_run, distinct_points=distinct, larger_tolerance_smaller=monotone,
                                        met=bool(distinct and monotone and all(v["at_least_as_good"]
                                                                               for v in per_run.values())))
     return out
+
+
+def tolerance_pairs(records: list[dict]) -> tuple[list[tuple[dict, Optional[dict]]], bool]:
+    """Issue 9's study: each conv-tol run (by increasing tolerance) with its budget twin
+    (None if not run yet), and whether a larger tolerance bought a smaller model."""
+    by = {r["run"]: r for r in records}
+    tols = sorted((r for r in records if r["method"] == "conv-tolerance"),
+                  key=lambda r: float(r["run"].rsplit("-", 1)[1].rstrip("%")))
+    pairs = [(r, by.get(r["run"].replace("conv-tol-", "conv-budget-"))) for r in tols]
+    return pairs, all(a["macs"] > b["macs"] for a, b in zip(tols, tols[1:]))
 
 
 def observations(records: list[dict]) -> list[str]:
@@ -669,16 +674,11 @@ def replicate_notes(replicates: dict, main: list[dict]) -> list[str]:
         parts = [f"{r['run']} {100 * r['metric']:.2f}% vs static {100 * s['metric']:.2f}%" for r, s in pairs if s]
         if parts:
             lines += ["", f"Seed {seed}, dcopt vs static at the same MACs: " + "; ".join(parts) + "."]
-        tols = sorted((r for r in recs if r["method"] == "conv-tolerance"),
-                      key=lambda r: float(r["run"].rsplit("-", 1)[1].rstrip("%")))
-        if tols:
-            by = {r["run"]: r for r in recs}
-            parts = []
-            for r in tols:
-                b = by.get(r["run"].replace("conv-tol-", "conv-budget-"))
-                parts.append(f"{r['run']} {100 * r['macs_fraction']:.1f} % MACs, EER {100 * r['metric']:.2f}%"
-                             + (f" vs {b['run']} {100 * b['macs_fraction']:.1f} %, {100 * b['metric']:.2f}%" if b else ""))
-            monotone = all(a["macs"] > b["macs"] for a, b in zip(tols, tols[1:]))
+        pairs, monotone = tolerance_pairs(recs)
+        if pairs:
+            parts = [f"{r['run']} {100 * r['macs_fraction']:.1f} % MACs, EER {100 * r['metric']:.2f}%"
+                     + (f" vs {b['run']} {100 * b['macs_fraction']:.1f} %, {100 * b['metric']:.2f}%" if b else "")
+                     for r, b in pairs]
             lines += ["", f"Seed {seed}, issue 9's study: " + "; ".join(parts)
                       + f"; larger tolerance → smaller model: {'yes' if monotone else '**no**'}."]
         lines.append("")
