@@ -1,7 +1,8 @@
 """dcopt: learn layer widths while training, then export a smaller plain PyTorch model.
 
 Public API: :func:`analyze`, :func:`convert`, :func:`export`, :func:`save_exported`,
-:func:`fit` (with :class:`ToleranceController` for tolerance mode), :func:`count_macs`,
+:func:`fit` (with :class:`ToleranceController` for tolerance mode, :func:`land_on_budget` for
+budget mode in your own loop), :func:`count_macs`,
 :func:`register_rule` and the exceptions.
 """
 from . import counting  # noqa: F401  (dcopt.counting.flop_counter)
@@ -30,3 +31,6 @@ __all__ += ["fit", "History"]
 from .tolerance import ToleranceController
 
 __all__ += ["ToleranceController"]
+from .budget import BudgetLanding, land_on_budget
+
+__all__ += ["BudgetLanding", "land_on_budget"]

@@ -29,9 +29,12 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from .budget import BudgetLanding
 
 __all__ = ["fit", "History", "EpochRecord"]
 
@@ -93,6 +96,10 @@ class History:
     widths: dict[str, int] = field(default_factory=dict)
     tolerance: Optional[float] = None        # tolerance mode: the relative loss allowance
     reference_loss: Optional[float] = None   # tolerance mode: the fixed phase's loss
+    # budget mode: the integer sizes chosen at the end of the optimize phase
+    # (:func:`dcopt.budget.land_on_budget`); the settle records show them, the last
+    # optimize record the sizes before
+    budget_landing: Optional["BudgetLanding"] = None
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -114,6 +121,7 @@ class History:
     def to_dict(self) -> dict[str, Any]:
         """Plain Python (JSON-serialisable) form."""
         return {"widths": dict(self.widths), "tolerance": self.tolerance, "reference_loss": self.reference_loss,
+                "budget_landing": asdict(self.budget_landing) if self.budget_landing is not None else None,
                 "epochs": [asdict(r) for r in self.epochs],
                 "kappa_trace": [asdict(p) for p in self.kappa_trace]}
 
@@ -245,6 +253,12 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
       and weights, loss = task + ``dm.complexity_loss()`` (in budget mode that call also
       adapts β, once per step). ``settle_epochs``: sizes frozen at the learned values,
       weights fine-tune without noise. A phase with 0 epochs is skipped.
+    * Budget mode (``convert(..., target_macs=t)``) ends the optimize phase with
+      :func:`dcopt.budget.land_on_budget`: the integer sizes become the largest whose
+      kept MACs are at most t, in the proportions training learned (rounding ⌈s⌉ alone
+      lands a few % above or below t). It only shrinks when no settle phase follows in the
+      same call, so every kept feature has trained at its final size. What it did:
+      ``History.budget_landing``; it warns when even the κ_min floors exceed t.
     * ``lr``: weights; ``settle_lr`` (default ``lr``): weights in the settle phase, where
       fine-tuning at the final sizes pays for a lower rate. ``size_lr``: the κ of every
       group, deliberately slower than the weights (DESIGN.md, "Size dynamics": sizes as
@@ -414,6 +428,8 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                             if group.get("name") == "sizes":
                                 group["lr"] = 0.0 if controller.steps[-1].recovering else size_lr
                 history.epochs.append(rec)
+                if phase == "optimize" and phase_epoch == n_epochs and dm.config.target_macs is not None:
+                    history.budget_landing = _land(dm, grow=settle_epochs > 0, bar=bar if progress else None)
                 if progress:
                     bar.update(task_id, phase=phase, ep=f"{epoch}/{total_epochs}",
                                loss=_fmt(rec.val_loss if rec.val_loss is not None else rec.train_loss),
@@ -424,6 +440,21 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
         dm.fix_sizes()
         dm.train()
     return history
+
+
+def _land(dm, grow: bool, bar) -> "BudgetLanding":
+    """Budget mode's end of the optimize phase: integer sizes within the budget."""
+    from .budget import land_on_budget
+
+    landing = land_on_budget(dm, grow=grow)
+    if not landing.met:
+        warnings.warn(f"budget mode: even every group at its kappa_min floor keeps {landing.macs_after:.1%} of the "
+                      f"MACs, above target_macs={landing.target:g}; lower kappa_min or raise the budget",
+                      RuntimeWarning, stacklevel=3)
+    if bar is not None and landing.changed:
+        bar.console.print(f"budget: kept MACs {landing.macs_before:.1%} -> {landing.macs_after:.1%} "
+                          f"(target {landing.target:.1%}), sizes {landing.after}")
+    return landing
 
 
 def _tolerance_controller(dm, tolerance):

@@ -296,3 +296,4 @@ def test_planted_rank_budget_mode_lands_on_target(planted):
     print(f"budget toy: kept {hist.last.sizes['0']}/{HIDDEN}, MACs fraction {frac:.4f} (target 0.3), "
           f"β {hist.last.beta:.3f}")
     assert abs(frac / 0.3 - 1) <= 0.05
+    assert frac <= 0.3 and hist.budget_landing.met   # the landing: never above the budget
