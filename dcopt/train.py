@@ -68,6 +68,10 @@ class EpochRecord:
     # d(complexity term)/dκ — the task's pull (usually < 0: a larger κ lowers the loss)
     # against the regularizer's push (> 0); where they cancel a size stops.
     task_grad: dict[str, float] = field(default_factory=dict)
+    # per group, optimize phase only: the standard deviation of d(task loss)/dκ over the
+    # epoch's steps. Adam moves κ by about size_lr·mean/√(mean² + std²) a step, so a pull
+    # much noisier than its mean moves a size slowly even where the means balance.
+    task_grad_std: dict[str, float] = field(default_factory=dict)
     complexity_grad: dict[str, float] = field(default_factory=dict)
     # tolerance mode: the loss estimate the β controller saw this epoch (val loss, or the
     # training-loss EMA) and the bound (1 + tolerance)·reference it was held to.
@@ -77,6 +81,10 @@ class EpochRecord:
     # bound (the bound stayed violated: a size pushed past what the task needs does not
     # come back by gradient, the consumers stop using its noisy boundary feature).
     backtracked: bool = False
+    # budget mode, second half of the optimize phase: the kept MACs were above the budget
+    # after this epoch and the sizes were cut to these (dcopt.budget.land_on_budget, never
+    # growing); the sizes train on from there
+    budget_cut: Optional[dict[str, int]] = None
 
 
 @dataclass
@@ -258,7 +266,10 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
       kept MACs are at most t, in the proportions training learned (rounding ⌈s⌉ alone
       lands a few % above or below t). It only shrinks when no settle phase follows in the
       same call, so every kept feature has trained at its final size. What it did:
-      ``History.budget_landing``; it warns when even the κ_min floors exceed t.
+      ``History.budget_landing``; it warns when even the κ_min floors exceed t. In the
+      second half of the optimize phase, sizes whose kept MACs are still above t after an
+      epoch are already cut to t (shrinking only; ``EpochRecord.budget_cut``), so a dual
+      ascent that lags is corrected while the weights still train at ``lr``.
     * ``lr``: weights; ``settle_lr`` (default ``lr``): weights in the settle phase, where
       fine-tuning at the final sizes pays for a lower rate. ``size_lr``: the κ of every
       group, deliberately slower than the weights (DESIGN.md, "Size dynamics": sizes as
@@ -357,6 +368,7 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                 seen = 0
                 epoch_steps = 0
                 grad_task = torch.zeros(len(size_params))
+                grad_task_sq = torch.zeros(len(size_params), dtype=torch.float64)
                 grad_cx = torch.zeros(len(size_params))
                 for args, target in _batches(train_data, device):
                     out = dm(*args)
@@ -381,6 +393,7 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                                              else torch.zeros(()) for p in size_params])
                         grad_cx += d_cx
                         grad_task += d_all - d_cx
+                        grad_task_sq += (d_all - d_cx).double() ** 2
                     if grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(weights, grad_clip)
                     opt.step()
@@ -414,6 +427,8 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                               epoch_steps, time.perf_counter() - t0)
                 if phase == "optimize":
                     rec.task_grad = {n: float(g) / epoch_steps for n, g in zip(dm.group_names, grad_task)}
+                    rec.task_grad_std = {n: max(0.0, float(q) / epoch_steps - (float(g) / epoch_steps) ** 2) ** 0.5
+                                         for n, g, q in zip(dm.group_names, grad_task, grad_task_sq)}
                     rec.complexity_grad = {n: float(g) / epoch_steps for n, g in zip(dm.group_names, grad_cx)}
                     if controller is not None:
                         rec.constraint_loss = val_loss if val_data is not None else ema.value
@@ -421,15 +436,24 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                         if not controller.calibrated:
                             controller.calibrate(_balance_beta(rec, float(dm.beta)))
                         with torch.no_grad():
-                            dm.beta.fill_(controller.update(rec.constraint_loss))
+                            at_full = all(rec.sizes[n] >= w for n, w in widths.items())
+                            dm.beta.fill_(controller.update(rec.constraint_loss, full_width=at_full))
                         last_ok, rec.backtracked = _guard(controller.steps[-1], size_params, last_ok, opt,
                                                           final=phase_epoch == n_epochs)
                         for group in opt.param_groups:  # recovering after a backtrack: sizes wait
                             if group.get("name") == "sizes":
                                 group["lr"] = 0.0 if controller.steps[-1].recovering else size_lr
                 history.epochs.append(rec)
-                if phase == "optimize" and phase_epoch == n_epochs and dm.config.target_macs is not None:
-                    history.budget_landing = _land(dm, grow=settle_epochs > 0, bar=bar if progress else None)
+                if phase == "optimize" and dm.config.target_macs is not None:
+                    if phase_epoch == n_epochs:
+                        history.budget_landing = _land(dm, grow=settle_epochs > 0, bar=bar if progress else None)
+                    elif 2 * phase_epoch >= n_epochs and float(dm.complexity(at="kept").macs_fraction) \
+                            > dm.config.target_macs:
+                        # second half: sizes still above the budget are cut to it now, while
+                        # the weights train on at the full lr (a cut left to the last epoch is
+                        # followed only by the low-lr settle phase)
+                        from .budget import land_on_budget
+                        rec.budget_cut = land_on_budget(dm, grow=False).after
                 if progress:
                     bar.update(task_id, phase=phase, ep=f"{epoch}/{total_epochs}",
                                loss=_fmt(rec.val_loss if rec.val_loss is not None else rec.train_loss),

@@ -166,3 +166,20 @@ def test_other_modes_do_not_land():
     dm = dcopt.convert(ConvNet(), INPUTS, beta=0.1)
     hist = dcopt.fit(dm, data(), nn.functional.mse_loss, fixed_epochs=0, optimize_epochs=1, progress=False)
     assert hist.budget_landing is None
+
+
+def test_fit_cuts_a_lagging_budget_in_the_second_half():
+    # sizes far too slow to reach the budget by themselves: from the second half on, each
+    # epoch that ends above it is cut back, and the next epoch trains at the cut sizes
+    dm = make_dm([1.0, 1.0, 1.0], target=0.3)
+    torch.manual_seed(0)
+    hist = dcopt.fit(dm, data(), nn.functional.mse_loss, fixed_epochs=0, optimize_epochs=4, settle_epochs=1,
+                     lr=1e-2, size_lr=1e-6, progress=False)
+    opt = hist.phase("optimize")
+    assert [r.budget_cut is not None for r in opt] == [False, True, False, False]
+    assert opt[0].macs_fraction > 0.3 and opt[1].macs_fraction > 0.3   # the records: before the cut
+    dm_cut = make_dm([1.0, 1.0, 1.0], target=0.3)
+    dm_cut.set_sizes(opt[1].budget_cut)
+    assert kept_macs(dm_cut) <= 0.3
+    assert opt[2].sizes == opt[1].budget_cut                        # trained on from the cut sizes
+    assert hist.budget_landing.met
