@@ -29,7 +29,9 @@ reach ≥ 80 % fewer MACs (``replicate_runs``) and their baselines are repeated 
   at ``settle_lr``, as the dcopt runs).
 * ``kmin-*``: dcopt, ``regularizer`` at a fixed β, κ_min 0.5 / 0.25 / 0.125:
   optimize phase (sizes and weights, feature noise) then settle phase.
-* ``budget-*``: dcopt budget mode (``target_macs`` 0.5 / 0.25 / 0.15), κ_min 0.125.
+* ``budget-*``: dcopt budget mode (``target_macs`` 0.5 / 0.25 / 0.2 / 0.15), κ_min 0.125
+  (0.2 is the issue's −80 % itself; added once budget mode landed *on* its budgets:
+  before ``dcopt.land_on_budget`` the 0.15 runs ended at 16.8–17.9 % of the MACs).
   Every dcopt run is exported with ``dcopt.export`` and measured on the exported model.
 * ``static@<run>``: every width scaled uniformly (``speech_common.static_scaled``) to
   that dcopt run's exported MACs, trained from scratch for the same total epochs.
@@ -80,10 +82,11 @@ TARGET_DELTA_PP = 1.5
 
 FULL = dict(widths=(32, 64, 128), kernel=9, blocks=1, n_per_class=None, batch=32, fixed=8, optimize=10,
             settle=4, lr=2e-3, settle_lr=2e-4, size_lr=4e-3, beta=6.0, regularizer="l2",
-            kappa_mins=(0.5, 0.25, 0.125), budgets=(0.5, 0.25, 0.15), budget_kappa_min=0.125, dual_lr=0.05,
-            budget_rho=200.0, seed=0, replicate_seeds=(1, 2), replicate_runs=("kmin-0.125", "budget-0.15"))
+            kappa_mins=(0.5, 0.25, 0.125), budgets=(0.5, 0.25, 0.2, 0.15), budget_kappa_min=0.125, dual_lr=0.05,
+            budget_rho=200.0, seed=0, replicate_seeds=(1, 2),
+            replicate_runs=("kmin-0.125", "budget-0.2", "budget-0.15"))
 TINY = dict(FULL, widths=(8, 16, 16), kernel=3, batch=8, fixed=1, optimize=1, settle=1, size_lr=3e-2,
-            replicate_seeds=(), replicate_runs=())
+            budgets=(0.5, 0.25, 0.15), replicate_seeds=(), replicate_runs=())
 
 
 # -- the model ------------------------------------------------------------------------------

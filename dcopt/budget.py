@@ -91,6 +91,9 @@ def land_on_budget(dm, target: Optional[float] = None, *, grow: bool = True) -> 
         return out
 
     macs_before = macs(before)
+    if not names:                          # nothing to size: the model is what it is
+        return BudgetLanding(target=target, before={}, after={}, macs_before=macs_before, macs_after=macs_before,
+                             met=macs_before <= bound, scale=1.0)
     if macs(scaled(0.0)) > bound:          # even the floors break the budget
         c, sizes = 0.0, scaled(0.0)
     else:

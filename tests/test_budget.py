@@ -183,3 +183,18 @@ def test_fit_cuts_a_lagging_budget_in_the_second_half():
     assert kept_macs(dm_cut) <= 0.3
     assert opt[2].sizes == opt[1].budget_cut                        # trained on from the cut sizes
     assert hist.budget_landing.met
+
+
+def test_a_model_without_groups_lands_as_it_is():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    dm = dcopt.convert(Fixed(), (torch.randn(2, 4),), target_macs=0.5)
+    assert not dm.sizes()
+    landing = land_on_budget(dm)
+    assert landing.after == {} and not landing.met and landing.macs_after == 1.0
