@@ -67,6 +67,19 @@ def test_beta_grows_with_slack_at_most_e_to_the_rate():
     assert all(s.feasible and not s.backtrack for s in c.steps)
 
 
+def test_start_boost_only_while_every_size_is_at_full_width():
+    c = ctl(rate=0.3, patience=0, start_boost=3.0)
+    b0 = c.beta
+    assert c.update(1.0, full_width=True) == pytest.approx(b0 * math.exp(0.9))   # boosted
+    b = c.beta
+    assert c.update(1.0) == pytest.approx(b * math.exp(0.3))                     # a size moved: plain
+    b = c.beta
+    assert c.update(1.03, full_width=True) == pytest.approx(b)                   # in the hold band: no step
+    plain = ctl(rate=0.3, patience=0)                                             # default: off
+    assert plain.update(1.0, full_width=True) == pytest.approx(plain.steps[0].beta)
+    assert plain.steps[0].log_step == pytest.approx(0.3)
+
+
 def test_beta_holds_just_above_the_bound_and_shrinks_on_violation():
     c = ctl(rate=0.3, hold=1.0, patience=0)
     b = c.beta
@@ -160,6 +173,7 @@ def test_calibrate_raises_beta_once():
     (dict(tolerance=0.02, hold=2.0, backtrack_slack=-1.0), "backtrack_slack"),
     (dict(tolerance=0.02, beta_range=(2.0, 10.0)), "beta_range"), (dict(tolerance=0.02, backoff=0.0), "backoff"),
     (dict(tolerance=0.02, recovery_epochs=-1), "recovery_epochs"),
+    (dict(tolerance=0.02, start_boost=0.5), "start_boost"),
 ])
 def test_controller_rejects_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
