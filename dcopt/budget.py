@@ -80,8 +80,10 @@ def land_on_budget(dm, target: Optional[float] = None, *, grow: bool = True) -> 
     ceilings = before if not grow else widths
     bound = target * (1 + _REL_TOL)
 
+    full = dm._cx.macs_full
+
     def macs(sizes) -> float:
-        return float(dm._cx([torch.tensor(float(k), dtype=torch.float64) for k in sizes]).macs_fraction)
+        return dm._cx.macs_at(sizes) / full if full else 0.0
 
     def scaled(c: float) -> list[int]:
         out = []
@@ -110,16 +112,21 @@ def land_on_budget(dm, target: Optional[float] = None, *, grow: bool = True) -> 
                 if hi - lo < 1e-6 * max(1.0, hi):
                     break
         c, sizes = lo, scaled(lo)
-        while True:                        # fill: the group furthest below its learned share first
-            order = sorted(range(len(names)), key=lambda g: (sizes[g] / learned[g], g))
+        # fill: the group furthest below its learned share first. Kept MACs only grow with
+        # any size, so a step that breaks the budget now breaks it after any later step
+        # too: such a group is done (each group fails once, which keeps this linear).
+        done: set[int] = set()
+        while True:
+            order = sorted((g for g in range(len(names)) if g not in done),
+                           key=lambda g: (sizes[g] / learned[g], g))
             for g in order:
                 nxt = round_size(sizes[g] + 1, widths[g], r)
-                if nxt <= sizes[g] or nxt > max(ceilings[g], floors[g]):
-                    continue
                 trial = sizes[:g] + [nxt] + sizes[g + 1:]
-                if macs(trial) <= bound:
-                    sizes = trial
-                    break
+                if nxt <= sizes[g] or nxt > max(ceilings[g], floors[g]) or macs(trial) > bound:
+                    done.add(g)
+                    continue
+                sizes = trial
+                break
             else:
                 break
     dm.set_sizes(dict(zip(names, sizes)))

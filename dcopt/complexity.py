@@ -41,10 +41,11 @@ class Complexity:
 class _Width:
     """Kept count of one Positions, precomputed per group for speed."""
 
-    __slots__ = ("full", "fixed", "parts")
+    __slots__ = ("full", "fixed", "parts", "_cum")
 
     def __init__(self, pos: Optional[Positions], full: int, widths: Sequence[int] = ()):
         self.full = full
+        self._cum = None
         if pos is None:
             self.fixed, self.parts = float(full), []
             return
@@ -54,6 +55,18 @@ class _Width:
             ch = pos.ch[pos.gid == g]
             mult = torch.bincount(ch, minlength=widths[g]).to(torch.float64)
             self.parts.append((g, ch.to(torch.float64), mult, widths[g]))
+
+    def at(self, sizes: Sequence[int]) -> int:
+        """Kept count at integer sizes, in plain Python: the positions whose channel is
+        below its group's size (what ``__call__`` gives at integer sizes, without a
+        tensor op per group)."""
+        if self._cum is None:
+            self._cum = [(g, [0] + torch.cumsum(mult, 0).long().tolist(), width)
+                         for g, _, mult, width in self.parts]
+        total = int(self.fixed)
+        for g, cum, width in self._cum:
+            total += cum[max(0, min(int(sizes[g]), width))]
+        return total
 
     def __call__(self, s: Sequence[torch.Tensor]) -> torch.Tensor:
         """Kept count at sizes ``s``: channel c counts by clamp(s − c, 0, 1). The gradient
@@ -89,6 +102,23 @@ class ComplexityModel:
                 out = out * w(s)
             return out
         return torch.tensor(float(math.prod(self.param_shapes[q])), dtype=torch.float64)
+
+    def macs_at(self, sizes: Sequence[int]) -> int:
+        """Kept MACs at integer sizes, exactly and in plain Python: the same terms as
+        :meth:`__call__` (which is differentiable, and far slower where a search needs
+        hundreds of evaluations: 85 ms on densenet121)."""
+        def numel(q):
+            if q in self.dims:
+                return math.prod(w.at(sizes) for w in self.dims[q])
+            return math.prod(self.param_shapes[q])
+
+        macs = self.plan.const_macs
+        for coef, quals, extra in self.terms:
+            term = sum(numel(q) for q in quals) if quals else 1
+            for w in extra:
+                term *= w.at(sizes)
+            macs += coef * term
+        return macs
 
     def __call__(self, s: Sequence[torch.Tensor]) -> Complexity:
         s = [x.to(torch.float64).reshape(()) for x in s]

@@ -198,3 +198,28 @@ def test_a_model_without_groups_lands_as_it_is():
     assert not dm.sizes()
     landing = land_on_budget(dm)
     assert landing.after == {} and not landing.met and landing.macs_after == 1.0
+
+
+_CONVERTED = {}
+
+
+def _converted(name):
+    if name not in _CONVERTED:
+        from tests.models import build
+        model, inputs = build(name)
+        _CONVERTED[name] = dcopt.convert(model, inputs)
+    return _CONVERTED[name]
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["mlp", "conv_bn_flatten", "crnn_gru", "crnn_lstm", "lstm", "residual", "dense_concat",
+                             "transformer_ffn", "depthwise_separable", "layerscale_se", "sliced"]),
+       data=st.data())
+def test_plain_integer_macs_equal_the_differentiable_count(name, data):
+    # the landing searches with ComplexityModel.macs_at (plain Python); it must agree
+    # exactly with the differentiable count at every integer size
+    dm = _converted(name)
+    widths = [i.width for i in dm.sizes().values()]
+    sizes = [data.draw(st.integers(1, w)) for w in widths]
+    cx = dm._cx([torch.tensor(float(k), dtype=torch.float64) for k in sizes])
+    assert dm._cx.macs_at(sizes) == pytest.approx(float(cx.macs), rel=1e-12, abs=1e-9)
