@@ -29,12 +29,11 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-if TYPE_CHECKING:
-    from .budget import BudgetLanding
+from .budget import BudgetLanding, land_on_budget
 
 __all__ = ["fit", "History", "EpochRecord"]
 
@@ -107,7 +106,7 @@ class History:
     # budget mode: the integer sizes chosen at the end of the optimize phase
     # (:func:`dcopt.budget.land_on_budget`); the settle records show them, the last
     # optimize record the sizes before
-    budget_landing: Optional["BudgetLanding"] = None
+    budget_landing: Optional[BudgetLanding] = None
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -452,7 +451,6 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                         # second half: sizes still above the budget are cut to it now, while
                         # the weights train on at the full lr (a cut left to the last epoch is
                         # followed only by the low-lr settle phase)
-                        from .budget import land_on_budget
                         rec.budget_cut = land_on_budget(dm, grow=False).after
                 if progress:
                     bar.update(task_id, phase=phase, ep=f"{epoch}/{total_epochs}",
@@ -466,10 +464,8 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
     return history
 
 
-def _land(dm, grow: bool, bar) -> "BudgetLanding":
+def _land(dm, grow: bool, bar) -> BudgetLanding:
     """Budget mode's end of the optimize phase: integer sizes within the budget."""
-    from .budget import land_on_budget
-
     landing = land_on_budget(dm, grow=grow)
     if not landing.met:
         warnings.warn(f"budget mode: even every group at its kappa_min floor keeps {landing.macs_after:.1%} of the "
