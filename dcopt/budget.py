@@ -17,9 +17,10 @@ the optimize phase by choosing the integer sizes itself:
    furthest below its learned share (smallest k_g / s_g). At the end no group can grow
    without breaking the budget.
 
-``grow=False`` never goes above the sizes training left (``fit`` uses it when no settle
-phase follows in the same call: features switched back on would reach the exported
-model without a single step of training at their final sizes).
+``grow=False`` never goes above the sizes training left. ``fit`` uses it when no settle
+phase follows in the same call (features switched back on would reach the exported
+model without a single step of training at their final sizes), and for the cuts it makes
+in the second half of the optimize phase, where the sizes keep training afterwards.
 
 When even every group at its κ_min floor exceeds t, the floors are kept and the landing
 says ``met=False`` (fit warns): lower ``kappa_min`` or raise the budget.
