@@ -152,7 +152,8 @@ def main(argv=None):
     p.add_argument("--torch-pruning-only", action="store_true",
                    help="keep the recorded dcopt results; run Torch-Pruning for the models (default: those "
                         "without a Torch-Pruning record)")
-    p.add_argument("--out", default=str(OUT / "zoo.json"))
+    p.add_argument("--out", default=str(OUT / "zoo.json"),
+                   help="the results JSON (zoo.md goes next to it); a directory means DIR/zoo.json")
     p.add_argument("--tp-only", help=argparse.SUPPRESS)
     p.add_argument("--tp-mem-gb", type=float, default=8.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -163,11 +164,14 @@ def main(argv=None):
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         print(json.dumps(run_torch_pruning(args.tp_only), default=str))
         return
+    out = Path(args.out)
+    if out.is_dir() or not out.suffix:
+        out = out / "zoo.json"
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     if args.skip_largest:
         names = [n for n in names if n not in LARGE]
     if args.torch_pruning_only:
-        return _torch_pruning_only(names, Path(args.out), explicit=bool(args.models))
+        return _torch_pruning_only(names, out, explicit=bool(args.models))
     records = []
     for name in names:
         t0 = time.perf_counter()
@@ -180,7 +184,7 @@ def main(argv=None):
             rec.update(run_torch_pruning_isolated(name))
         rec["t_total"] = time.perf_counter() - t0
         records.append(rec)
-        _save(records, Path(args.out))  # after every model: a crash loses nothing
+        _save(records, out)  # after every model: a crash loses nothing
         print(f"{name:28s} {rec['outcome']:9s} dyn={rec.get('dynamic_fraction', 0):.0%} "
               f"tp={rec.get('tp_outcome', '-')[:30]} {rec['t_total']:.1f}s "
               f"{rec.get('detail', '')[:150]}", flush=True)
