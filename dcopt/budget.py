@@ -27,13 +27,12 @@ says ``met=False`` (fit warns): lower ``kappa_min`` or raise the budget.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .gates import INT_TOL, consolidated, round_size
+from .gates import consolidated, kept_size, round_size
 
 __all__ = ["BudgetLanding", "land_on_budget"]
 
@@ -87,11 +86,8 @@ def land_on_budget(dm, target: Optional[float] = None, *, grow: bool = True) -> 
         return dm._cx.macs_at(sizes) / full if full else 0.0
 
     def scaled(c: float) -> list[int]:
-        out = []
-        for s, w, lo, hi in zip(learned, widths, floors, ceilings):
-            k = round_size(max(1, math.ceil(c * s - INT_TOL)), w, r)
-            out.append(min(max(k, lo), max(hi, lo)))
-        return out
+        return [min(max(kept_size(c * s, w, r), lo), max(hi, lo))
+                for s, w, lo, hi in zip(learned, widths, floors, ceilings)]
 
     macs_before = macs(before)
     if not names:                          # nothing to size: the model is what it is

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["FeatureGate", "GatedRNN", "consolidated", "round_size", "LAMBDA_EPS", "INT_TOL"]
+__all__ = ["FeatureGate", "GatedRNN", "consolidated", "kept_size", "round_size", "LAMBDA_EPS", "INT_TOL"]
 
 #: λ is mapped affinely into [ε, 1-ε]: sqrt(λ) and sqrt(1-λ) keep finite derivatives.
 LAMBDA_EPS = 1e-3
@@ -23,7 +23,12 @@ INT_TOL = 1e-3
 def consolidated(kappa: torch.Tensor, width: int, round_to: int = 1) -> int:
     """The integer size a group keeps: ⌈s⌉ with s = κ·N, at least 1, rounded up to a
     multiple of ``round_to``, at most N."""
-    s = float(kappa.detach().double()) * width
+    return kept_size(float(kappa.detach().double()) * width, width, round_to)
+
+
+def kept_size(s: float, width: int, round_to: int = 1) -> int:
+    """:func:`consolidated` for a size s itself (the landing in dcopt/budget.py searches
+    over scaled sizes with the same rule eval and export keep)."""
     return round_size(int(max(1, math.ceil(s - INT_TOL))), width, round_to)
 
 
