@@ -95,42 +95,38 @@ class ComplexityModel:
         self.macs_full = plan.total_macs
         self.param_shapes = param_shapes
 
-    def numel(self, q: str, s) -> torch.Tensor:
+    def _numel(self, q: str, width):
+        """Kept element count of parameter ``q``; ``width(w)`` evaluates one _Width (a
+        differentiable tensor in :meth:`__call__`, a plain int in :meth:`macs_at`)."""
         if q in self.dims:
-            out = torch.tensor(1.0, dtype=torch.float64)
-            for w in self.dims[q]:
-                out = out * w(s)
-            return out
-        return torch.tensor(float(math.prod(self.param_shapes[q])), dtype=torch.float64)
+            return math.prod(width(w) for w in self.dims[q])
+        return math.prod(self.param_shapes[q])
+
+    def _macs(self, width):
+        """Σ coef · Σ numel(params) · Π extra widths over the MAC terms, plus the constant."""
+        macs = self.plan.const_macs
+        for coef, quals, extra in self.terms:
+            term = sum(self._numel(q, width) for q in quals) if quals else 1
+            for w in extra:
+                term = term * width(w)
+            macs = macs + coef * term
+        return macs
 
     def macs_at(self, sizes: Sequence[int]) -> int:
         """Kept MACs at integer sizes, exactly and in plain Python: the same terms as
         :meth:`__call__` (which is differentiable, and far slower where a search needs
         hundreds of evaluations: 85 ms on densenet121)."""
-        def numel(q):
-            if q in self.dims:
-                return math.prod(w.at(sizes) for w in self.dims[q])
-            return math.prod(self.param_shapes[q])
-
-        macs = self.plan.const_macs
-        for coef, quals, extra in self.terms:
-            term = sum(numel(q) for q in quals) if quals else 1
-            for w in extra:
-                term *= w.at(sizes)
-            macs += coef * term
-        return macs
+        return self._macs(lambda w: w.at(sizes))
 
     def __call__(self, s: Sequence[torch.Tensor]) -> Complexity:
         s = [x.to(torch.float64).reshape(()) for x in s]
+
+        def width(w):
+            return w(s)
+
         params = torch.tensor(float(self.const_params), dtype=torch.float64)
         for q in self.dims:
             if q in self.plan.param_numel:  # buffers (BN statistics) are sliced but are not parameters
-                params = params + self.numel(q, s)
-        macs = torch.tensor(float(self.plan.const_macs), dtype=torch.float64)
-        for coef, quals, extra in self.terms:
-            term = sum((self.numel(q, s) for q in quals), torch.tensor(0.0, dtype=torch.float64)) if quals \
-                else torch.tensor(1.0, dtype=torch.float64)
-            for w in extra:
-                term = term * w(s)
-            macs = macs + coef * term
+                params = params + self._numel(q, width)
+        macs = torch.as_tensor(self._macs(width), dtype=torch.float64)
         return Complexity(macs=macs, params=params, macs_full=self.macs_full, params_full=self.params_full)
