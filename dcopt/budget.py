@@ -62,8 +62,9 @@ def land_on_budget(dm, target: Optional[float] = None, *, grow: bool = True) -> 
     """Set ``dm``'s sizes to integers whose kept MACs fraction is at most ``target``
     (default: its ``target_macs``) and that no group can exceed by one step without
     breaking it, keeping the learned proportions (module docstring). ``grow=False``: no
-    group ends above its current kept size. Returns what it did; ``dm``'s κ are set so
-    that ``dm.sizes()`` reports exactly the new sizes."""
+    group ends above its current kept size. Returns what it did; when the sizes change,
+    ``dm``'s κ are set so that ``dm.sizes()`` reports exactly the new sizes (otherwise κ
+    is left as it was)."""
     cfg = dm.config
     target = cfg.target_macs if target is None else float(target)
     if target is None:
@@ -126,7 +127,8 @@ def land_on_budget(dm, target: Optional[float] = None, *, grow: bool = True) -> 
                 break
             else:
                 break
-    dm.set_sizes(dict(zip(names, sizes)))
+    if sizes != before:   # unchanged sizes keep their continuous κ (the mid-phase cut relies on it)
+        dm.set_sizes(dict(zip(names, sizes)))
     after = macs(sizes)
     return BudgetLanding(target=target, before=dict(zip(names, before)), after=dict(zip(names, sizes)),
                          macs_before=macs_before, macs_after=after, met=after <= bound, scale=c)

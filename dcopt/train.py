@@ -446,12 +446,12 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                 if phase == "optimize" and dm.config.target_macs is not None:
                     if phase_epoch == n_epochs:
                         history.budget_landing = _land(dm, grow=settle_epochs > 0, bar=bar if progress else None)
-                    elif 2 * phase_epoch >= n_epochs and float(dm.complexity(at="kept").macs_fraction) \
-                            > dm.config.target_macs:
+                    elif 2 * phase_epoch >= n_epochs:
                         # second half: sizes still above the budget are cut to it now, while
                         # the weights train on at the full lr (a cut left to the last epoch is
-                        # followed only by the low-lr settle phase)
-                        rec.budget_cut = land_on_budget(dm, grow=False).after
+                        # followed only by the low-lr settle phase); within it, nothing moves
+                        cut = land_on_budget(dm, grow=False)
+                        rec.budget_cut = cut.after if cut.changed else None
                 if progress:
                     bar.update(task_id, phase=phase, ep=f"{epoch}/{total_epochs}",
                                loss=_fmt(rec.val_loss if rec.val_loss is not None else rec.train_loss),

@@ -223,3 +223,13 @@ def test_plain_integer_macs_equal_the_differentiable_count(name, data):
     sizes = [data.draw(st.integers(1, w)) for w in widths]
     cx = dm._cx([torch.tensor(float(k), dtype=torch.float64) for k in sizes])
     assert dm._cx.macs_at(sizes) == pytest.approx(float(cx.macs), rel=1e-12, abs=1e-9)
+
+
+def test_landing_within_the_budget_leaves_kappa_alone():
+    # the mid-phase cut calls the landing every epoch of the second half: sizes already
+    # within the budget must keep their continuous κ (training goes on from them)
+    dm = make_dm([0.37, 0.41, 0.29], target=0.9)
+    kappas = [float(k) for k in dm.size_parameters()]
+    landing = land_on_budget(dm, grow=False)
+    assert not landing.changed
+    assert [float(k) for k in dm.size_parameters()] == kappas
