@@ -2,8 +2,8 @@
 
 Budget mode (``convert(..., target_macs=t)``) steers the *continuous* sizes s towards
 MACs(s) = t by dual ascent, but what eval and export keep are the *integer* sizes ⌈s⌉.
-The two differ in both directions, and by more than users expect (measured, VAD CRNN,
-4 groups, 10 optimize epochs): a 15 % budget ended at 15.6 % kept MACs — every group
+The two differ in both directions, and by more than users expect (VAD CRNN, 4 groups, 10
+optimize epochs; benchmarks/results/vad.json before this module, in git history): a 15 % budget ended at 15.6 % kept MACs — every group
 rounded up by up to one feature, about 5 % of a 20-wide group — and a 25 % budget at
 22 % (the dual had overshot). A user who names a MACs budget for a device wants a model
 at most that large and no smaller than it needs to be, so :func:`land_on_budget` ends

@@ -121,7 +121,7 @@ class ToleranceController:
     start_boost:     while every size is still at full width (``update(..., full_width=True)``)
                      β grows this many times as fast (off: 1). Meant for the epochs spent
                      below the β where sizes begin to move (VAD CRNN: 7 of 24 optimize
-                     epochs); measured there at 3, it found smaller models at 1 % but the
+                     epochs); measured there at 3 (one-off runs, docs/tolerance.md), it found smaller models at 1 % but the
                      two tolerances' sizes nearly met on one seed (67 % and 63 % of the
                      MACs) and EER rose at 5 % on both, so it is off by default.
     beta_init:       start β = beta_init · tolerance · reference (before :meth:`calibrate`).
