@@ -29,6 +29,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .counting import _CONVS, conv_flops, flop_counter, zero_flop_key
 from .errors import TraceError
+from .shape_only import ValueGuard, shape_only_call, shapes_only_safe, value_blind
 
 __all__ = ["DcoptTracer", "Traced", "OpaqueLeaf", "trace", "ALWAYS_LEAF"]
 
@@ -234,10 +235,12 @@ class _MeasuringShapeProp(torch.fx.Interpreter):
     * no per-node context manager, submodules looked up in a dict.
     """
 
-    def __init__(self, gm, count_all: bool = False, modules: Optional[dict] = None):
+    def __init__(self, gm, count_all: bool = False, modules: Optional[dict] = None, shapes_only: bool = False):
         super().__init__(gm)
         self.macs: dict[str, int] = {}
         self.count_all = count_all
+        self.shapes_only = shapes_only
+        self._guard = ValueGuard() if shapes_only else None
         self._counter = flop_counter()
         self._zero: dict[Any, bool] = {}   # zero_flop_key -> its first call counted nothing
         self._modules = modules if modules is not None else dict(gm.named_modules())
@@ -249,7 +252,12 @@ class _MeasuringShapeProp(torch.fx.Interpreter):
         # Interpreter.run_node without its per-node context manager (fx's meta
         # preservation for re-tracing, which this never does)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        out = self._run_counted(n, args, kwargs)
+        if self.shapes_only and n.op not in ("placeholder", "get_attr", "output") and not value_blind(
+                n, self._submodule(n.target) if n.op == "call_module" else None, args, kwargs):
+            with self._guard:
+                out = self._run_counted(n, args, kwargs)
+        else:
+            out = self._run_counted(n, args, kwargs)
         if type(out) is torch.Tensor:
             n.meta["tensor_meta"] = _tensor_meta(out)
         else:
@@ -269,7 +277,12 @@ class _MeasuringShapeProp(torch.fx.Interpreter):
         return out
 
     def call_module(self, target, args, kwargs):
-        return self._submodule(target)(*args, **kwargs)
+        module = self._submodule(target)
+        if self.shapes_only:
+            out = shape_only_call(module, args, kwargs)
+            if out is not None:
+                return out
+        return module(*args, **kwargs)
 
     def _submodule(self, target: str) -> nn.Module:
         # named_modules lists a module shared under two names once: fall back to fx's lookup
@@ -356,21 +369,47 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     return traced
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_all: bool = False) -> dict[str, int]:
-    """Run ShapeProp (real tensors) and return the MACs of each node. ``count_all``: run
-    every node under the counter (the reference the fast path is tested against)."""
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_all: bool = False,
+                     shapes_only: bool = True) -> dict[str, int]:
+    """Run ShapeProp on the example inputs and return the MACs of each node.
+
+    ``shapes_only`` (default): where :func:`~dcopt.shape_only.shapes_only_safe` allows it,
+    convolutions and linear layers run on meta tensors (shapes without arithmetic, see
+    :mod:`dcopt.shape_only`); the run falls back to real tensors the moment a value could
+    reach a shape. ``count_all``: real tensors and every node under the counter (the
+    reference the fast paths are tested against). ``gm.meta['shape_propagation']`` says
+    which run it was, and why not the fast one."""
     modules = dict(gm.named_modules())
     flags = {name: m.training for name, m in modules.items()}
     if any(flags.values()):
         gm.eval()
-    prop = _MeasuringShapeProp(gm, count_all=count_all, modules=modules)
+    why_real = "count_all" if count_all else "shapes_only=False" if not shapes_only else None
     try:
-        with torch.no_grad():
-            prop.propagate(*example_inputs)
-    except Exception as exc:
-        node = getattr(prop, "_current_node", None)
-        raise TraceError(f"running the model on the example inputs failed: {type(exc).__name__}: {exc}",
-                         location=_user_frame(sys.exc_info()[2])) from exc
+        why_real = why_real or shapes_only_safe(gm, modules)
+        if why_real is None:
+            prop = _MeasuringShapeProp(gm, modules=modules, shapes_only=True)
+            # copies: an in-place op on an input must not leave the fallback run other values
+            inputs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, example_inputs)
+            try:
+                with torch.no_grad():
+                    prop.propagate(*inputs)
+                gm.meta["shape_propagation"] = "shapes only"
+                return prop.macs
+            except Exception as exc:
+                # a value might have reached a shape, or zeros upset an op: forget this
+                # run's metadata and do it for real (which raises the real error, if any)
+                why_real = f"abandoned the shapes-only run: {type(exc).__name__}: {_first_line(str(exc))}"
+                for node in gm.graph.nodes:
+                    node.meta.pop("tensor_meta", None)
+                    node.meta.pop("type", None)
+        gm.meta["shape_propagation"] = f"real tensors ({why_real})"
+        prop = _MeasuringShapeProp(gm, count_all=count_all, modules=modules)
+        try:
+            with torch.no_grad():
+                prop.propagate(*example_inputs)
+        except Exception as exc:
+            raise TraceError(f"running the model on the example inputs failed: {type(exc).__name__}: {exc}",
+                             location=_user_frame(sys.exc_info()[2])) from exc
+        return prop.macs
     finally:
         _set_training(modules, flags)
-    return prop.macs

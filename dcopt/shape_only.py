@@ -1,0 +1,162 @@
+"""Shape propagation without the arithmetic of the heavy layers.
+
+The analysis reads only shapes (``node.meta['tensor_meta']``) and MAC counts from the run
+on the example inputs, never values. Yet on a conv net nearly all of that run is spent
+computing convolutions whose numbers nobody looks at: resnet50's propagation takes 84 ms,
+75 of them the forward itself. So, where it is provably safe, a call of an exact
+``nn.Conv1d/2d/3d`` or ``nn.Linear`` is run on *meta* tensors (torch's own shape rules and
+argument checks, no arithmetic) and its output is replaced by zeros of that shape; every
+other op runs for real on what it is given.
+
+Why this cannot change a shape: from the first such layer on, values are zeros instead of
+the real activations, so the run is exact as long as no output *shape* depends on a
+value. Where a value could reach a shape, the run is not attempted, or is abandoned and
+done again with real tensors:
+
+* **before the run** (:func:`shapes_only_safe`): every called module is one of torch's or
+  torchvision's own classes (a user's class, or an opaque leaf, may read values in ways nothing can
+  observe, e.g. ``x.tolist()`` or ``x.numpy()``), every called function is torch's,
+  torchvision's or Python's operator/builtins/math, no method that leaves the dispatcher
+  (``tolist``, ``numpy``) is called, and no module or global forward hook is set;
+* **during the run** (:class:`ValueGuard`, around every node but those
+  :func:`value_blind` knows cannot read a value: convolutions, norms, activations, pools,
+  views, arithmetic; its per-op cost tripled the propagation of small nets when it watched
+  everything): an op that torch tags as having a data-dependent output (``_local_scalar_dense``, i.e. ``item()``, ``bool(t)``,
+  ``int(t)``) or a data-dependent output shape (``nonzero``, ``masked_select``,
+  ``unique``, indexing with a tensor, ...) aborts the run;
+* any exception in the run (zeros can upset an op that real values would not) abandons it
+  too; the real run then raises the real error, if there is one.
+
+The real run (``propagate_shapes(count_all=True)`` or the fallback) stays the reference:
+the tests check that both give the same shapes, dtypes and MACs on every test model (and a
+one-off check did on all 80 torchvision classification models). Strides may differ: the
+meta kernels do not always choose the memory layout a CPU backend does (a depthwise conv
+on a channels-last input), and nothing in dcopt reads strides.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["SHAPE_ONLY_MODULES", "shapes_only_safe", "value_blind", "ValueGuard", "ValueDependent",
+           "shape_only_call"]
+
+#: Module classes whose call, in a shapes-only run, is replaced by its meta-tensor twin
+#: (exact classes: a subclass may override ``forward``).
+SHAPE_ONLY_MODULES: frozenset = frozenset({nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear})
+
+_TRUSTED_CLASS_MODULES = ("torch", "torchvision")
+_TRUSTED_FUNCTION_MODULES = ("torch", "torchvision", "_operator", "operator", "builtins", "math")
+#: Tensor methods that read values outside the dispatcher, where ValueGuard cannot see them.
+_VALUE_READING_METHODS = frozenset({"tolist", "numpy", "__array__", "data_ptr", "storage", "untyped_storage",
+                                    "__dlpack__", "__index__", "__int__", "__float__", "__bool__", "item"})
+
+#: torch.nn files whose classes, called on one tensor, have output shapes that depend on
+#: input shapes only and never turn a value into a Python number (MultiheadAttention, the
+#: one exception in these files, is left out by name).
+_VALUE_BLIND_MODULE_FILES = frozenset(f"torch.nn.modules.{name}" for name in (
+    "activation", "batchnorm", "conv", "dropout", "flatten", "linear", "normalization", "pooling", "padding",
+    "pixelshuffle", "channelshuffle", "upsampling"))
+#: Functions and tensor methods of the same kind (``operator.getitem`` only with no tensor in
+#: the index: a boolean mask selects a data-dependent number of elements).
+_VALUE_BLIND_FUNCTIONS = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg, operator.matmul,
+    operator.eq, getattr, torch.cat, torch.stack, torch.chunk, torch.split, torch.flatten, torch.permute,
+    torch.transpose, torch.swapaxes, torch.reshape, torch.sigmoid, torch.relu, torch.tanh, torch.add, torch.mul,
+    torch.einsum, torch.matmul, torch.unsqueeze, torch.squeeze, torch.mean, torch.sum,
+    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.layer_norm, F.softmax, F.dropout,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d, torch._C._nn.avg_pool2d,
+    F.max_pool1d, F.max_pool2d})
+_VALUE_BLIND_METHODS = frozenset({
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "dim", "size", "expand", "mean", "sum",
+    "chunk", "split", "unsqueeze", "squeeze", "softmax", "sigmoid", "relu", "add", "mul", "sub", "div"})
+_DATA_DEPENDENT_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+
+
+class ValueDependent(RuntimeError):
+    """An op whose output or output shape depends on values ran in a shapes-only run."""
+
+
+class ValueGuard(TorchDispatchMode):
+    """Aborts the run at the first op torch tags as data-dependent (see module docstring).
+    The per-op check is a tag lookup; resnet50's ~300 dispatched ops cost well under a
+    millisecond together."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tags = func.tags
+        if any(tag in tags for tag in _DATA_DEPENDENT_TAGS):
+            raise ValueDependent(f"{func} reads values")
+        return func(*args, **(kwargs or {}))
+
+
+def _trusted_class(module: nn.Module) -> bool:
+    return type(module).__module__.split(".", 1)[0] in _TRUSTED_CLASS_MODULES
+
+
+def _trusted_function(fn: Any) -> bool:
+    owner = getattr(fn, "__module__", None)
+    return isinstance(owner, str) and owner.split(".", 1)[0] in _TRUSTED_FUNCTION_MODULES
+
+
+def shapes_only_safe(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> Optional[str]:
+    """None when a shapes-only run of ``gm`` is allowed; else why not (for tests and
+    debugging; the caller just runs for real)."""
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_pre_hooks or _m._global_forward_hooks:
+        return "a global forward hook is set"
+    for name, module in modules.items():
+        if module._forward_pre_hooks or module._forward_hooks:
+            return f"module {name or '<root>'} has a forward hook"
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = modules.get(node.target)
+            if module is None or not _trusted_class(module):
+                return f"{node.target} is a {type(module).__name__} (not one of torch's or torchvision's module classes)"
+        elif node.op == "call_function" and not _trusted_function(node.target):
+            return f"{node.name} calls {getattr(node.target, '__qualname__', node.target)}, not torch's"
+        elif node.op == "call_method" and node.target in _VALUE_READING_METHODS:
+            return f"{node.name} calls .{node.target}()"
+    return None
+
+
+def value_blind(node: torch.fx.Node, module: Optional[nn.Module], args: tuple, kwargs: dict) -> bool:
+    """True when ``node`` (called with ``args``/``kwargs``; ``module``: the called module of
+    a ``call_module`` node) can run without :class:`ValueGuard`: its output shape cannot
+    depend on a value and it reads none into Python. False merely means "watch it"."""
+    if node.op == "call_module":
+        kind = type(module)
+        return (kind.__module__ in _VALUE_BLIND_MODULE_FILES and kind is not nn.MultiheadAttention and not kwargs
+                and len(args) == 1)
+    if node.op == "call_function":
+        if node.target is operator.getitem:
+            return not any(isinstance(a, torch.Tensor) for a in torch.utils._pytree.tree_leaves(args[1:]))
+        return node.target in _VALUE_BLIND_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _VALUE_BLIND_METHODS
+    return True
+
+
+def _meta(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else torch.empty_like(t, device="meta")
+
+
+def shape_only_call(module: nn.Module, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """Zeros shaped like ``module(*args)`` for a :data:`SHAPE_ONLY_MODULES` call with one
+    plain tensor argument, computed on meta tensors (so a width mismatch raises torch's
+    own error); None: any other call, run it for real."""
+    if type(module) not in SHAPE_ONLY_MODULES or kwargs or len(args) != 1 or type(args[0]) is not torch.Tensor:
+        return None
+    x = args[0]
+    weight, bias = _meta(module.weight), _meta(module.bias)
+    if type(module) is nn.Linear:
+        out = F.linear(_meta(x), weight, bias)
+    else:
+        out = module._conv_forward(_meta(x), weight, bias)
+    return torch.zeros_like(out, device=x.device)   # with the meta kernel's strides (memory format)
