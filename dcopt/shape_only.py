@@ -28,8 +28,8 @@ done again with real tensors:
   too; the real run then raises the real error, if there is one.
 
 The real run (``propagate_shapes(count_all=True)`` or the fallback) stays the reference:
-the tests check that both give the same shapes, dtypes and MACs on every test model (and a
-one-off check did on all 80 torchvision classification models). Strides may differ: the
+the tests check that both give the same shapes, dtypes and MACs on every test model (and
+``benchmarks/zoo.py`` on all 80 torchvision classification models). Strides may differ: the
 meta kernels do not always choose the memory layout a CPU backend does (a depthwise conv
 on a channels-last input), and nothing in dcopt reads strides.
 """
