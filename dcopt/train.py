@@ -107,6 +107,9 @@ class History:
     # (:func:`dcopt.budget.land_on_budget`); the settle records show them, the last
     # optimize record the sizes before
     budget_landing: Optional[BudgetLanding] = None
+    # the kept integer sizes when fit returned: what export keeps (``last.sizes`` are the
+    # sizes that epoch ran with, before a budget landing that no settle epoch followed)
+    final_sizes: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -127,7 +130,8 @@ class History:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python (JSON-serialisable) form."""
-        return {"widths": dict(self.widths), "tolerance": self.tolerance, "reference_loss": self.reference_loss,
+        return {"widths": dict(self.widths), "final_sizes": dict(self.final_sizes), "tolerance": self.tolerance,
+                "reference_loss": self.reference_loss,
                 "budget_landing": asdict(self.budget_landing) if self.budget_landing is not None else None,
                 "epochs": [asdict(r) for r in self.epochs],
                 "kappa_trace": [asdict(p) for p in self.kappa_trace]}
@@ -461,6 +465,7 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                         bar.console.print(_summary_line(rec, widths))
         dm.fix_sizes()
         dm.train()
+    history.final_sizes = {name: info.kept for name, info in dm.sizes().items()}
     return history
 
 

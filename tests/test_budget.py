@@ -142,14 +142,14 @@ def test_fit_ends_budget_mode_within_the_budget(settle):
     landing = hist.budget_landing
     assert landing is not None and landing.met
     assert landing.before == hist.phase("optimize")[-1].sizes
-    assert {n: i.kept for n, i in dm.sizes().items()} == landing.after
+    assert {n: i.kept for n, i in dm.sizes().items()} == landing.after == hist.final_sizes
     for rec in hist.phase("settle"):
         assert rec.sizes == landing.after and rec.macs_fraction <= 0.3 + 1e-9
     if settle == 0:   # nothing trains the features it would switch back on: only shrink
         assert all(landing.after[n] <= k for n, k in landing.before.items())
     small = dcopt.export(dm)
     assert dcopt.count_macs(small, INPUTS) <= 0.3 * dcopt.count_macs(ConvNet(), INPUTS)
-    assert hist.to_dict()["budget_landing"]["after"] == landing.after
+    assert hist.to_dict()["budget_landing"]["after"] == landing.after == hist.to_dict()["final_sizes"]
 
 
 def test_fit_warns_when_the_floors_break_the_budget():
