@@ -34,3 +34,6 @@ __all__ += ["ToleranceController"]
 from .budget import BudgetLanding, land_on_budget
 
 __all__ += ["BudgetLanding", "land_on_budget"]
+from .ordering import spread_order
+
+__all__ += ["spread_order"]

@@ -1,0 +1,62 @@
+"""Feature order for groups whose features are not interchangeable.
+
+dcopt keeps the *first* ⌈s⌉ features of a group (DESIGN.md, consolidation). For features
+made by a freshly initialised layer that is harmless: their order is arbitrary, and
+training decides what each one carries. It is not harmless when the initialisation gives
+the features an order with a meaning: a filter bank initialised as mel bands sorted by
+frequency keeps only the *lowest* bands. On the VAD CRNN (80 mel bands), a 25 % MACs budget
+kept bands 0–30, i.e. 0–1.2 kHz, and the low-SNR clips, whose noise sits mostly at low
+frequencies, lost most (benchmarks/vad.py).
+
+:func:`spread_order` is a permutation of ``range(n)`` each of whose prefixes is spread
+over the whole range; initialise such a layer in that order (e.g. ``fb.weight.copy_(
+mel[spread_order(80)])``) and every size the group can take keeps bands across the whole
+spectrum. At full width the model is the same up to a relabelling of its features.
+"""
+from __future__ import annotations
+
+__all__ = ["spread_order"]
+
+
+def spread_order(n: int) -> list[int]:
+    """A permutation of ``range(n)`` whose every prefix of length k leaves no gap wider than
+    3n/k between consecutive chosen indices, counting from −1 before the first and to n
+    after the last (property-tested).
+
+    Greedy farthest-point order on the line: the first index is the middle one, each
+    next one the index farthest from all chosen ones (the lowest on a tie), which halves
+    the widest gap. Deterministic; O(n log n).
+    """
+    import heapq
+
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if n == 0:
+        return []
+    first = (n - 1) // 2
+    order = [first]
+    # gaps as (priority, lo, hi): the open interval (lo, hi) of unchosen indices between
+    # chosen ones, with -1 and n as sentinels; priority: the best point's distance to the
+    # nearer end (an end that is a sentinel does not count as chosen)
+    heap: list[tuple[int, int, int, int]] = []
+
+    def push(lo: int, hi: int) -> None:
+        if hi - lo < 2:
+            return
+        if lo < 0:
+            best, dist = lo + 1, hi - (lo + 1)     # the left end: as far as possible from hi
+        elif hi >= n:
+            best, dist = hi - 1, (hi - 1) - lo
+        else:
+            best = (lo + hi) // 2
+            dist = min(best - lo, hi - best)
+        heapq.heappush(heap, (-dist, best, lo, hi))
+
+    push(-1, first)
+    push(first, n)
+    while heap:
+        _, best, lo, hi = heapq.heappop(heap)
+        order.append(best)
+        push(lo, best)
+        push(best, hi)
+    return order
