@@ -805,8 +805,8 @@ def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool,
                 d, st = by.get(run), by.get(f"static-{run}")
                 parts.append(f"{run}: dcopt {100 * d['metric']:.2f}%, its widths from scratch "
                              f"{100 * r['metric']:.2f}%, uniform widths {100 * st['metric']:.2f}%" if d and st else run)
-            lines.append("* Why dcopt loses to static (the same MACs, one seed): its widths trained from scratch like "
-                         "the static baseline (`alloc-*`) — " + "; ".join(parts) + ".")
+            lines.append("* dcopt's training path against its widths trained from scratch like the static baseline "
+                         "(`alloc-*`; the same MACs, one seed) — " + "; ".join(parts) + ".")
         c = t.get("issue9_tolerance")
         if c:
             parts = [f"{n}: {100 * v['macs_fraction']:.1f} % MACs, EER {100 * v['eer']:.2f}% vs "

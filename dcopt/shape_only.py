@@ -21,8 +21,9 @@ done again with real tensors:
 * **during the run** (:class:`ValueGuard`, around every node but those
   :func:`value_blind` knows cannot read a value: convolutions, norms, activations, pools,
   views, arithmetic; its per-op cost tripled the propagation of small nets when it watched
-  everything): an op that torch tags as having a data-dependent output (``_local_scalar_dense``, i.e. ``item()``, ``bool(t)``,
-  ``int(t)``) or a data-dependent output shape (``nonzero``, ``masked_select``,
+  everything): an op that torch tags as having a data-dependent output
+  (``_local_scalar_dense``, i.e. ``item()``, ``bool(t)``, ``int(t)``) or a data-dependent
+  output shape (``nonzero``, ``masked_select``,
   ``unique``, indexing with a tensor, ...) aborts the run;
 * any exception in the run (zeros can upset an op that real values would not) abandons it
   too; the real run then raises the real error, if there is one.
@@ -64,15 +65,23 @@ _VALUE_BLIND_MODULE_FILES = frozenset(f"torch.nn.modules.{name}" for name in (
     "activation", "batchnorm", "conv", "dropout", "flatten", "linear", "normalization", "pooling", "padding",
     "pixelshuffle", "channelshuffle", "upsampling"))
 #: Functions and tensor methods of the same kind (``operator.getitem`` only with no tensor in
-#: the index: a boolean mask selects a data-dependent number of elements).
+#: the index: a boolean mask selects a data-dependent number of elements; see
+#: _OPERAND_FUNCTIONS for the others).
 _VALUE_BLIND_FUNCTIONS = frozenset({
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg, operator.matmul,
-    operator.eq, getattr, torch.cat, torch.stack, torch.chunk, torch.split, torch.flatten, torch.permute,
-    torch.transpose, torch.swapaxes, torch.reshape, torch.sigmoid, torch.relu, torch.tanh, torch.add, torch.mul,
-    torch.einsum, torch.matmul, torch.unsqueeze, torch.squeeze, torch.mean, torch.sum,
+    operator.eq, operator.getitem, getattr, torch.cat, torch.stack, torch.chunk, torch.split, torch.flatten,
+    torch.permute, torch.transpose, torch.swapaxes, torch.reshape, torch.sigmoid, torch.relu, torch.tanh,
+    torch.add, torch.mul, torch.einsum, torch.matmul, torch.unsqueeze, torch.squeeze, torch.mean, torch.sum,
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.layer_norm, F.softmax, F.dropout,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d, torch._C._nn.avg_pool2d,
     F.max_pool1d, F.max_pool2d})
+#: Of those, the ones whose tensor arguments are all operands; for the others (views,
+#: reductions, pools, splits) a tensor anywhere but in the first argument would be read as
+#: a size, so such a call is watched.
+_OPERAND_FUNCTIONS = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.matmul, operator.eq,
+    torch.cat, torch.stack, torch.add, torch.mul, torch.einsum, torch.matmul, F.layer_norm})
+_OPERAND_METHODS = frozenset({"add", "mul", "sub", "div"})
 _VALUE_BLIND_METHODS = frozenset({
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "dim", "size", "expand", "mean", "sum",
     "chunk", "split", "unsqueeze", "squeeze", "softmax", "sigmoid", "relu", "add", "mul", "sub", "div"})
@@ -118,7 +127,8 @@ def shapes_only_safe(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) ->
         if node.op == "call_module":
             module = modules.get(node.target)
             if module is None or not _trusted_class(module):
-                return f"{node.target} is a {type(module).__name__} (not one of torch's or torchvision's module classes)"
+                return (f"{node.target} is a {type(module).__name__} "
+                        "(not one of torch's or torchvision's module classes)")
         elif node.op == "call_function" and not _trusted_function(node.target):
             return f"{node.name} calls {getattr(node.target, '__qualname__', node.target)}, not torch's"
         elif node.op == "call_method" and node.target in _VALUE_READING_METHODS:
@@ -135,12 +145,17 @@ def value_blind(node: torch.fx.Node, module: Optional[nn.Module], args: tuple, k
         return (kind.__module__ in _VALUE_BLIND_MODULE_FILES and kind is not nn.MultiheadAttention and not kwargs
                 and len(args) == 1)
     if node.op == "call_function":
-        if node.target is operator.getitem:
-            return not any(isinstance(a, torch.Tensor) for a in torch.utils._pytree.tree_leaves(args[1:]))
-        return node.target in _VALUE_BLIND_FUNCTIONS
+        if node.target in _OPERAND_FUNCTIONS:
+            return True
+        return node.target in _VALUE_BLIND_FUNCTIONS and not _tensor_in((args[1:], kwargs))
     if node.op == "call_method":
-        return node.target in _VALUE_BLIND_METHODS
+        return node.target in _VALUE_BLIND_METHODS and (node.target in _OPERAND_METHODS
+                                                        or not _tensor_in((args[1:], kwargs)))
     return True
+
+
+def _tensor_in(tree) -> bool:
+    return any(isinstance(a, torch.Tensor) for a in torch.utils._pytree.tree_leaves(tree))
 
 
 def _meta(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

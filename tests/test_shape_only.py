@@ -226,3 +226,27 @@ def test_in_place_ops_do_not_change_the_users_inputs_twice():
     before = x.clone()
     trace(InPlace().eval(), (x,))
     assert torch.equal(x, before * 2)   # doubled once, by the real run
+
+
+def test_value_blind_watches_tensors_in_size_positions():
+    import operator
+
+    from dcopt.shape_only import value_blind
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    t, ints = torch.ones(2, dtype=torch.long), (1, 1)
+
+    def node(op, target):
+        return graph.create_node(op, target, (x,))
+
+    assert value_blind(node("call_function", operator.add), None, (t, t), {})            # operands
+    assert value_blind(node("call_function", torch.split), None, (t, 1), {})
+    assert not value_blind(node("call_function", torch.split), None, (t, t), {})        # sizes from values
+    assert value_blind(node("call_function", operator.getitem), None, (t, (slice(None), 0)), {})
+    assert not value_blind(node("call_function", operator.getitem), None, (t, t > 0), {})
+    assert value_blind(node("call_method", "view"), None, (t, ints), {})
+    assert not value_blind(node("call_method", "view"), None, (t, t), {})
+    assert not value_blind(node("call_function", torch.nonzero), None, (t,), {})       # not listed: watched
+    assert value_blind(node("call_module", "conv"), nn.Conv1d(2, 2, 1), (t,), {})
+    assert not value_blind(node("call_module", "mha"), nn.MultiheadAttention(4, 1), (t,), {})
