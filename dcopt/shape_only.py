@@ -94,8 +94,10 @@ class ValueDependent(RuntimeError):
 
 class ValueGuard(TorchDispatchMode):
     """Aborts the run at the first op torch tags as data-dependent (see module docstring).
-    The per-op check is a tag lookup; resnet50's ~300 dispatched ops cost well under a
-    millisecond together."""
+    The check itself is a tag lookup, but Python dispatch costs tens of microseconds per
+    op (watching every node made small nets' propagation slower than the real run), hence
+    :func:`value_blind`. An op without tags (not an OpOverload) raises too, and the run
+    falls back."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         tags = func.tags
