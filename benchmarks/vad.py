@@ -161,7 +161,7 @@ class CRNN(nn.Module):
 def build(p: dict, mult: float = 1.0) -> CRNN:
     """The CRNN of config ``p`` with every (dynamic) width scaled by ``mult``."""
     return CRNN(bands=sc.scaled_width(p["bands"], mult), channels=[sc.scaled_width(c, mult) for c in p["channels"]],
-                hidden=sc.scaled_width(p["hidden"], mult), band_order=p.get("band_order", "frequency"))
+                hidden=sc.scaled_width(p["hidden"], mult), band_order=p["band_order"])
 
 
 def bce(logits, labels):
@@ -494,7 +494,7 @@ class Bench:
         if name.startswith("alloc-"):
             w = ref["widths"]
             model, mult, method = (CRNN(bands=w["fb"], channels=w["convs"], hidden=w["gru"],
-                                        band_order=p.get("band_order", "frequency")), None, "static-dcopt-widths")
+                                        band_order=p["band_order"]), None, "static-dcopt-widths")
         else:
             model, mult = sc.static_scaled(lambda m: build(p, m), macs_example(), ref["macs"] // PER_SECOND, lo=0.02)
             method = "static"

@@ -104,20 +104,13 @@ def shape_check(model, x) -> dict:
     """Which shape propagation the analysis takes (``dcopt/shape_only.py``: convs and
     linears on meta tensors where provably safe) and whether it gives the shapes, dtypes,
     result types and MACs of the real run (untimed)."""
+    from dcopt.shape_only import node_shapes
     from dcopt.trace import propagate_shapes, trace
 
     gm = trace(model, None, lazy_code=True).gm
-
-    def shapes():
-        def one(meta):
-            if hasattr(meta, "shape") and hasattr(meta, "dtype"):
-                return tuple(meta.shape), meta.dtype
-            return tuple(one(m) for m in meta) if isinstance(meta, (tuple, list)) else meta
-        return {n.name: (one(n.meta.get("tensor_meta")), n.meta.get("type")) for n in gm.graph.nodes}
-
-    fast = propagate_shapes(gm, x), shapes()
+    fast = propagate_shapes(gm, x), node_shapes(gm)
     path = gm.meta["shape_propagation"]
-    real = propagate_shapes(gm, x, count_all=True), shapes()
+    real = propagate_shapes(gm, x, count_all=True), node_shapes(gm)
     return dict(shape_propagation=path, shapes_match_real=fast == real)
 
 

@@ -45,12 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .counting import _CONVS, _hooked
+
 __all__ = ["SHAPE_ONLY_MODULES", "shapes_only_safe", "value_blind", "ValueGuard", "ValueDependent",
-           "shape_only_call"]
+           "shape_only_call", "node_shapes"]
 
 #: Module classes whose call, in a shapes-only run, is replaced by its meta-tensor twin
 #: (exact classes: a subclass may override ``forward``).
-SHAPE_ONLY_MODULES: frozenset = frozenset({nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear})
+SHAPE_ONLY_MODULES: frozenset = _CONVS | {nn.Linear}
 
 _TRUSTED_CLASS_MODULES = ("torch", "torchvision")
 _TRUSTED_FUNCTION_MODULES = ("torch", "torchvision", "_operator", "operator", "builtins", "math")
@@ -118,13 +120,9 @@ def _trusted_function(fn: Any) -> bool:
 def shapes_only_safe(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> Optional[str]:
     """None when a shapes-only run of ``gm`` is allowed; else why not (for tests and
     debugging; the caller just runs for real)."""
-    from torch.nn.modules import module as _m
-
-    if _m._global_forward_pre_hooks or _m._global_forward_hooks:
-        return "a global forward hook is set"
     for name, module in modules.items():
-        if module._forward_pre_hooks or module._forward_hooks:
-            return f"module {name or '<root>'} has a forward hook"
+        if _hooked(module):
+            return f"module {name or '<root>'} runs a forward hook (its own or a global one)"
     for node in gm.graph.nodes:
         if node.op == "call_module":
             module = modules.get(node.target)
@@ -177,3 +175,16 @@ def shape_only_call(module: nn.Module, args: tuple, kwargs: dict) -> Optional[to
     else:
         out = module._conv_forward(_meta(x), weight, bias)
     return torch.zeros_like(out, device=x.device)   # with the meta kernel's strides (memory format)
+
+
+def node_shapes(gm: torch.fx.GraphModule) -> dict[str, tuple]:
+    """Per node: the shapes and dtypes of its ``tensor_meta`` (nested like its output) and
+    its result type, i.e. what the analysis reads of a propagation. Strides are left out
+    (see the module docstring). Comparing two runs by this is how the tests and
+    benchmarks/zoo.py check the shapes-only run against the real one."""
+    def one(meta):
+        if hasattr(meta, "shape") and hasattr(meta, "dtype"):
+            return tuple(meta.shape), meta.dtype
+        return tuple(one(m) for m in meta) if isinstance(meta, (tuple, list)) else meta
+
+    return {n.name: (one(n.meta.get("tensor_meta")), n.meta.get("type")) for n in gm.graph.nodes}

@@ -9,29 +9,18 @@ from hypothesis import strategies as st
 from torch import nn
 
 import dcopt
-from dcopt.shape_only import shapes_only_safe
+from dcopt.shape_only import node_shapes, shapes_only_safe
 from dcopt.trace import propagate_shapes, trace
 from models import CASES, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _shapes(gm):
-    def one(meta):
-        if hasattr(meta, "shape") and hasattr(meta, "dtype"):
-            return tuple(meta.shape), meta.dtype
-        if isinstance(meta, (tuple, list)):
-            return tuple(one(m) for m in meta)
-        return meta
-
-    return {n.name: (one(n.meta.get("tensor_meta")), n.meta.get("type")) for n in gm.graph.nodes}
-
-
 def _both(model, inputs):
     """(macs, shapes, which run) of the default propagation and of the real reference."""
     gm = trace(model, inputs).gm
-    fast = propagate_shapes(gm, inputs), _shapes(gm), gm.meta["shape_propagation"]
-    real = propagate_shapes(gm, inputs, count_all=True), _shapes(gm), gm.meta["shape_propagation"]
+    fast = propagate_shapes(gm, inputs), node_shapes(gm), gm.meta["shape_propagation"]
+    real = propagate_shapes(gm, inputs, count_all=True), node_shapes(gm), gm.meta["shape_propagation"]
     return fast, real
 
 
