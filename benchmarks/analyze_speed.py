@@ -13,6 +13,7 @@ neither pays for the cycles the other left behind.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import platform
@@ -82,10 +83,12 @@ def measure(name: str) -> dict:
                 dynamic_fraction=round(a.dynamic_fraction, 4))
 
 
-def main():
+def main(argv=None):
     """Every model at torch's default thread count, then at one thread (where the
     forward pass both tools run dominates more)."""
     import os
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)  # --help, and no stray args
 
     torch.manual_seed(0)
     rows = []

@@ -849,7 +849,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="seconds-long smoke run (tiny data, tiny model, 1 epoch)")
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"runs to do, of: {' '.join(ALL_RUNS)}")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME",  # argparse %-formats help: "tol-1%%"
+                    help="runs to do, of: " + " ".join(ALL_RUNS).replace("%", "%%"))
     ap.add_argument("--resume", action="store_true", help="keep the runs already in vad.json and skip them")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true", help="rewrite vad.md/png/json from vad.json, run nothing")
