@@ -40,8 +40,10 @@ something measured on the filter-bank task and the planted-rank toy:
 * **backtracking** (done by ``fit``, decided here: ``ToleranceStep.backtrack``). A size
   pushed well past what the task needs cannot come back by gradient: the consumers stop
   using its noisy boundary feature, so the task's pull on κ vanishes (measured: κ stuck at
-  30 of 64 with β → 0). When the judged slack falls below ``backtrack_slack``, ``fit``
-  puts the sizes back to those of the last epoch that met the bound, and β drops to
+  30 of 64 with β → 0). When the judged slack falls below ``backtrack_slack``, or has
+  stayed beyond the hold band for ``persist`` epochs in a row (a smaller overshoot that
+  shrinking β did not cure: the sizes went on shrinking), ``fit`` puts the sizes back to
+  those of the last epoch that met the bound, and β drops to
   e^(−rate·max_violation) times the β that epoch ran with (the overshoot started from
   there). Then the sizes *recover*: ``fit`` freezes them and β holds, for up to
   ``recovery_epochs`` epochs or until an epoch meets the bound again, while the weights
@@ -60,8 +62,9 @@ slows the descent after a backtrack caused by an early transient (toy: 2 of 4 ru
 at 14 and 16 features instead of 8–9), so it is off (1.0) by default.
 
 β starts at ``beta_init · tol · ref`` and, after the first optimize epoch, jumps to the
-value where the regularizer's push on κ balances the task's pull (:meth:`calibrate`):
-the β at which sizes begin to move, whatever the loss's units.
+value where the regularizer's push on κ beats the task's pull by ``calibration_noise``
+per-step standard deviations of that pull (:meth:`calibrate`): the β at which sizes begin
+to move at a useful speed, whatever the loss's units.
 
 Using it in your own loop::
 
@@ -117,7 +120,18 @@ class ToleranceController:
     backtrack_slack: a judged slack below this (default −2: loss above (1 + 3·tol)·ref)
                      sets ``backtrack`` on the step.
     recovery_epochs: after a backtrack, at most this many epochs with frozen sizes and β.
+    persist:         also backtrack when the judged slack has stayed beyond the hold band
+                     (below −hold) for this many updates in a row (0: off). A violation that
+                     shrinking β has not cured in that time is an overshoot too, only a
+                     smaller one (VAD CRNN, seed 1, 5 %, a one-off run before this option:
+                     7 epochs 1.7–2 tolerances over the bound while β fell ×0.8 an epoch and
+                     a conv group still shrank, 49 → 42 of 64 channels).
     backoff:         after a backtrack β grows this many times as fast as before (≥ rate/8).
+    calibration_noise: :meth:`calibrate` puts β where the net push on κ exceeds the task's
+                     mean pull by this many per-step standard deviations of the pull (0: where
+                     the means balance; on the VAD CRNN that left β 6× (frequency-ordered
+                     bands) and 18× (spread order, 5 %, seed 0) below where the sizes began
+                     to move: docs/tolerance.md).
     start_boost:     while every size is still at full width (``update(..., full_width=True)``)
                      β grows this many times as fast (off: 1). Meant for the epochs spent
                      below the β where sizes begin to move (VAD CRNN: 7 of 24 optimize
@@ -135,7 +149,9 @@ class ToleranceController:
     patience: int = 1
     backtrack_slack: float = -2.0
     recovery_epochs: int = 3
+    persist: int = 3
     backoff: float = 1.0
+    calibration_noise: float = 0.25
     start_boost: float = 1.0
     beta_init: float = 1.0
     beta_range: tuple = (1e-3, 1e6)
@@ -146,6 +162,7 @@ class ToleranceController:
     _feasible_beta: Optional[float] = field(default=None, repr=False)
     _recovering: int = field(default=0, repr=False)
     _growth: Optional[float] = field(default=None, repr=False)
+    _violated: int = field(default=0, repr=False)
 
     def __post_init__(self):
         if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) \
@@ -155,10 +172,12 @@ class ToleranceController:
             raise ValueError(f"backoff must be in (0, 1], got {self.backoff}")
         if not self.start_boost >= 1:
             raise ValueError(f"start_boost must be >= 1, got {self.start_boost}")
+        if not self.calibration_noise >= 0:
+            raise ValueError(f"calibration_noise must be >= 0, got {self.calibration_noise}")
         if self.rate <= 0 or self.max_violation <= 0 or self.beta_init <= 0 or self.hold < 0:
             raise ValueError(f"rate, max_violation and beta_init must be > 0 and hold >= 0; got {self.rate}, "
                              f"{self.max_violation}, {self.beta_init}, {self.hold}")
-        for name in ("patience", "recovery_epochs"):
+        for name in ("patience", "recovery_epochs", "persist"):
             n = getattr(self, name)
             if int(n) != n or n < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
@@ -223,13 +242,14 @@ class ToleranceController:
         return self.rate * max(u + self.hold, -self.max_violation)
 
     def calibrate(self, balance_beta: float) -> float:
-        """Raise β (once) to where the regularizer's push on κ balances the task's pull at
-        the current sizes — the β at which sizes begin to move — so the dual ascent does
-        not spend its first epochs growing β through values that move nothing. ``fit``
-        calls it after the first optimize epoch with the smallest over groups of
-        −(d task/dκ) / (d complexity/dκ per unit β). Returns β."""
+        """Raise β (once) to where the regularizer's push on κ beats the task's pull at
+        the current sizes — the β at which sizes begin to move at a useful speed — so the
+        dual ascent does not spend its first epochs growing β through values that move
+        nothing. ``fit`` calls it after the first optimize epoch with the smallest over
+        groups of (−mean(d task/dκ) + calibration_noise·std(d task/dκ)) / (d complexity/dκ
+        per unit β). 0 means some size already moves: nothing to raise. Returns β."""
         self._need_reference()
-        if not self.calibrated and math.isfinite(balance_beta) and balance_beta > 0:
+        if not self.calibrated and math.isfinite(balance_beta) and balance_beta >= 0:
             self.beta = self._clip(max(self.beta, float(balance_beta)))
             self.calibrated = True
         return self.beta
@@ -245,10 +265,14 @@ class ToleranceController:
         judged = min(self._recent)
         u = self.slack(judged)
         before = self.beta
-        feasible, backtrack = loss <= self.bound, u < self.backtrack_slack
+        feasible = loss <= self.bound
         if feasible:
             self._recovering = 0
             self._feasible_beta = before
+        self._violated = self._violated + 1 if u < -self.hold and not self._recovering else 0
+        backtrack = u < self.backtrack_slack or 0 < self.persist <= self._violated
+        if backtrack:
+            self._violated = 0              # counted afresh from the sizes fit goes back to
         if self._recovering > 0:            # sizes frozen after a backtrack: β holds too
             self._recovering -= 1
             backtrack = False

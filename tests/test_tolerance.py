@@ -31,7 +31,7 @@ from torch import nn
 
 import dcopt
 from dcopt.tolerance import LossAverage, ToleranceController
-from dcopt.train import _guard, fit
+from dcopt.train import EpochRecord, _balance_beta, _guard, fit
 from test_train import KAPPA_MIN, RANK, batches, mlp_data, mse, planted_data, planted_model, tiny_dm
 
 
@@ -142,6 +142,32 @@ def test_backtrack_cuts_beta_below_the_last_feasible_epochs_and_recovers():
     assert not c.steps[-1].recovering and c.steps[-1].log_step > 0
 
 
+def test_a_violation_beyond_the_hold_band_that_persists_backtracks_too():
+    # bound 1.02, hold band up to 1.04, backtrack_slack -2 at 1.06: 1.05 is a moderate violation
+    c = ctl(patience=0, persist=3, recovery_epochs=1)
+    c.update(1.0)                                  # feasible
+    for _ in range(2):
+        c.update(1.05)                             # β shrinks; no backtrack yet
+        assert c.steps[-1].log_step < 0 and not c.steps[-1].backtrack
+    c.update(1.05)                                 # the 3rd in a row: the sizes overshot
+    assert c.steps[-1].backtrack and c.steps[-1].recovering
+    c.update(1.05)                                 # the recovery epoch does not count...
+    assert not c.steps[-1].backtrack
+    for _ in range(2):
+        c.update(1.05)                             # ...the count starts afresh after it
+        assert not c.steps[-1].backtrack
+    c.update(1.05)
+    assert c.steps[-1].backtrack
+    c = ctl(patience=0, persist=3)
+    for loss in [1.0] + [1.03] * 10:               # inside the hold band: β holds, never goes back
+        c.update(loss)
+    assert not any(s.backtrack for s in c.steps)
+    c = ctl(patience=0, persist=0)                 # off: only the wide margin backtracks
+    for loss in [1.0] + [1.05] * 10:
+        c.update(loss)
+    assert not any(s.backtrack for s in c.steps)
+
+
 def test_backoff_slows_growth_after_each_backtrack():
     c = ctl(patience=0, rate=0.4, backoff=0.5, recovery_epochs=0)
     c.update(1.0)
@@ -165,6 +191,29 @@ def test_calibrate_raises_beta_once():
     assert c.calibrate(float("inf")) == b and not c.calibrated  # no pull measured: try again later
     assert c.calibrate(3.0) == 3.0 and c.calibrated
     assert c.calibrate(30.0) == 3.0
+    c = ctl()
+    assert c.calibrate(0.0) == b and c.calibrated             # a size already moves: nothing to raise
+
+
+def _rec(pull, std, push):
+    return EpochRecord(phase="optimize", epoch=1, phase_epoch=1, train_loss=1.0, complexity_loss=0.0,
+                       val_loss=None, metric=None, macs_fraction=1.0, params_fraction=1.0, beta=2.0, sizes={},
+                       kappa={}, steps=1, seconds=0.0,
+                       task_grad=pull, task_grad_std=std, complexity_grad=push)
+
+
+def test_balance_beta_adds_a_share_of_the_pulls_spread():
+    # at β = 2 the push is 0.5 per unit β: means balance at β = 0.1/0.5 = 0.2 for "a", 0.4 for "b"
+    rec = _rec({"a": -0.1, "b": -0.2}, {"a": 4.0, "b": 0.0}, {"a": 1.0, "b": 1.0})
+    assert _balance_beta(rec, 2.0) == pytest.approx(0.2)
+    # a spread of 4 per step: the net push must reach 0.25·4 = 1 before "a" moves usefully,
+    # β = 1.1/0.5 = 2.2; "b" has no spread and now moves first, at 0.4
+    assert _balance_beta(rec, 2.0, noise=0.25) == pytest.approx(0.4)
+    assert _balance_beta(_rec({"a": -0.1}, {"a": 4.0}, {"a": 1.0}), 2.0, noise=0.25) == pytest.approx(2.2)
+    # a task that itself pushes a size down: it moves at β = 0 already
+    assert _balance_beta(_rec({"a": 0.5}, {"a": 0.1}, {"a": 1.0}), 2.0, noise=0.25) == 0.0
+    # nothing pushed (no complexity gradient): no balance
+    assert _balance_beta(_rec({"a": -0.1}, {"a": 1.0}, {"a": 0.0}), 2.0, noise=0.25) == math.inf
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -174,6 +223,8 @@ def test_calibrate_raises_beta_once():
     (dict(tolerance=0.02, beta_range=(2.0, 10.0)), "beta_range"), (dict(tolerance=0.02, backoff=0.0), "backoff"),
     (dict(tolerance=0.02, recovery_epochs=-1), "recovery_epochs"),
     (dict(tolerance=0.02, start_boost=0.5), "start_boost"),
+    (dict(tolerance=0.02, calibration_noise=-1.0), "calibration_noise"),
+    (dict(tolerance=0.02, persist=-1), "persist"),
 ])
 def test_controller_rejects_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):

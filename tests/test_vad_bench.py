@@ -169,3 +169,21 @@ def test_vad_benchmark_tiny_run_writes_its_files(tmp_path):
     # --resume keeps everything and runs nothing new; --only reruns one run
     assert vad.main(["--tiny", "--out", str(tmp_path), "--resume"]) == 0
     assert [r["run"] for r in json.loads((tmp_path / "vad.json").read_text())["records"]] == runs
+
+
+def test_tolerance_study_is_summed_up_over_seeds():
+    from benchmarks import vad
+
+    def study(tol1, bud1, tol5, bud5):
+        return [dict(run="conv-tol-1%", method="conv-tolerance", macs=90, metric=tol1),
+                dict(run="conv-tol-5%", method="conv-tolerance", macs=70, metric=tol5),
+                dict(run="conv-budget-1%", method="conv-budget", macs=90, metric=bud1),
+                dict(run="conv-budget-5%", method="conv-budget", macs=70, metric=bud5)]
+
+    main = study(0.040, 0.041, 0.042, 0.042)
+    reps = {"2": study(0.050, 0.045, 0.040, 0.041), "1": study(0.040, 0.040, 0.043, 0.040)[:3]}  # seed 1: 5 % twin missing
+    seeds = vad.tolerance_across_seeds(main, reps)
+    assert list(seeds) == ["0", "1", "2"]
+    assert seeds["0"] == pytest.approx([-0.001, 0.0]) and seeds["1"] == pytest.approx([0.0])
+    assert seeds["2"] == pytest.approx([0.005, -0.001])
+    assert vad.tolerance_across_seeds(main, {}) == {"0": pytest.approx([-0.001, 0.0])}
