@@ -39,6 +39,14 @@ def round_size(n: int, width: int, round_to: int = 1) -> int:
     return int(min(width, n))
 
 
+def _lambda(frac: torch.Tensor) -> torch.Tensor:
+    """The boundary feature's share λ from its fractional occupancy s − m, mapped into
+    [ε, 1−ε]; the clamp is straight-through, so at κ = 1 (λ = 1) the gradient still
+    reaches s."""
+    frac = frac + (frac.detach().clamp(0.0, 1.0) - frac.detach())
+    return LAMBDA_EPS + (1 - 2 * LAMBDA_EPS) * frac
+
+
 class FeatureGate(nn.Module):
     """Feature-noise gate on one tensor, right before the layers that mix its features.
 
@@ -90,10 +98,7 @@ class FeatureGate(nn.Module):
         widths = torch.tensor(self.widths, device=x.device, dtype=x.dtype)
         s = torch.stack([k.to(x.dtype).reshape(()) for k in kappas]) * widths
         m = torch.minimum(torch.floor(s.detach()), widths - 1)
-        frac = s - m
-        # straight-through clamp: at κ = 1 (λ = 1) the gradient must still reach s
-        frac = frac + (frac.detach().clamp(0.0, 1.0) - frac.detach())
-        lam = LAMBDA_EPS + (1 - 2 * LAMBDA_EPS) * frac
+        lam = _lambda(s - m)
         m_pos = self._per_position(m.long(), 1 << 62)
         fixed = self.group < 0
         clean = fixed | (self.ch < m_pos)
@@ -171,27 +176,69 @@ class GatedRNN(nn.Module):
         super().__init__()
         self.rnn = rnn
         self.round_to = 1   # kept sizes are multiples of this (set by DynamicModel from its Config)
+        self.noise = False  # the optimize phase's recurrent noise (set by DynamicModel)
 
     def forward(self, kappa: torch.Tensor, *args, **kwargs):
         rnn = self.rnn
         H = rnn.hidden_size
         k = consolidated(kappa, H, self.round_to)
-        if k >= H:
+        noisy = self.training and self.noise and kappa.requires_grad
+        if k >= H and not noisy:
             return rnn(*args, **kwargs)
         ref = rnn.weight_hh_l0
         unit = (torch.arange(H, device=ref.device) < k).to(ref.dtype)
         G = _GATES[rnn.mode]
         D = 2 if rnn.bidirectional else 1
         rows = unit.repeat(G)
+        boundary = self._boundary(kappa, H, k, ref) if noisy else None
         params = {}
         for name, p in rnn.named_parameters():
             if name.startswith("weight_ih"):
                 layer = int(name.split("_l")[1].split("_")[0])
-                cols = unit.repeat(D) if layer > 0 else None
-                p = p * rows[:, None] if cols is None else p * rows[:, None] * cols[None, :]
+                if layer == 0:
+                    p = p * rows[:, None]
+                else:
+                    p = self._recurrent_noise(p * rows[:, None] * unit.repeat(D)[None, :], boundary, H, D, rows)
             elif name.startswith("weight_hh"):
-                p = p * rows[:, None] * unit[None, :]
+                p = self._recurrent_noise(p * rows[:, None] * unit[None, :], boundary, H, 1, rows)
             else:
                 p = p * rows
             params[name] = p
         return functional_call(rnn, params, args, kwargs)
+
+    @staticmethod
+    def _boundary(kappa: torch.Tensor, H: int, k: int, ref: torch.Tensor):
+        """(m, λ) of the boundary unit, as the output's FeatureGate computes them; None when
+        that unit is already cut from the recurrence (s at an integer: λ ≈ 0)."""
+        s = kappa.to(ref.dtype).reshape(()) * H
+        m = min(int(torch.floor(s.detach())), H - 1)
+        return (m, _lambda(s - m)) if m < k else None
+
+    @staticmethod
+    def _recurrent_noise(w: torch.Tensor, boundary, H: int, D: int, rows: torch.Tensor) -> torch.Tensor:
+        """Feature noise for the boundary unit's *recurrent* influence, the part of its
+        value the output gate cannot see.
+
+        The FeatureGate on the RNN's output puts noise on unit m only where the next layer
+        reads it; inside the recurrence the unit stays whole until ⌈s⌉ drops past it. So the
+        task's pull on κ measured only the output path, while removing a unit also removes
+        what it feeds the other units, step after step: on the trained VAD CRNN, cutting
+        GRU units from the recurrence cost 5–7× the val loss of cutting only their output
+        (docs, "GRU units"). The fused kernel takes no per-step noise on h, so the noise
+        goes on the weights that carry h_m(t−1) forward — its columns in ``weight_hh`` and
+        in the next stacked layer's ``weight_ih`` (each direction's copy): column ←
+        √λ·column + √(1−λ)·rms(column)·ε, one ε ~ N(0, 1) per forward. Weight scaling cannot
+        undo it (the noise scales with the column), so the pull on κ now includes how much
+        the recurrence relies on the unit. Training with noise only; eval keeps the exact
+        mask, so eval mode still equals the export."""
+        if boundary is None:
+            return w
+        m, lam = boundary
+        cols = [m + d * H for d in range(D)]
+        scale = torch.ones(w.shape[1], dtype=w.dtype, device=w.device)
+        scale = scale.index_put((torch.tensor(cols, device=w.device),), lam.sqrt().to(w.dtype).expand(len(cols)))
+        col = w.detach()[:, cols]
+        rms = col.pow(2).mean(0, keepdim=True).sqrt()
+        noise = torch.zeros_like(w).index_copy(1, torch.tensor(cols, device=w.device),
+                                               rms * torch.randn_like(col) * rows[:, None])
+        return w * scale[None, :] + (1 - lam).sqrt().to(w.dtype) * noise

@@ -154,7 +154,7 @@ class DynamicModel(nn.Module):
             k.requires_grad_(phase == "optimize")
         round_to = self.config.round_to
         for m in self.gm.modules():
-            if isinstance(m, FeatureGate):
+            if isinstance(m, (FeatureGate, GatedRNN)):
                 m.noise = phase == "optimize"
             if isinstance(m, (FeatureGate, GatedRNN)):
                 m.round_to = round_to
