@@ -266,7 +266,7 @@ class Bench:
         self.conv_info: Optional[dict] = None     # the shared fixed phase of the conv-* runs
         self.t_start = time.perf_counter()
         self.threads = threads
-        self.name = NAME if p["seed"] == 0 else f"{NAME}-seed{p['seed']}"
+        self.name = results_name(p)
         self.replicates: dict = {}
         tr = self.data["train"]
         self.example = (tr["x"][:2, :, :20].contiguous(),)   # shapes for dcopt; short: tracing a GRU is slow
@@ -401,7 +401,7 @@ class Bench:
                     optimize_epochs: int, fit_kw: dict) -> None:
         """convert → fit (optimize + settle) → export, checked and recorded."""
         p = self.p
-        dm = dcopt.convert(base, self.example, **opts)
+        dm = dcopt.convert(base, self.example, rnn_noise=self.p.get("rnn_noise", False), **opts)
         t0 = time.perf_counter()
         torch.manual_seed(p["seed"] + 2)
         hist = dcopt.fit(dm, self.train_batches(start_epoch), bce, fixed_epochs=0, optimize_epochs=optimize_epochs,
@@ -521,6 +521,11 @@ class Bench:
                     target_macs=ref["macs"], torch_pruning=tp_rec, history=compact_history(hist))
 
 
+def results_name(p: dict) -> str:
+    """vad, vad-seed<N>, vad-rnn-noise, vad-rnn-noise-seed<N>: one results file per variant and seed."""
+    return NAME + ("-rnn-noise" if p.get("rnn_noise") else "") + (f"-seed{p['seed']}" if p["seed"] else "")
+
+
 def _key(p: dict, tiny: bool) -> str:
     import hashlib
     return hashlib.sha256(json.dumps([p, tiny, sd.DATA_VERSION], sort_keys=True).encode()).hexdigest()[:12]
@@ -534,7 +539,8 @@ def _jsonable(obj):
 
 def title(p: dict, tiny: bool) -> str:
     return (f"{'[tiny smoke run] ' if tiny else ''}VAD CRNN (filter bank {p['bands']} → conv {p['channels']} → "
-            f"GRU {p['hidden']}): frame EER vs MACs per second of audio")
+            f"GRU {p['hidden']}): frame EER vs MACs per second of audio"
+            + (" — dcopt runs with `rnn_noise=True`" if p.get("rnn_noise") else ""))
 
 
 def _interp_budget(records: list[dict], macs: float) -> Optional[tuple[float, str]]:
@@ -878,6 +884,8 @@ def main(argv=None) -> int:
                     help="with --report-only: vad-seed<N>.json files whose runs go into vad.json/md as replicates")
     ap.add_argument("--seed", type=int, default=None,
                     help="another seed (data order, initialisation, noise); results go to vad-seed<N>.*")
+    ap.add_argument("--rnn-noise", action="store_true",
+                    help="dcopt runs with convert(..., rnn_noise=True); results go to vad-rnn-noise*")
     ap.add_argument("--state-dir", type=Path, default=None,
                     help="where the fixed-phase checkpoint lives (default: data/, or --out with --tiny)")
     args = ap.parse_args(argv)
@@ -886,7 +894,9 @@ def main(argv=None) -> int:
     p = copy.deepcopy(TINY if args.tiny else FULL)
     if args.seed is not None:
         p["seed"] = args.seed
-    out_name = NAME if p["seed"] == 0 else f"{NAME}-seed{p['seed']}"
+    if args.rnn_noise:
+        p["rnn_noise"] = True   # only when set: the default config (and its cached phases) stays as it was
+    out_name = results_name(p)
     if args.report_only:
         old = json.loads((args.out / f"{out_name}.json").read_text())
         cfg, recs, fixed = old["config"], old["records"], old.get("fixed_phase")

@@ -27,6 +27,13 @@ class Config:
                   so an eval-mode DynamicModel still equals its export. Default 1 (⌈s⌉).
     strict_trace: fail with TraceError when fx cannot trace a submodule, instead of keeping
                   that submodule as an opaque leaf (full width in and out, parameters kept).
+    rnn_noise:    in the optimize phase, also put the feature noise on an RNN boundary unit's
+                  recurrent influence (its columns of ``weight_hh`` and of the next stacked
+                  layer's ``weight_ih``), so the pull on the hidden size's κ sees what the unit
+                  feeds the other units, not only what the next layer reads. Off by default:
+                  on the VAD CRNN it moved the widths towards the GRU, and those widths trained
+                  from scratch did better, but dcopt's own training path did worse (the weight
+                  noise perturbs every unit's recurrence); README, "RNN hidden units".
     """
 
     kappa_min: float = 0.125
@@ -40,6 +47,7 @@ class Config:
     strict: bool = False
     strict_trace: bool = False
     round_to: int = 1
+    rnn_noise: bool = False
 
     def __post_init__(self):
         if not 0.0 < self.kappa_min <= 1.0:

@@ -176,7 +176,7 @@ class GatedRNN(nn.Module):
         super().__init__()
         self.rnn = rnn
         self.round_to = 1   # kept sizes are multiples of this (set by DynamicModel from its Config)
-        self.noise = False  # the optimize phase's recurrent noise (set by DynamicModel)
+        self.noise = False  # the optimize phase's recurrent noise (DynamicModel sets it when Config.rnn_noise)
 
     def forward(self, kappa: torch.Tensor, *args, **kwargs):
         rnn = self.rnn
@@ -223,14 +223,15 @@ class GatedRNN(nn.Module):
         reads it; inside the recurrence the unit stays whole until ⌈s⌉ drops past it. So the
         task's pull on κ measured only the output path, while removing a unit also removes
         what it feeds the other units, step after step: on the trained VAD CRNN, cutting
-        GRU units from the recurrence cost 5–7× the val loss of cutting only their output
-        (docs, "GRU units"). The fused kernel takes no per-step noise on h, so the noise
+        GRU units from the recurrence cost 2.7–6.6× the val loss of cutting only their
+        output (README, "RNN hidden units"). The fused kernel takes no per-step noise on h, so the noise
         goes on the weights that carry h_m(t−1) forward — its columns in ``weight_hh`` and
         in the next stacked layer's ``weight_ih`` (each direction's copy): column ←
         √λ·column + √(1−λ)·rms(column)·ε, one ε ~ N(0, 1) per forward. Weight scaling cannot
         undo it (the noise scales with the column), so the pull on κ now includes how much
         the recurrence relies on the unit. Training with noise only; eval keeps the exact
-        mask, so eval mode still equals the export."""
+        mask, so eval mode still equals the export. Opt-in (``Config.rnn_noise``): on the
+        VAD CRNN it chose better widths but did not make dcopt's own runs better (README)."""
         if boundary is None:
             return w
         m, lam = boundary

@@ -154,8 +154,10 @@ class DynamicModel(nn.Module):
             k.requires_grad_(phase == "optimize")
         round_to = self.config.round_to
         for m in self.gm.modules():
-            if isinstance(m, (FeatureGate, GatedRNN)):
+            if isinstance(m, FeatureGate):
                 m.noise = phase == "optimize"
+            if isinstance(m, GatedRNN):
+                m.noise = phase == "optimize" and self.config.rnn_noise
             if isinstance(m, (FeatureGate, GatedRNN)):
                 m.round_to = round_to
 

@@ -1,6 +1,7 @@
-"""The recurrent half of the feature noise (dcopt.gates.GatedRNN, optimize phase): the
-boundary unit's recurrent influence gets noise too, so the task's pull on an RNN's κ
-includes what the unit feeds the other units, not only what the next layer reads."""
+"""The recurrent half of the feature noise (``convert(..., rnn_noise=True)``;
+dcopt.gates.GatedRNN, optimize phase): the boundary unit's recurrent influence gets noise
+too, so the task's pull on an RNN's κ includes what the unit feeds the other units, not
+only what the next layer reads."""
 import pytest
 import torch
 from torch import nn
@@ -89,12 +90,14 @@ def test_no_noise_on_a_unit_already_cut_from_the_recurrence():
     assert m == H - 1 and float(lam) == pytest.approx(1 - LAMBDA_EPS, rel=1e-4)
 
 
-def test_the_phases_switch_the_recurrent_noise():
+@pytest.mark.parametrize("option", [True, False])
+def test_the_option_and_the_phases_switch_the_recurrent_noise(option):
     model, inputs = build("crnn_gru")
-    dm = dcopt.convert(model, inputs)
+    dm = dcopt.convert(model, inputs, rnn_noise=option)
     rnns = [m for m in dm.modules() if isinstance(m, GatedRNN)]
     assert rnns and not any(m.noise for m in rnns)
     dm.optimize_sizes()
-    assert all(m.noise for m in rnns)
+    assert all(m.noise == option for m in rnns)
     dm.fix_sizes()
     assert not any(m.noise for m in rnns)
+    assert not dcopt.convert(model, inputs).config.rnn_noise      # off by default
