@@ -267,6 +267,8 @@ class Bench:
         self.t_start = time.perf_counter()
         self.threads = threads
         self.name = results_name(p)
+        # the cached fixed, full and conv phases train no sizes: rnn_noise cannot change them
+        self.shared_p = {k: v for k, v in p.items() if k != "rnn_noise"}
         self.replicates: dict = {}
         tr = self.data["train"]
         self.example = (tr["x"][:2, :, :20].contiguous(),)   # shapes for dcopt; short: tracing a GRU is slow
@@ -313,7 +315,7 @@ class Bench:
 
     # -- the shared fixed phase --
     def fixed_model(self) -> CRNN:
-        path = self.state_dir / f"vad-fixed-{_key(self.p, self.tiny)}.pt"
+        path = self.state_dir / f"vad-fixed-{_key(self.shared_p, self.tiny)}.pt"
         model = build(self.p)
         if path.exists() and self.fixed_info is not None:
             model.load_state_dict(torch.load(path, weights_only=True))
@@ -421,13 +423,13 @@ class Bench:
 
     # -- issue 9's study: from the converged full model --
     def _converged_path(self) -> Path:
-        return self.state_dir / f"vad-full-{_key(self.p, self.tiny)}.pt"
+        return self.state_dir / f"vad-full-{_key(self.shared_p, self.tiny)}.pt"
 
     def converged_model(self) -> CRNN:
         """The ``full`` run's final weights trained on for ``conv['fixed']`` epochs at the
         conv lr (shared by every conv-* run, cached): the full model converged under the
         learning rate the conv-* runs train with, so its val loss is a fair reference."""
-        path = self.state_dir / f"vad-conv-{_key([self.p, self.conv], self.tiny)}.pt"
+        path = self.state_dir / f"vad-conv-{_key([self.shared_p, self.conv], self.tiny)}.pt"
         model = build(self.p)
         if path.exists() and self.conv_info is not None:
             model.load_state_dict(torch.load(path, weights_only=True))

@@ -224,9 +224,10 @@ class GatedRNN(nn.Module):
         task's pull on κ measured only the output path, while removing a unit also removes
         what it feeds the other units, step after step: on the trained VAD CRNN, cutting
         GRU units from the recurrence cost 2.7–6.6× the val loss of cutting only their
-        output (README, "RNN hidden units"). The fused kernel takes no per-step noise on h, so the noise
-        goes on the weights that carry h_m(t−1) forward — its columns in ``weight_hh`` and
-        in the next stacked layer's ``weight_ih`` (each direction's copy): column ←
+        output (README, "RNN hidden units"). The fused kernel takes no per-step noise on
+        h, so the noise goes on the weights that carry h_m(t−1) forward — its columns in
+        ``weight_hh`` and in the next stacked layer's ``weight_ih`` (each direction's
+        copy), over the kept rows: column ←
         √λ·column + √(1−λ)·rms(column)·ε, one ε ~ N(0, 1) per forward. Weight scaling cannot
         undo it (the noise scales with the column), so the pull on κ now includes how much
         the recurrence relies on the unit. Training with noise only; eval keeps the exact
@@ -239,7 +240,7 @@ class GatedRNN(nn.Module):
         scale = torch.ones(w.shape[1], dtype=w.dtype, device=w.device)
         scale = scale.index_put((torch.tensor(cols, device=w.device),), lam.sqrt().to(w.dtype).expand(len(cols)))
         col = w.detach()[:, cols]
-        rms = col.pow(2).mean(0, keepdim=True).sqrt()
+        rms = ((col.pow(2) * rows[:, None]).sum(0, keepdim=True) / rows.sum().clamp(min=1)).sqrt()  # kept rows
         noise = torch.zeros_like(w).index_copy(1, torch.tensor(cols, device=w.device),
                                                rms * torch.randn_like(col) * rows[:, None])
         return w * scale[None, :] + (1 - lam).sqrt().to(w.dtype) * noise

@@ -63,7 +63,7 @@ def test_boundary_columns_get_scaled_signal_and_noise_of_their_own_rms(D):
     torch.manual_seed(1)
     G = 3
     w = torch.randn(G * H, D * H)
-    rows = (torch.arange(H) < 7).float().repeat(G)                 # unit 7 removed: its rows stay 0
+    rows = (torch.arange(H) < 6).float().repeat(G)                 # units 6, 7 removed: their rows stay 0
     w = w * rows[:, None]
     lam = torch.tensor(0.3)
     draws = torch.stack([GatedRNN._recurrent_noise(w, (5, lam), H, D, rows) for _ in range(4000)])
@@ -77,7 +77,7 @@ def test_boundary_columns_get_scaled_signal_and_noise_of_their_own_rms(D):
         rms = col.pow(2).mean().sqrt()
         mean, std = draws[:, kept, c].mean(0), draws[:, kept, c].std(0)
         assert torch.allclose(mean, lam.sqrt() * col, atol=4 * (1 - lam).sqrt() * rms / 4000 ** 0.5 * 1.5)
-        assert torch.allclose(std, (1 - lam).sqrt() * rms.expand_as(std), rtol=0.1)
+        assert torch.allclose(std, (1 - lam).sqrt() * rms.expand_as(std), rtol=0.06)  # rms of the kept rows
 
 
 def test_no_noise_on_a_unit_already_cut_from_the_recurrence():
