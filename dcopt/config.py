@@ -32,8 +32,8 @@ class Config:
                   layer's ``weight_ih``), so the pull on the hidden size's κ sees what the unit
                   feeds the other units, not only what the next layer reads. Off by default:
                   on the VAD CRNN it moved the widths towards the GRU, and those widths trained
-                  from scratch did better, but dcopt's own training path did worse (the weight
-                  noise perturbs every unit's recurrence); README, "RNN hidden units".
+                  from scratch did better, but dcopt's own runs gained nothing on validation
+                  (the weight noise perturbs every unit's recurrence); README, "RNN hidden units".
     """
 
     kappa_min: float = 0.125
