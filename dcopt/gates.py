@@ -39,12 +39,15 @@ def round_size(n: int, width: int, round_to: int = 1) -> int:
     return int(min(width, n))
 
 
-def _lambda(frac: torch.Tensor) -> torch.Tensor:
-    """The boundary feature's share λ from its fractional occupancy s − m, mapped into
-    [ε, 1−ε]; the clamp is straight-through, so at κ = 1 (λ = 1) the gradient still
-    reaches s."""
+def _boundary(s: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noisy boundary of sizes ``s`` (per group, or one): index m = min(⌊s⌋, N−1) of
+    the boundary feature and its share λ = s − m, mapped into [ε, 1−ε]. The clamp is
+    straight-through, so at κ = 1 (λ = 1) the gradient still reaches s. One rule for the
+    output gate and the RNN's recurrence, so both put the noise on the same unit."""
+    m = torch.minimum(torch.floor(s.detach()), widths - 1)
+    frac = s - m
     frac = frac + (frac.detach().clamp(0.0, 1.0) - frac.detach())
-    return LAMBDA_EPS + (1 - 2 * LAMBDA_EPS) * frac
+    return m, LAMBDA_EPS + (1 - 2 * LAMBDA_EPS) * frac
 
 
 class FeatureGate(nn.Module):
@@ -97,8 +100,7 @@ class FeatureGate(nn.Module):
     def _noisy(self, x: torch.Tensor, kappas) -> torch.Tensor:
         widths = torch.tensor(self.widths, device=x.device, dtype=x.dtype)
         s = torch.stack([k.to(x.dtype).reshape(()) for k in kappas]) * widths
-        m = torch.minimum(torch.floor(s.detach()), widths - 1)
-        lam = _lambda(s - m)
+        m, lam = _boundary(s, widths)
         m_pos = self._per_position(m.long(), 1 << 62)
         fixed = self.group < 0
         clean = fixed | (self.ch < m_pos)
@@ -210,9 +212,8 @@ class GatedRNN(nn.Module):
     def _boundary(kappa: torch.Tensor, H: int, k: int, ref: torch.Tensor):
         """(m, λ) of the boundary unit, as the output's FeatureGate computes them; None when
         that unit is already cut from the recurrence (s at an integer: λ ≈ 0)."""
-        s = kappa.to(ref.dtype).reshape(()) * H
-        m = min(int(torch.floor(s.detach())), H - 1)
-        return (m, _lambda(s - m)) if m < k else None
+        m, lam = _boundary(kappa.to(ref.dtype).reshape(()) * H, torch.tensor(H, dtype=ref.dtype))
+        return (int(m), lam) if int(m) < k else None
 
     @staticmethod
     def _recurrent_noise(w: torch.Tensor, boundary, H: int, D: int, rows: torch.Tensor) -> torch.Tensor:
@@ -236,11 +237,10 @@ class GatedRNN(nn.Module):
         if boundary is None:
             return w
         m, lam = boundary
-        cols = [m + d * H for d in range(D)]
-        scale = torch.ones(w.shape[1], dtype=w.dtype, device=w.device)
-        scale = scale.index_put((torch.tensor(cols, device=w.device),), lam.sqrt().to(w.dtype).expand(len(cols)))
-        col = w.detach()[:, cols]
+        cols = torch.tensor([m + d * H for d in range(D)], device=w.device)
+        is_col = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device).index_fill(0, cols, True)
+        scale = torch.where(is_col, lam.sqrt().to(w.dtype), torch.ones((), dtype=w.dtype, device=w.device))
+        col = w.detach().index_select(1, cols)
         rms = ((col.pow(2) * rows[:, None]).sum(0, keepdim=True) / rows.sum().clamp(min=1)).sqrt()  # kept rows
-        noise = torch.zeros_like(w).index_copy(1, torch.tensor(cols, device=w.device),
-                                               rms * torch.randn_like(col) * rows[:, None])
+        noise = torch.zeros_like(w).index_copy(1, cols, rms * torch.randn_like(col) * rows[:, None])
         return w * scale[None, :] + (1 - lam).sqrt().to(w.dtype) * noise
