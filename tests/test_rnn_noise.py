@@ -101,3 +101,21 @@ def test_the_option_and_the_phases_switch_the_recurrent_noise(option):
     dm.fix_sizes()
     assert not any(m.noise for m in rnns)
     assert not dcopt.convert(model, inputs).config.rnn_noise      # off by default
+
+
+@pytest.mark.parametrize("name", ["crnn_gru", "crnn_lstm"])
+def test_trained_with_rnn_noise_the_export_still_equals_eval(name):
+    """The recurrent noise changes training only: after optimize steps with it, the eval
+    model (exact mask) and the export agree, and the counted MACs are the predicted ones."""
+    from checks import assert_exact_export
+
+    model, inputs = build(name)
+    dm = dcopt.convert(model, inputs, rnn_noise=True, kappa_min=0.25).optimize_sizes().train()
+    opt = torch.optim.Adam(dm.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(5):
+        opt.zero_grad()
+        (dm(*inputs).pow(2).mean() + dm.complexity_loss()).backward()
+        opt.step()
+    sizes = {n: max(2, int(0.6 * i.width)) for n, i in dm.sizes().items()}
+    assert_exact_export(dm, inputs, sizes)
