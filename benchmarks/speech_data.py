@@ -412,6 +412,23 @@ def mel_filterbank(n_mels: int, n_fft: int = N_FFT, sr: int = SR, f_min: float =
     return torch.from_numpy(np.clip(np.minimum(up, down), 0.0, None).astype(np.float32))
 
 
+def nested_mel_filterbank(n_mels: int, n_fft: int = N_FFT, sr: int = SR) -> torch.Tensor:
+    """``n_mels`` triangular bands on the mel centres of :func:`mel_filterbank`, in
+    :func:`dcopt.spread_order`, band ``j`` spanning :func:`dcopt.spread_reach` centres to
+    each side of its own (clipped to the range) instead of one: every prefix of the rows
+    covers the whole spectrum (a prefix of the narrow mel bands leaves gaps between them).
+    Peak height 1, as in :func:`mel_filterbank`."""
+    import dcopt
+
+    pts = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sr / 2), n_mels + 2))
+    f = np.arange(n_fft // 2 + 1) * sr / n_fft
+    rows = []
+    for c, r in zip(dcopt.spread_order(n_mels), dcopt.spread_reach(n_mels)):
+        lo, ce, hi = pts[max(c + 1 - r, 0)], pts[c + 1], pts[min(c + 1 + r, n_mels + 1)]
+        rows.append(np.clip(np.minimum((f - lo) / (ce - lo), (hi - f) / (hi - ce)), 0.0, None))
+    return torch.from_numpy(np.stack(rows).astype(np.float32))
+
+
 def log_mel(audio=None, n_mels: int = 40, power: torch.Tensor | None = None,
             eps: float = 1e-6) -> torch.Tensor:
     """``log(mel_filterbank(n_mels) @ power_spectrogram(audio) + eps)`` → ``[..., n_mels, T]``."""

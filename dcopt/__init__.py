@@ -34,6 +34,6 @@ __all__ += ["ToleranceController"]
 from .budget import BudgetLanding, land_on_budget
 
 __all__ += ["BudgetLanding", "land_on_budget"]
-from .ordering import spread_order
+from .ordering import spread_order, spread_reach
 
-__all__ += ["spread_order"]
+__all__ += ["spread_order", "spread_reach"]

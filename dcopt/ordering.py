@@ -15,7 +15,7 @@ spectrum. At full width the model is the same up to a relabelling of its feature
 """
 from __future__ import annotations
 
-__all__ = ["spread_order"]
+__all__ = ["spread_order", "spread_reach"]
 
 
 def spread_order(n: int) -> list[int]:
@@ -27,6 +27,27 @@ def spread_order(n: int) -> list[int]:
     next one the index farthest from all chosen ones (the lowest on a tie), which halves
     the widest gap. Deterministic; O(n log n).
     """
+    return [i for i, _ in _spread(n)]
+
+
+def spread_reach(n: int) -> list[int]:
+    """For each index of :func:`spread_order` (same positions), its *reach*: the distance
+    to the nearest index chosen before it (the first: far enough to span all of
+    ``range(n)``). Non-increasing along the order.
+
+    Why: keeping the first k spread bands of a filter bank whose bands are all narrow
+    leaves gaps between them (a 24-of-80 prefix of narrow mel bands sees under a third of
+    the spectrum's bins). Give index i a band reaching ``reach[i]`` neighbouring centres
+    to each side instead, and every prefix covers the whole range: every position lies
+    strictly within the reach of some chosen index (property-tested). At full width such
+    a bank is multi-resolution (one band over everything, two over halves, …, the rest
+    one centre wide) instead of uniform; benchmarks/vad.py measures what that costs.
+    """
+    return [r for _, r in _spread(n)]
+
+
+def _spread(n: int) -> list[tuple[int, int]]:
+    """(index, reach) in spread order; see :func:`spread_order` and :func:`spread_reach`."""
     import heapq
 
     if n < 0:
@@ -34,10 +55,10 @@ def spread_order(n: int) -> list[int]:
     if n == 0:
         return []
     first = (n - 1) // 2
-    order = [first]
+    out = [(first, max(first + 1, n - first))]
     # gaps as (priority, lo, hi): the open interval (lo, hi) of unchosen indices between
     # chosen ones, with -1 and n as sentinels; priority: the best point's distance to the
-    # nearer end (an end that is a sentinel does not count as chosen)
+    # nearer end (an end that is a sentinel does not count as chosen) — its reach
     heap: list[tuple[int, int, int, int]] = []
 
     def push(lo: int, hi: int) -> None:
@@ -55,8 +76,8 @@ def spread_order(n: int) -> list[int]:
     push(-1, first)
     push(first, n)
     while heap:
-        _, best, lo, hi = heapq.heappop(heap)
-        order.append(best)
+        neg, best, lo, hi = heapq.heappop(heap)
+        out.append((best, -neg))
         push(lo, best)
         push(best, hi)
-    return order
+    return out

@@ -63,6 +63,25 @@ def test_mel_filterbank_is_triangular_and_partitions_unity():
         assert fb.sum(1)[-1] > 5 * fb.sum(1)[0]
 
 
+def test_nested_mel_filterbank_covers_the_spectrum_at_every_prefix():
+    """What the VAD CRNN's bank is for: dcopt keeps a prefix of its rows. Every prefix of
+    the nested bank sees every bin but the Nyquist one (where all triangles end); the same
+    prefix of narrow mel bands in spread order leaves gaps. The last rows are the narrow
+    bands themselves, and each row is a triangle peaking at its own mel centre."""
+    import dcopt
+
+    n = 80
+    nested = sd.nested_mel_filterbank(n)
+    narrow = sd.mel_filterbank(n)[dcopt.spread_order(n)]
+    assert nested.shape == (n, 257) and (nested >= 0).all() and (nested <= 1 + 1e-6).all()
+    for k in range(1, n + 1):
+        assert int((nested[:k].sum(0) > 0).sum()) == 256, k
+    assert int((narrow[:24].sum(0) > 0).sum()) < 160
+    assert (nested.argmax(1) - narrow.argmax(1)).abs().max() <= 1   # the centre falls between two bins
+    last = [j for j, r in enumerate(dcopt.spread_reach(n)) if r == 1]
+    torch.testing.assert_close(nested[last], narrow[last])
+
+
 def test_power_spectrogram_shapes_and_parseval():
     x = torch.randn(3, 16000)
     p = sd.power_spectrogram(x)
