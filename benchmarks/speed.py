@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -153,6 +153,21 @@ def crnn(channels: int = 64, hidden: int = 96) -> nn.Module:
     return CRNN(channels=channels, hidden=hidden)
 
 
+def crnn_twin(name: str, sizes: dict[str, int]) -> Optional[nn.Module]:
+    """The CRNN written by hand (``examples/crnn_speech.py``) at the widths dcopt exported:
+    what a user would have built at those widths, to time against the exported model.
+    None for other models, or where the two convs kept different widths (the hand-written
+    model has one ``channels``)."""
+    if not name.startswith("crnn"):
+        return None
+    convs = {k for n, k in sizes.items() if not n.startswith("gru")}
+    gru = [k for n, k in sizes.items() if n.startswith("gru")]
+    if len(convs) != 1 or len(gru) != 1:
+        return None
+    torch.manual_seed(0)
+    return crnn(convs.pop(), gru[0]).eval()
+
+
 def torchvision_model(name: str) -> nn.Module:
     import torchvision
     return torchvision.models.get_model(name, weights=None)
@@ -254,17 +269,30 @@ def latency_case(name: str, p: dict) -> list[dict]:
             widths = sorted({info_.kept for info_ in dm.sizes().values()})
             info[key] = dict(target=t, round_to=r, kappa=kappa, macs_fraction=dcopt.count_macs(small, (x,)) / full_macs,
                              predicted_fraction=frac, kept_widths=widths,
+                             group_sizes={n: i.kept for n, i in dm.sizes().items()},
                              params_fraction=sum(q.numel() for q in small.parameters())
                              / sum(q.numel() for q in model.parameters()))
+    # controls (is any of the gap ours?): the export at κ = 1, the same graph as the
+    # original; for the CRNN, the model written by hand at the exported widths
+    dm = dcopt.convert(model, (x,))
+    set_uniform(dm, 1.0)
+    variants["export@1"] = dcopt.export(dm).eval()
+    for key, d in info.items():
+        twin = crnn_twin(name, d["group_sizes"])
+        if twin is not None:
+            variants[f"twin/{key}"] = twin
     fns = {}
     for k, m in variants.items():
         fns[k] = (lambda m=m: m(x))
     with torch.inference_mode():
         times = interleaved(fns, p["repeats"], p["warmup"])
     full = med(times["full"])
+    export_at_full = paired_ratio(times["full"], times["export@1"])
     rows = []
     for key, d in info.items():
         lat = paired_ratio(times["full"], times[key])
+        d = dict(d, export_at_full_ratio=export_at_full,
+                 exported_over_twin=paired_ratio(times[f"twin/{key}"], times[key]) if f"twin/{key}" in times else None)
         rows.append(dict(model=name, input=shape, **d, full_ms=full * 1e3, ms=med(times[key]) * 1e3,
                          latency_ratio=lat, speedup=1 / lat, macs_speedup=1 / d["macs_fraction"],
                          latency_over_macs=lat / d["macs_fraction"],
@@ -483,6 +511,27 @@ def plot(scaling: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def latency_controls(rows: list[dict]) -> list[str]:
+    """Table 2c: how much of the latency gap is dcopt's own doing."""
+    if not rows or "export_at_full_ratio" not in rows[0]:
+        return []
+    lines = ["### 2c. Is any of the gap ours?", "",
+             "Two controls timed in the same rounds: the export at κ = 1 (the original graph, rebuilt by "
+             "`dcopt.export`) against the original model; and, for the CRNN, the exported model against the "
+             "same CRNN written by hand (`examples/crnn_speech.py`) at the exported widths. A ratio of 1 means "
+             "the export costs nothing beyond its widths.", "",
+             "| model | input | export at κ = 1 / original | exported / hand-written, per target (rounding) |",
+             "|---|---|---|---|"]
+    seen = {}
+    for r in rows:
+        seen.setdefault((r["model"], r["input"]), []).append(r)
+    for (model, inp), rs in seen.items():
+        twins = ", ".join(f"{r['target']:.0%} ({r['round_to']}): {r['exported_over_twin']:.3f}"
+                          for r in rs if r.get("exported_over_twin") is not None) or "–"
+        lines.append(f"| {model} | {inp} | {rs[0]['export_at_full_ratio']:.3f} | {twins} |")
+    return lines + [""]
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     busy = [v for sec in res["load"].values() for v in (sec["before"][0], sec["after"][0])]
@@ -528,6 +577,7 @@ def markdown(res: dict) -> str:
                          f"{r['latency_ratio']:.3f} | **{r['latency_over_macs']:.2f}** | {ws} | "
                          f"{'yes' if r['met'] else '**no**'} |")
         lines += [""]
+        lines += latency_controls(res["latency"])
     if res.get("profile"):
         lines += ["## 2b. Where the time goes", "",
                   "torch.profiler self CPU time per op family, full model vs the exported model at the target "

@@ -558,6 +558,15 @@ def _jsonable(obj):
 
 # -- report -------------------------------------------------------------------------------
 
+def bank_text(p: dict) -> str:
+    order = p.get("band_order", "frequency")
+    if order == "nested":
+        return ("the full model (and so every dcopt and Torch-Pruning run) nested mel bands "
+                "(`speech_data.nested_mel_filterbank`: every prefix covers the spectrum); `static-*`/`alloc-*` "
+                "the uniform mel bank of their band count")
+    return f"mel bands in {order} order, for every run"
+
+
 def title(p: dict, tiny: bool) -> str:
     return (f"{'[tiny smoke run] ' if tiny else ''}VAD CRNN (filter bank {p['bands']} → conv {p['channels']} → "
             f"GRU {p['hidden']}): frame EER vs MACs per second of audio"
@@ -804,6 +813,7 @@ def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool,
         f"(optimize + settle at lr {p['settle_lr']:g}); Adam lr {p['lr']:g}, batch {p['batch']}, size lr "
         f"{p['size_lr']:g} (κ and budget runs; tolerance mode: its own, crossing in {p['cross_epochs']:g} epochs). "
         f"κ runs: L2 regularizer, β = {p['beta']:g} fixed. Budget and tolerance runs: κ_min 0.05. "
+        f"Filter bank init: {bank_text(p)}. "
         f"\"wall time\": the run's own training (the shared fixed phase took "
         f"{fixed_info['seconds']:.0f} s)." if fixed_info else "", ""]
     if full is not None and records:

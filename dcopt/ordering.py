@@ -12,6 +12,9 @@ frequencies, lost most (benchmarks/vad.py).
 over the whole range; initialise such a layer in that order (e.g. ``fb.weight.copy_(
 mel[spread_order(80)])``) and every size the group can take keeps bands across the whole
 spectrum. At full width the model is the same up to a relabelling of its features.
+
+Spread *narrow* bands still leave gaps between them; :func:`spread_reach` gives each band
+the width that closes them, so every prefix covers the whole range.
 """
 from __future__ import annotations
 
