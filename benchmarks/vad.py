@@ -11,9 +11,9 @@ Model (:class:`CRNN`), on the 257-bin power spectrogram ``[B, 257, T]`` (10 ms f
   between them (24 of 80 see 127 of the 257 bins), and at the 15 % budget dcopt lost
   0.6 pp val EER to the static baseline over 3 seeds — about what a static model of the
   same widths loses when initialised with those 24 narrow bands instead of 24 wide ones
-  (one-off, 3 seeds: +0.7 pp). Nested bands cover the spectrum at every prefix. Baselines
-  trained at their final widths (``static-*``, ``alloc-*``) get the standard uniform mel
-  bank of their band count (:func:`bank_order`). Then ``log(|·| + eps)``
+  (one-off, 3 seeds: +0.7 pp). Nested bands cover the spectrum at every prefix. Every
+  model starts from this bank at its own band count, the baselines trained from scratch
+  (``static-*``, ``alloc-*``) too. Then ``log(|·| + eps)``
   (``abs`` keeps the log defined once training makes a weight negative) and a
   BatchNorm1d — the band count is a dynamic group, as in the paper;
 * two Conv1d blocks (kernel 5 and 3) with BatchNorm + ReLU (their channels: two groups);
@@ -168,18 +168,13 @@ class CRNN(nn.Module):
         return self.head(y).squeeze(-1)
 
 
-def build(p: dict, mult: float = 1.0, baseline: bool = False) -> CRNN:
-    """The CRNN of config ``p`` with every (dynamic) width scaled by ``mult``.
-    ``baseline``: a model trained at its final widths from scratch gets the standard
-    uniform mel bank of its band count (``band_order="nested"`` only exists so that
-    dcopt's *prefixes* of the bank cover the spectrum; a static model has no prefixes)."""
+def build(p: dict, mult: float = 1.0) -> CRNN:
+    """The CRNN of config ``p`` with every (dynamic) width scaled by ``mult``; its filter
+    bank initialised the same way at every band count (the baselines trained from scratch
+    too: at the 15 % budget the nested bank of 24 bands did better on val than 24 uniform
+    mel bands on 2 of 3 seeds, one-off)."""
     return CRNN(bands=sc.scaled_width(p["bands"], mult), channels=[sc.scaled_width(c, mult) for c in p["channels"]],
-                hidden=sc.scaled_width(p["hidden"], mult), band_order=bank_order(p, baseline))
-
-
-def bank_order(p: dict, baseline: bool) -> str:
-    """The filter bank's ``band_order`` for a dcopt base model or a baseline (:func:`build`)."""
-    return "spread" if baseline and p["band_order"] == "nested" else p["band_order"]
+                hidden=sc.scaled_width(p["hidden"], mult), band_order=p["band_order"])
 
 
 def bce(logits, labels):
@@ -514,17 +509,16 @@ class Bench:
         if name.startswith("alloc-"):
             w = ref["widths"]
             model, mult, method = (CRNN(bands=w["fb"], channels=w["convs"], hidden=w["gru"],
-                                        band_order=bank_order(p, True)), None, "static-dcopt-widths")
+                                        band_order=p["band_order"]), None, "static-dcopt-widths")
         else:
-            model, mult = sc.static_scaled(lambda m: build(p, m, baseline=True), macs_example(),
-                                           ref["macs"] // PER_SECOND, lo=0.02)
+            model, mult = sc.static_scaled(lambda m: build(p, m), macs_example(), ref["macs"] // PER_SECOND, lo=0.02)
             method = "static"
         t0 = time.perf_counter()
         torch.manual_seed(p["seed"] + 1)
         hist = sc.train_plain(model, self.train_batches(0), None, bce, p["fixed"] + p["optimize"] + p["settle"],
                               p["lr"], settle_lr=p["settle_lr"], settle_epochs=p["settle"])
         self.finish(name, method, model, time.perf_counter() - t0, width_mult=mult, target_run=ref["run"],
-                    target_macs=ref["macs"], history=compact_history(hist))
+                    target_macs=ref["macs"], band_order=p["band_order"], history=compact_history(hist))
 
     def run_tp(self, name: str) -> None:
         p = self.p
@@ -561,9 +555,8 @@ def _jsonable(obj):
 def bank_text(p: dict) -> str:
     order = p.get("band_order", "frequency")
     if order == "nested":
-        return ("the full model (and so every dcopt and Torch-Pruning run) nested mel bands "
-                "(`speech_data.nested_mel_filterbank`: every prefix covers the spectrum); `static-*`/`alloc-*` "
-                "the uniform mel bank of their band count")
+        return ("nested mel bands (`speech_data.nested_mel_filterbank`: every prefix covers the spectrum) at "
+                "each model's band count, baselines included")
     return f"mel bands in {order} order, for every run"
 
 
