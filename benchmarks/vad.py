@@ -613,8 +613,8 @@ def targets(records: list[dict]) -> dict:
     if pairs:
         per_run = {}
         for r, b in pairs:
-            per_run[r["run"]] = dict(macs_fraction=r["macs_fraction"], eer=r["metric"], val_bce=r["val_bce"],
-                                     reference_loss=r["reference_loss"],
+            per_run[r["run"]] = dict(macs_fraction=r["macs_fraction"], eer=r["metric"], val_bce=r.get("val_bce"),
+                                     reference_loss=r.get("reference_loss"),
                                      budget_run=b["run"] if b else None,
                                      budget_macs_fraction=b["macs_fraction"] if b else None,
                                      budget_eer=b["metric"] if b else None,
@@ -635,6 +635,34 @@ def tolerance_pairs(records: list[dict]) -> tuple[list[tuple[dict, Optional[dict
                   key=lambda r: float(r["run"].rsplit("-", 1)[1].rstrip("%")))
     pairs = [(r, by.get(r["run"].replace("conv-tol-", "conv-budget-"))) for r in tols]
     return pairs, all(a["macs"] > b["macs"] for a, b in zip(tols, tols[1:]))
+
+
+def issue6_across_seeds(records: list[dict], replicates: dict) -> list[str]:
+    """Issue 6's two VAD targets on every seed (seed 0 and the replicates), from
+    :func:`targets` per seed: which seeds reach ≥ 80 % fewer MACs within +1.5 pp, and
+    dcopt − static per (run, seed), counted by mode."""
+    per_seed = [(seed, targets(recs)) for seed, recs in [("0", records)] + sorted(replicates.items())]
+    per_seed = [(seed, t) for seed, t in per_seed if t]
+    if len(per_seed) < 2:
+        return []
+    cut = [(seed, t["issue6_80pct_fewer_macs"]) for seed, t in per_seed]
+    met = [f"seed {seed}: " + (", ".join(f"{n} {d:+.2f} pp" for n, _, d in a["runs_at_or_below_20pct"]) or "none")
+           for seed, a in cut]
+    diffs: dict[str, list[str]] = {}
+    count: dict[str, list[bool]] = {}
+    for seed, t in per_seed:
+        for n, v in t["issue6_dcopt_le_static"]["per_run"].items():
+            if v["static"] is None:
+                continue
+            diffs.setdefault(n, []).append(f"s{seed} {100 * (v['dcopt'] - v['static']):+.2f}")
+            count.setdefault(n.split("-")[0], []).append(v["dcopt_le_static"])
+    by_mode = ", ".join(f"{m} {sum(c)} of {len(c)}" for m, c in count.items())
+    total = [x for c in count.values() for x in c]
+    return [f"* Issue 6 over seeds {', '.join(s for s, _ in per_seed)}: ≥ {100 * TARGET_MACS_CUT:.0f} % fewer MACs at "
+            f"≤ +{TARGET_EER_PP} pp met on **{sum(a['met'] for _, a in cut)} of {len(cut)}** seeds (dcopt runs at ≤ "
+            f"{100 * (1 - TARGET_MACS_CUT):.0f} % of the MACs, Δ vs that seed's full model: {'; '.join(met)}); dcopt ≤ "
+            f"static at **{sum(total)} of {len(total)}** (run, seed) points ({by_mode}); dcopt − static, pp: "
+            + "; ".join(f"{n}: {' / '.join(d)}" for n, d in diffs.items()) + "."]
 
 
 def tolerance_across_seeds(records: list[dict], replicates: dict) -> dict[str, list[float]]:
@@ -718,9 +746,9 @@ def replicate_notes(replicates: dict, main: list[dict]) -> list[str]:
                 tail = "– | – | –"
             lines.append(f"| {r['run']} | {100 * r['macs'] / full['macs']:.1f}% | {100 * r['metric']:.2f}% | {d} | "
                          f"{tail} |")
-        pairs = [(r, next((x for x in recs if x["run"] == f"static-{r['run']}"), None))
-                 for r in recs if r["method"].startswith("dcopt")]
-        parts = [f"{r['run']} {100 * r['metric']:.2f}% vs static {100 * s['metric']:.2f}%" for r, s in pairs if s]
+        per_run = targets(recs).get("issue6_dcopt_le_static", {}).get("per_run", {})
+        parts = [f"{n} {100 * v['dcopt']:.2f}% vs static {100 * v['static']:.2f}%"
+                 for n, v in per_run.items() if v["static"] is not None]
         if parts:
             lines += ["", f"Seed {seed}, dcopt vs static at the same MACs: " + "; ".join(parts) + "."]
         pairs, monotone = tolerance_pairs(recs)
@@ -860,6 +888,7 @@ def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool,
                          f"**{'met' if c['met'] else 'missed'}** ({'; '.join(parts)}; distinct: "
                          f"{'yes' if c['distinct_points'] else 'no'}, larger tolerance → smaller model: "
                          f"{'yes' if c['larger_tolerance_smaller'] else 'no'}).")
+            lines += issue6_across_seeds(records, replicates or {})
             seeds = tolerance_across_seeds(records, replicates or {})
             if len(seeds) > 1:
                 diffs = [d for ds in seeds.values() for d in ds]

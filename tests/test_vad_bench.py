@@ -187,3 +187,26 @@ def test_tolerance_study_is_summed_up_over_seeds():
     assert seeds["0"] == pytest.approx([-0.001, 0.0]) and seeds["1"] == pytest.approx([0.0])
     assert seeds["2"] == pytest.approx([0.005, -0.001])
     assert vad.tolerance_across_seeds(main, {}) == {"0": pytest.approx([-0.001, 0.0])}
+
+
+def test_issue6_targets_are_summed_up_over_seeds():
+    """The across-seeds line counts every (dcopt run, seed) against its static twin, by
+    mode, and the seeds whose ≤ 20 % MACs runs stay within +1.5 pp of their full model."""
+    from benchmarks import vad
+
+    def seed(full, budget, static, kappa=None, kappa_static=None):
+        recs = [dict(run="full", method="full", macs=100, metric=full),
+                dict(run="budget-0.15", method="dcopt-budget", macs=15, metric=budget),
+                dict(run="static-budget-0.15", method="static", macs=15, metric=static)]
+        if kappa is not None:
+            recs += [dict(run="kappa-0.5", method="dcopt-kappa", macs=35, metric=kappa),
+                     dict(run="static-kappa-0.5", method="static", macs=35, metric=kappa_static)]
+        return recs
+
+    main = seed(0.040, 0.050, 0.049, kappa=0.045, kappa_static=0.046)    # +1.0 pp: met; budget loses
+    reps = {"1": seed(0.040, 0.060, 0.070)}                               # +2.0 pp: missed; budget wins
+    line, = vad.issue6_across_seeds(main, reps)
+    assert "met on **1 of 2** seeds" in line
+    assert "dcopt ≤ static at **2 of 3** (run, seed) points (budget 1 of 2, kappa 1 of 1)" in line
+    assert "budget-0.15: s0 +0.10 / s1 -1.00" in line
+    assert vad.issue6_across_seeds(main, {}) == []
