@@ -404,9 +404,17 @@ def mel_filterbank(n_mels: int, n_fft: int = N_FFT, sr: int = SR, f_min: float =
     f_max = sr / 2 if f_max is None else f_max
     if not 0 <= f_min < f_max <= sr / 2:
         raise ValueError(f"need 0 <= f_min < f_max <= sr/2, got {f_min}, {f_max}")
+    centre = np.arange(1, n_mels + 1)
+    return _triangles(n_mels, n_fft, sr, f_min, f_max, centre - 1, centre, centre + 1)
+
+
+def _triangles(n_mels: int, n_fft: int, sr: int, f_min: float, f_max: float, lo, ce, hi) -> torch.Tensor:
+    """Triangles over ``n_mels + 2`` points equally spaced in mel from ``f_min`` to
+    ``f_max``: row i rises from point ``lo[i]`` to ``ce[i]`` (height 1) and falls to
+    ``hi[i]``, evaluated at the FFT bin frequencies."""
     pts = _mel_to_hz(np.linspace(_hz_to_mel(f_min), _hz_to_mel(f_max), n_mels + 2))
     f = np.arange(n_fft // 2 + 1) * sr / n_fft
-    lo, ce, hi = pts[:-2, None], pts[1:-1, None], pts[2:, None]
+    lo, ce, hi = (pts[np.asarray(i)][:, None] for i in (lo, ce, hi))
     up = (f[None, :] - lo) / (ce - lo)
     down = (hi - f[None, :]) / (hi - ce)
     return torch.from_numpy(np.clip(np.minimum(up, down), 0.0, None).astype(np.float32))
@@ -420,13 +428,10 @@ def nested_mel_filterbank(n_mels: int, n_fft: int = N_FFT, sr: int = SR) -> torc
     Peak height 1, as in :func:`mel_filterbank`."""
     import dcopt
 
-    pts = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sr / 2), n_mels + 2))
-    f = np.arange(n_fft // 2 + 1) * sr / n_fft
-    rows = []
-    for c, r in zip(dcopt.spread_order(n_mels), dcopt.spread_reach(n_mels)):
-        lo, ce, hi = pts[max(c + 1 - r, 0)], pts[c + 1], pts[min(c + 1 + r, n_mels + 1)]
-        rows.append(np.clip(np.minimum((f - lo) / (ce - lo), (hi - f) / (hi - ce)), 0.0, None))
-    return torch.from_numpy(np.stack(rows).astype(np.float32))
+    centre = np.asarray(dcopt.spread_order(n_mels)) + 1
+    reach = np.asarray(dcopt.spread_reach(n_mels))
+    return _triangles(n_mels, n_fft, sr, 0.0, sr / 2, np.maximum(centre - reach, 0), centre,
+                      np.minimum(centre + reach, n_mels + 1))
 
 
 def log_mel(audio=None, n_mels: int = 40, power: torch.Tensor | None = None,
