@@ -39,8 +39,8 @@ def spread_reach(n: int) -> list[int]:
     ``range(n)``). Non-increasing along the order.
 
     Why: keeping the first k spread bands of a filter bank whose bands are all narrow
-    leaves gaps between them (a 24-of-80 prefix of narrow mel bands sees under a third of
-    the spectrum's bins). Give index i a band reaching ``reach[i]`` neighbouring centres
+    leaves gaps between them (a 24-of-80 prefix of narrow mel bands sees 127 of a 512-point
+    FFT's 257 bins). Give index i a band reaching ``reach[i]`` neighbouring centres
     to each side instead, and every prefix covers the whole range: every position lies
     strictly within the reach of some chosen index (property-tested). At full width such
     a bank is multi-resolution (one band over everything, two over halves, …, the rest

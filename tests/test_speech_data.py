@@ -77,6 +77,7 @@ def test_nested_mel_filterbank_covers_the_spectrum_at_every_prefix():
     for k in range(1, n + 1):
         assert int((nested[:k].sum(0) > 0).sum()) == 256, k
     assert int((narrow[:24].sum(0) > 0).sum()) < 160
+    assert int((narrow[:24].sum(0) > 0).sum()) == 127     # the figure README and dcopt.spread_reach cite
     assert (nested.argmax(1) - narrow.argmax(1)).abs().max() <= 1   # the centre falls between two bins
     last = [j for j, r in enumerate(dcopt.spread_reach(n)) if r == 1]
     torch.testing.assert_close(nested[last], narrow[last])
