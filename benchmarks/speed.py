@@ -266,10 +266,9 @@ def latency_case(name: str, p: dict) -> list[dict]:
             small = dcopt.export(dm).eval()
             key = f"{t:g}/round{r}"
             variants[key] = small
-            widths = sorted({info_.kept for info_ in dm.sizes().values()})
+            sizes = {n: i.kept for n, i in dm.sizes().items()}
             info[key] = dict(target=t, round_to=r, kappa=kappa, macs_fraction=dcopt.count_macs(small, (x,)) / full_macs,
-                             predicted_fraction=frac, kept_widths=widths,
-                             group_sizes={n: i.kept for n, i in dm.sizes().items()},
+                             predicted_fraction=frac, kept_widths=sorted(set(sizes.values())), group_sizes=sizes,
                              params_fraction=sum(q.numel() for q in small.parameters())
                              / sum(q.numel() for q in model.parameters()))
     # controls (is any of the gap ours?): the export at κ = 1, the same graph as the

@@ -519,7 +519,7 @@ class Bench:
         hist = sc.train_plain(model, self.train_batches(0), None, bce, p["fixed"] + p["optimize"] + p["settle"],
                               p["lr"], settle_lr=p["settle_lr"], settle_epochs=p["settle"])
         self.finish(name, method, model, time.perf_counter() - t0, width_mult=mult, target_run=ref["run"],
-                    target_macs=ref["macs"], band_order=p["band_order"], history=compact_history(hist))
+                    target_macs=ref["macs"], history=compact_history(hist))
 
     def run_tp(self, name: str) -> None:
         p = self.p
