@@ -105,10 +105,12 @@ NAME = "vad"
 
 FULL = dict(n_train=600, n_val=200, n_test=400, batch=16, fixed=6, optimize=10, settle=4,
             lr=2e-3, settle_lr=2e-4, size_lr=1e-2, beta=1.0, regularizer="l2", cross_epochs=4.0,
-            bands=80, channels=[64, 64], hidden=64, tp_steps=100, seed=0, band_order="nested")
+            bands=80, channels=[64, 64], hidden=64, tp_steps=100, seed=0, band_order="nested",
+            rnn_noise=True)
 TINY = dict(n_train=8, n_val=8, n_test=8, batch=4, fixed=1, optimize=1, settle=0,
             lr=2e-3, settle_lr=2e-4, size_lr=1e-2, beta=1.0, regularizer="l2", cross_epochs=1.0,
-            bands=12, channels=[8, 8], hidden=8, tp_steps=10, seed=0, frames=100, band_order="nested")
+            bands=12, channels=[8, 8], hidden=8, tp_steps=10, seed=0, frames=100, band_order="nested",
+            rnn_noise=True)
 
 #: issue 9's study: every conv-* run continues the converged full model for this schedule
 CONV_FULL = dict(fixed=8, optimize=24, settle=4, lr=5e-4, cross_epochs=8.0, rate=0.3)
@@ -417,7 +419,7 @@ class Bench:
                     optimize_epochs: int, fit_kw: dict) -> None:
         """convert → fit (optimize + settle) → export, checked and recorded."""
         p = self.p
-        dm = dcopt.convert(base, self.example, rnn_noise=self.p.get("rnn_noise", False), **opts)
+        dm = dcopt.convert(base, self.example, rnn_noise=self.p["rnn_noise"], **opts)
         t0 = time.perf_counter()
         torch.manual_seed(p["seed"] + 2)
         hist = dcopt.fit(dm, self.train_batches(start_epoch), bce, fixed_epochs=0, optimize_epochs=optimize_epochs,
@@ -538,8 +540,8 @@ class Bench:
 
 
 def results_name(p: dict) -> str:
-    """vad, vad-seed<N>, vad-rnn-noise, vad-rnn-noise-seed<N>: one results file per variant and seed."""
-    return NAME + ("-rnn-noise" if p.get("rnn_noise") else "") + (f"-seed{p['seed']}" if p["seed"] else "")
+    """vad, vad-seed<N>, vad-no-rnn-noise, vad-no-rnn-noise-seed<N>: one results file per variant and seed."""
+    return NAME + ("" if p.get("rnn_noise") else "-no-rnn-noise") + (f"-seed{p['seed']}" if p["seed"] else "")
 
 
 def _key(p: dict, tiny: bool) -> str:
@@ -564,7 +566,7 @@ def bank_text(p: dict) -> str:
 def title(p: dict, tiny: bool) -> str:
     return (f"{'[tiny smoke run] ' if tiny else ''}VAD CRNN (filter bank {p['bands']} → conv {p['channels']} → "
             f"GRU {p['hidden']}): frame EER vs MACs per second of audio"
-            + (" — dcopt runs with `rnn_noise=True`" if p.get("rnn_noise") else ""))
+            + ("" if p.get("rnn_noise") else " — dcopt runs with `rnn_noise=False`"))
 
 
 def _interp_budget(records: list[dict], macs: float) -> Optional[tuple[float, str]]:
@@ -938,8 +940,8 @@ def main(argv=None) -> int:
                     help="with --report-only: vad-seed<N>.json files whose runs go into vad.json/md as replicates")
     ap.add_argument("--seed", type=int, default=None,
                     help="another seed (data order, initialisation, noise); results go to vad-seed<N>.*")
-    ap.add_argument("--rnn-noise", action="store_true",
-                    help="dcopt runs with convert(..., rnn_noise=True); results go to vad-rnn-noise*")
+    ap.add_argument("--no-rnn-noise", action="store_true",
+                    help="dcopt runs with convert(..., rnn_noise=False); results go to vad-no-rnn-noise*")
     ap.add_argument("--state-dir", type=Path, default=None,
                     help="where the fixed-phase checkpoint lives (default: data/, or --out with --tiny)")
     args = ap.parse_args(argv)
@@ -948,8 +950,8 @@ def main(argv=None) -> int:
     p = copy.deepcopy(TINY if args.tiny else FULL)
     if args.seed is not None:
         p["seed"] = args.seed
-    if args.rnn_noise:
-        p["rnn_noise"] = True   # only when set: the default config (and its cached phases) stays as it was
+    if args.no_rnn_noise:
+        p["rnn_noise"] = False   # the cached fixed, full and conv phases are shared (Bench.shared_p)
     out_name = results_name(p)
     if args.report_only:
         old = json.loads((args.out / f"{out_name}.json").read_text())

@@ -28,12 +28,12 @@ class Config:
     strict_trace: fail with TraceError when fx cannot trace a submodule, instead of keeping
                   that submodule as an opaque leaf (full width in and out, parameters kept).
     rnn_noise:    in the optimize phase, also put the feature noise on an RNN boundary unit's
-                  recurrent influence (its columns of ``weight_hh`` and of the next stacked
-                  layer's ``weight_ih``), so the pull on the hidden size's κ sees what the unit
-                  feeds the other units, not only what the next layer reads. Off by default:
-                  on the VAD CRNN it moved the widths towards the GRU, and those widths trained
-                  from scratch did better, but dcopt's own runs gained nothing on validation
-                  (the weight noise perturbs every unit's recurrence); README, "RNN hidden units".
+                  *recurrent* influence, per step: every gate reads √λ·h_m(t−1) + √(1−λ)·σ·ν(t)
+                  in place of h_m(t−1) (dcopt/rnn_noise.py; the fused kernel still runs, the
+                  noise enters through one extra input column). Without it the pull on a hidden
+                  size's κ sees only what the next layer reads, about half of what removing the
+                  unit costs on the VAD CRNN, and the L2 regularizer starves the RNN (README,
+                  "RNN hidden units"). On by default; eval mode is unaffected either way.
     """
 
     kappa_min: float = 0.125
@@ -47,7 +47,7 @@ class Config:
     strict: bool = False
     strict_trace: bool = False
     round_to: int = 1
-    rnn_noise: bool = False
+    rnn_noise: bool = True
 
     def __post_init__(self):
         if not 0.0 < self.kappa_min <= 1.0:

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .rnn_noise import step_noise_forward
+
 __all__ = ["FeatureGate", "GatedRNN", "consolidated", "kept_size", "round_size", "LAMBDA_EPS", "INT_TOL"]
 
 #: λ is mapped affinely into [ε, 1-ε]: sqrt(λ) and sqrt(1-λ) keep finite derivatives.
@@ -172,13 +174,18 @@ class GatedRNN(nn.Module):
     hidden weights, both biases), their hidden columns and the next layer's input
     columns are multiplied by zero, so the pruned units stay exactly 0 (σ(0)·0 = 0),
     the fused kernel still runs, and the kept weights still get gradients.
+
+    In the optimize phase (``Config.rnn_noise``, on by default) the boundary unit's
+    recurrent influence also gets the feature noise, per step (dcopt/rnn_noise.py): without
+    it the pull on κ sees only what the next layer reads, about half of the unit's value.
     """
 
     def __init__(self, rnn: nn.RNNBase):
         super().__init__()
         self.rnn = rnn
         self.round_to = 1   # kept sizes are multiples of this (set by DynamicModel from its Config)
-        self.noise = False  # the optimize phase's recurrent noise (DynamicModel sets it when Config.rnn_noise)
+        self.noise = False  # the optimize phase's per-step recurrent noise (DynamicModel sets it when Config.rnn_noise)
+        self._sigmas: dict = {}  # per layer, the [D, H] output std of the last noisy forward (dcopt/rnn_noise.py)
 
     def forward(self, kappa: torch.Tensor, *args, **kwargs):
         rnn = self.rnn
@@ -189,23 +196,21 @@ class GatedRNN(nn.Module):
             return rnn(*args, **kwargs)
         ref = rnn.weight_hh_l0
         unit = (torch.arange(H, device=ref.device) < k).to(ref.dtype)
-        G = _GATES[rnn.mode]
-        D = 2 if rnn.bidirectional else 1
-        rows = unit.repeat(G)
-        boundary = self._boundary(kappa, H, k, ref) if noisy else None
+        rows = unit.repeat(_GATES[rnn.mode])
+        cols = unit.repeat(2 if rnn.bidirectional else 1)
         params = {}
         for name, p in rnn.named_parameters():
             if name.startswith("weight_ih"):
-                layer = int(name.split("_l")[1].split("_")[0])
-                if layer == 0:
-                    p = p * rows[:, None]
-                else:
-                    p = self._recurrent_noise(p * rows[:, None] * unit.repeat(D)[None, :], boundary, H, D, rows)
+                first = int(name.split("_l")[1].split("_")[0]) == 0
+                p = p * rows[:, None] if first else p * rows[:, None] * cols[None, :]
             elif name.startswith("weight_hh"):
-                p = self._recurrent_noise(p * rows[:, None] * unit[None, :], boundary, H, 1, rows)
+                p = p * rows[:, None] * unit[None, :]
             else:
                 p = p * rows
             params[name] = p
+        boundary = self._boundary(kappa, H, k, ref) if noisy else None
+        if boundary is not None:
+            return step_noise_forward(rnn, params, *boundary, self._sigmas, *args, **kwargs)
         return functional_call(rnn, params, args, kwargs)
 
     @staticmethod
@@ -214,33 +219,3 @@ class GatedRNN(nn.Module):
         that unit is already cut from the recurrence (s at an integer: λ ≈ 0)."""
         m, lam = _boundary(kappa.to(ref.dtype).reshape(()) * H, torch.tensor(H, dtype=ref.dtype))
         return (int(m), lam) if int(m) < k else None
-
-    @staticmethod
-    def _recurrent_noise(w: torch.Tensor, boundary, H: int, D: int, rows: torch.Tensor) -> torch.Tensor:
-        """Feature noise for the boundary unit's *recurrent* influence, the part of its
-        value the output gate cannot see.
-
-        The FeatureGate on the RNN's output puts noise on unit m only where the next layer
-        reads it; inside the recurrence the unit stays whole until ⌈s⌉ drops past it. So the
-        task's pull on κ measured only the output path, while removing a unit also removes
-        what it feeds the other units, step after step: on the trained VAD CRNN, cutting
-        GRU units from the recurrence cost 2.7–6.6× the val loss of cutting only their
-        output (README, "RNN hidden units"). The fused kernel takes no per-step noise on
-        h, so the noise goes on the weights that carry h_m(t−1) forward — its columns in
-        ``weight_hh`` and in the next stacked layer's ``weight_ih`` (each direction's
-        copy), over the kept rows: column ←
-        √λ·column + √(1−λ)·rms(column)·ε, one ε ~ N(0, 1) per forward. Weight scaling cannot
-        undo it (the noise scales with the column), so the pull on κ now includes how much
-        the recurrence relies on the unit. Training with noise only; eval keeps the exact
-        mask, so eval mode still equals the export. Opt-in (``Config.rnn_noise``): on the
-        VAD CRNN it chose better widths but did not make dcopt's own runs better (README)."""
-        if boundary is None:
-            return w
-        m, lam = boundary
-        cols = torch.tensor([m + d * H for d in range(D)], device=w.device)
-        is_col = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device).index_fill(0, cols, True)
-        scale = torch.where(is_col, lam.sqrt().to(w.dtype), torch.ones((), dtype=w.dtype, device=w.device))
-        col = w.detach().index_select(1, cols)
-        rms = ((col.pow(2) * rows[:, None]).sum(0, keepdim=True) / rows.sum().clamp(min=1)).sqrt()  # kept rows
-        noise = torch.zeros_like(w).index_copy(1, cols, rms * torch.randn_like(col) * rows[:, None])
-        return w * scale[None, :] + (1 - lam).sqrt().to(w.dtype) * noise

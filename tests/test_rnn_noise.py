@@ -1,13 +1,16 @@
-"""The recurrent half of the feature noise (``convert(..., rnn_noise=True)``;
-dcopt.gates.GatedRNN, optimize phase): the boundary unit's recurrent influence gets noise
-too, so the task's pull on an RNN's κ includes what the unit feeds the other units, not
-only what the next layer reads."""
+"""The recurrent half of the feature noise (``convert(..., rnn_noise=True)``, the default;
+dcopt.gates.GatedRNN and dcopt/rnn_noise.py, optimize phase): the boundary unit's recurrent
+influence gets per-step noise too, so the task's pull on an RNN's κ includes what the unit
+feeds the other units, not only what the next layer reads."""
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import dcopt
+
 from dcopt.gates import LAMBDA_EPS, GatedRNN
+from dcopt.rnn_noise import step_noise_forward
 
 from models import build
 
@@ -58,26 +61,78 @@ def test_noise_only_in_training_with_noise_on_and_a_trainable_kappa():
     assert not torch.allclose(noisy, masked_eval, atol=1e-3)
 
 
-@pytest.mark.parametrize("D", [1, 2])
-def test_boundary_columns_get_scaled_signal_and_noise_of_their_own_rms(D):
-    torch.manual_seed(1)
-    G = 3
-    w = torch.randn(G * H, D * H)
-    rows = (torch.arange(H) < 6).float().repeat(G)                 # units 6, 7 removed: their rows stay 0
-    w = w * rows[:, None]
-    lam = torch.tensor(0.3)
-    draws = torch.stack([GatedRNN._recurrent_noise(w, (5, lam), H, D, rows) for _ in range(4000)])
-    cols = [5 + d * H for d in range(D)]
-    others = [c for c in range(D * H) if c not in cols]
-    assert torch.equal(draws[:, :, others], w[None, :, others].expand(len(draws), -1, -1))
-    assert (draws[:, rows == 0] == 0).all()
-    kept = rows == 1
-    for c in cols:
-        col = w[kept, c]
-        rms = col.pow(2).mean().sqrt()
-        mean, std = draws[:, kept, c].mean(0), draws[:, kept, c].std(0)
-        assert torch.allclose(mean, lam.sqrt() * col, atol=4 * (1 - lam).sqrt() * rms / 4000 ** 0.5 * 1.5)
-        assert torch.allclose(std, (1 - lam).sqrt() * rms.expand_as(std), rtol=0.06)  # rms of the kept rows
+LAYOUTS = [(mode, L, bi, bf) for mode in (nn.GRU, nn.LSTM, nn.RNN) for L in (1, 2)
+           for bi in (False, True) for bf in (True, False)]
+
+
+@pytest.mark.parametrize("mode,L,bi,bf", LAYOUTS)
+def test_at_full_share_the_layer_by_layer_run_is_the_rnn(mode, L, bi, bf):
+    """λ = 1 puts no noise anywhere: the layer-by-layer run with its extra input channels
+    must then be the RNN itself, for every layout (batch first or not, unbatched, packed,
+    with and without a given hidden state)."""
+    torch.manual_seed(0)
+    rnn = mode(5, H, num_layers=L, batch_first=bf, bidirectional=bi)
+    params, sigmas, one = dict(rnn.named_parameters()), {}, torch.tensor(1.0)
+    x = torch.randn(3, 7, 5) if bf else torch.randn(7, 3, 5)
+
+    def same(a, b):
+        a, b = (a.data, b.data) if isinstance(a, PackedSequence) else (a, b)
+        a, b = (torch.cat(a), torch.cat(b)) if isinstance(a, tuple) else (a, b)
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+    for args in [(x,), (x, rnn(x)[1]), (x[0] if bf else x[:, 0],),
+                 (pack_padded_sequence(x, torch.tensor([7, 3, 5]), batch_first=bf, enforce_sorted=False),)]:
+        if len(args) == 1 and isinstance(args[0], PackedSequence):
+            args = args + (rnn(args[0])[1],)
+        got, want = step_noise_forward(rnn, params, 3, one, sigmas, *args), rnn(*args)
+        same(got[0], want[0])
+        same(got[1], want[1])
+    assert set(sigmas) == set(range(L)) and sigmas[0].shape == (2 if bi else 1, H)
+
+
+def manual(rnn, x, m, lam, sigma, nu):
+    """One layer, batch first, written out: every gate reads √λ·h_m(t−1) + √(1−λ)·σ·ν(t) in
+    place of h_m(t−1); the GRU's candidate gets that noise without the reset gate's factor
+    (dcopt/rnn_noise.py says why), each unit's own carry stays clean."""
+    w_ih, w_hh, b_ih, b_hh = rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
+    h = x.new_zeros(x.shape[0], H)
+    c = torch.zeros_like(h)
+    scaled = w_hh.clone()
+    scaled[:, m] *= lam ** 0.5
+    outs = []
+    for t in range(x.shape[1]):
+        q = (1 - lam) ** 0.5 * sigma * nu[:, t, :1] * w_hh[:, m]          # the noise share, through column m
+        gi, gh = x[:, t] @ w_ih.T + b_ih + q, h @ scaled.T + b_hh
+        if rnn.mode == "GRU":
+            (ir, iz, i_n), (hr, hz, hn) = gi.chunk(3, 1), gh.chunk(3, 1)
+            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+            h = (1 - z) * torch.tanh(i_n + r * hn) + z * h
+        elif rnn.mode == "LSTM":
+            i, f, g, o = (gi + gh).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        else:
+            h = torch.tanh(gi + gh)
+        outs.append(h)
+    return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("mode", [nn.GRU, nn.LSTM, nn.RNN])
+def test_the_boundary_unit_reaches_the_recurrence_as_per_step_noise(mode):
+    torch.manual_seed(0)
+    rnn = mode(5, H, batch_first=True)
+    params, sigmas, m, lam = dict(rnn.named_parameters()), {}, 5, torch.tensor(0.3)
+    x = torch.randn(4, 9, 5)
+    step_noise_forward(rnn, params, m, lam, sigmas, x)          # measures σ, then a noisy forward
+    sigma = sigmas[0][0, m]
+    torch.manual_seed(7)
+    got = step_noise_forward(rnn, params, m, lam, sigmas, x)[0]
+    torch.manual_seed(7)
+    nu = torch.randn(4, 9, 1)
+    with torch.no_grad():
+        assert torch.allclose(got, manual(rnn, x, m, float(lam), sigma, nu), atol=1e-5, rtol=0)
+        assert not torch.allclose(got, rnn(x)[0], atol=1e-3)   # and the noise is there
+    assert torch.allclose(sigmas[0][0], got.detach().reshape(-1, H).std(0, unbiased=False))  # σ for the next forward
 
 
 def test_no_noise_on_a_unit_already_cut_from_the_recurrence():
@@ -100,7 +155,7 @@ def test_the_option_and_the_phases_switch_the_recurrent_noise(option):
     assert all(m.noise == option for m in rnns)
     dm.fix_sizes()
     assert not any(m.noise for m in rnns)
-    assert not dcopt.convert(model, inputs).config.rnn_noise      # off by default
+    assert dcopt.convert(model, inputs).config.rnn_noise          # on by default
 
 
 @pytest.mark.parametrize("name", ["crnn_gru", "crnn_lstm"])
