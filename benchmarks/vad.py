@@ -652,13 +652,16 @@ def issue6_across_seeds(records: list[dict], replicates: dict) -> list[str]:
            for seed, a in cut]
     diffs: dict[str, list[str]] = {}
     count: dict[str, list[bool]] = {}
+    gaps: dict[str, list[float]] = {}
     for seed, t in per_seed:
         for n, v in t["issue6_dcopt_le_static"]["per_run"].items():
             if v["static"] is None:
                 continue
             diffs.setdefault(n, []).append(f"s{seed} {100 * (v['dcopt'] - v['static']):+.2f}")
             count.setdefault(n.split("-")[0], []).append(v["dcopt_le_static"])
-    by_mode = ", ".join(f"{m} {sum(c)} of {len(c)}" for m, c in count.items())
+            gaps.setdefault(n.split("-")[0], []).append(100 * (v["dcopt"] - v["static"]))
+    by_mode = ", ".join(f"{m} {sum(c)} of {len(c)} (mean {sum(gaps[m]) / len(gaps[m]):+.2f} pp)"
+                        for m, c in count.items())
     total = [x for c in count.values() for x in c]
     return [f"* Issue 6 over seeds {', '.join(s for s, _ in per_seed)}: ≥ {100 * TARGET_MACS_CUT:.0f} % fewer MACs at "
             f"≤ +{TARGET_EER_PP} pp met on **{sum(a['met'] for _, a in cut)} of {len(cut)}** seeds (dcopt runs at ≤ "

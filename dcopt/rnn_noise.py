@@ -12,7 +12,8 @@ extra channels ν(t) ~ N(0, 1), fresh per step and sample, read by
     extra column of weight_ih = √(1−λ) · σ_m · (column m of weight_hh)   (its noise share)
 
 which makes every gate see √λ·h_m(t−1) + √(1−λ)·σ_m·ν(t) in place of h_m(t−1), exactly
-the FeatureGate's rule, at the cost of one more input column. The unit's own carry (the
+the FeatureGate's rule, at the cost of one more input column (padded with zero columns to
+a multiple of 8: CPU GEMMs on odd input widths are slower). The unit's own carry (the
 GRU's z_m·h_m(t−1), the LSTM's cell state) stays clean. σ_m is the std of h_m over
 batch and time, taken from the previous forward (before the first, a clean pass without
 gradients measures it). A stacked layer also gets the same per-step noise on
@@ -46,6 +47,23 @@ def _column_noise(w: torch.Tensor, col: int, scale: torch.Tensor, sigma) -> tupl
     scaled = torch.where(is_col, w * root_l, w)
     extra = column * (root_1l * sigma) if sigma is not None else torch.zeros_like(column)
     return scaled, extra
+
+
+def _update_sigma(sigmas: dict, layer: int, out: torch.Tensor, m: int) -> None:
+    """σ of each unit's output over batch and time ([D, H] under ``sigmas[layer]``). After
+    a full measurement only the boundary unit and its neighbours are updated, the units the
+    next forward can put noise on (the whole tensor's std costs several ms per forward on
+    CPU); when the boundary jumps further (``set_sizes``, a backtrack) all of them again."""
+    last = sigmas.get("m", {}).get(layer)
+    full = layer not in sigmas or last is None or abs(m - last) > 1
+    units = slice(None) if full else slice(max(m - 1, 0), m + 2)
+    cols = out[..., units]
+    std = (cols - cols.mean(0)).pow(2).mean(0).sqrt()
+    if not full:                       # a new tensor: this forward's graph holds the old one's σ_m
+        idx = torch.arange(units.start, units.start + std.shape[1], device=std.device)
+        std = sigmas[layer].clone().index_copy_(1, idx, std)
+    sigmas[layer] = std
+    sigmas.setdefault("m", {})[layer] = m
 
 
 def step_noise_forward(rnn: nn.RNNBase, params: dict, m: int, lam: torch.Tensor, sigmas: dict, x, hx=None):
@@ -86,6 +104,7 @@ def _layer_by_layer(rnn: nn.RNNBase, params: dict, m: int, lam: torch.Tensor, si
     for layer in range(L):
         own, prev = sigmas.get(layer), sigmas.get(layer - 1)
         n_in = D if layer > 0 else 0
+        pad = -(inp.shape[-1] + D + n_in) % 8   # zero channels: CPU GEMMs on input widths of 8k run faster
         flat = []
         for d, sfx in enumerate(["", "_reverse"][:D]):
             w_ih, w_hh = params[f"weight_ih_l{layer}{sfx}"], params[f"weight_hh_l{layer}{sfx}"]
@@ -94,11 +113,12 @@ def _layer_by_layer(rnn: nn.RNNBase, params: dict, m: int, lam: torch.Tensor, si
             for e in range(n_in):                   # the previous layer's unit m, direction e
                 w_ih, col = _column_noise(w_ih, m + e * H, scale, prev[e, m] if prev is not None else None)
                 extras.append(col)
+            extras += [torch.zeros_like(rec)] * pad
             flat += [torch.cat([w_ih, torch.stack(extras, 1)], 1), w_hh]
             if rnn.bias:
                 flat += [params[f"bias_ih_l{layer}{sfx}"], params[f"bias_hh_l{layer}{sfx}"]]
         noise = torch.randn(*inp.shape[:-1], D + n_in, dtype=inp.dtype, device=inp.device)
-        inp_ext = torch.cat([inp, noise], -1)
+        inp_ext = torch.cat([inp, noise, inp.new_zeros(*inp.shape[:-1], pad)], -1)
         sl = slice(layer * D, (layer + 1) * D)
         h0 = (hx[0][sl], hx[1][sl]) if lstm else hx[sl]
         if packed:
@@ -109,7 +129,7 @@ def _layer_by_layer(rnn: nn.RNNBase, params: dict, m: int, lam: torch.Tensor, si
         h_n.append(res[1])
         if lstm:
             c_n.append(res[2])
-        sigmas[layer] = out.detach().reshape(-1, D, H).std(0, unbiased=False)
+        _update_sigma(sigmas, layer, out.detach().reshape(-1, D, H), m)
         inp = nn.functional.dropout(out, rnn.dropout, True) if layer < L - 1 and rnn.dropout else out
     hidden = (torch.cat(h_n), torch.cat(c_n)) if lstm else torch.cat(h_n)
     if packed:

@@ -87,7 +87,7 @@ def test_at_full_share_the_layer_by_layer_run_is_the_rnn(mode, L, bi, bf):
         got, want = step_noise_forward(rnn, params, 3, one, sigmas, *args), rnn(*args)
         same(got[0], want[0])
         same(got[1], want[1])
-    assert set(sigmas) == set(range(L)) and sigmas[0].shape == (2 if bi else 1, H)
+    assert set(sigmas) == set(range(L)) | {"m"} and sigmas[0].shape == (2 if bi else 1, H)
 
 
 def manual(rnn, x, m, lam, sigma, nu):
@@ -124,7 +124,7 @@ def test_the_boundary_unit_reaches_the_recurrence_as_per_step_noise(mode):
     params, sigmas, m, lam = dict(rnn.named_parameters()), {}, 5, torch.tensor(0.3)
     x = torch.randn(4, 9, 5)
     step_noise_forward(rnn, params, m, lam, sigmas, x)          # measures σ, then a noisy forward
-    sigma = sigmas[0][0, m]
+    sigma, sigma_all = sigmas[0][0, m], sigmas[0][0].clone()
     torch.manual_seed(7)
     got = step_noise_forward(rnn, params, m, lam, sigmas, x)[0]
     torch.manual_seed(7)
@@ -132,7 +132,14 @@ def test_the_boundary_unit_reaches_the_recurrence_as_per_step_noise(mode):
     with torch.no_grad():
         assert torch.allclose(got, manual(rnn, x, m, float(lam), sigma, nu), atol=1e-5, rtol=0)
         assert not torch.allclose(got, rnn(x)[0], atol=1e-3)   # and the noise is there
-    assert torch.allclose(sigmas[0][0], got.detach().reshape(-1, H).std(0, unbiased=False))  # σ for the next forward
+    # σ for the next forward: fresh for the units the boundary can move to, kept for the rest
+    before = sigma_all.clone()
+    fresh = got.detach().reshape(-1, H).std(0, unbiased=False)
+    assert torch.allclose(sigmas[0][0, m - 1:m + 2], fresh[m - 1:m + 2], atol=1e-6)
+    assert torch.equal(sigmas[0][0, :m - 1], before[:m - 1]) and torch.equal(sigmas[0][0, m + 2:], before[m + 2:])
+    sigmas["m"][0] = m - 3                                    # a jump (set_sizes, a backtrack): all of them again
+    step_noise_forward(rnn, params, m, lam, sigmas, x)
+    assert not torch.equal(sigmas[0][0, :m - 1], before[:m - 1])
 
 
 def test_no_noise_on_a_unit_already_cut_from_the_recurrence():

@@ -207,6 +207,7 @@ def test_issue6_targets_are_summed_up_over_seeds():
     reps = {"1": seed(0.040, 0.060, 0.070)}                               # +2.0 pp: missed; budget wins
     line, = vad.issue6_across_seeds(main, reps)
     assert "met on **1 of 2** seeds" in line
-    assert "dcopt ≤ static at **2 of 3** (run, seed) points (budget 1 of 2, kappa 1 of 1)" in line
+    assert ("dcopt ≤ static at **2 of 3** (run, seed) points (budget 1 of 2 (mean -0.45 pp), "
+            "kappa 1 of 1 (mean -0.10 pp))") in line
     assert "budget-0.15: s0 +0.10 / s1 -1.00" in line
     assert vad.issue6_across_seeds(main, {}) == []
