@@ -840,7 +840,8 @@ def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool,
         f"(optimize + settle at lr {p['settle_lr']:g}); Adam lr {p['lr']:g}, batch {p['batch']}, size lr "
         f"{p['size_lr']:g} (κ and budget runs; tolerance mode: its own, crossing in {p['cross_epochs']:g} epochs). "
         f"κ runs: L2 regularizer, β = {p['beta']:g} fixed. Budget and tolerance runs: κ_min 0.05. "
-        f"Filter bank init: {bank_text(p)}. "
+        f"Filter bank init: {bank_text(p)}. GRU: the optimize phase's per-step noise on its "
+        f"recurrence {'on' if p.get('rnn_noise') else 'off'} (`rnn_noise={bool(p.get('rnn_noise'))}`). "
         f"\"wall time\": the run's own training (the shared fixed phase took "
         f"{fixed_info['seconds']:.0f} s)." if fixed_info else "", ""]
     if full is not None and records:
