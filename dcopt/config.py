@@ -30,7 +30,7 @@ class Config:
     rnn_noise:    in the optimize phase, also put the feature noise on an RNN boundary unit's
                   *recurrent* influence, per step: every gate reads √λ·h_m(t−1) + √(1−λ)·σ·ν(t)
                   in place of h_m(t−1) (dcopt/rnn_noise.py; the fused kernel still runs, the
-                  noise enters through one extra input column). Without it the pull on a hidden
+                  noise enters through extra input columns). Without it the pull on a hidden
                   size's κ sees only what the next layer reads, about half of what removing the
                   unit costs on the VAD CRNN, and the L2 regularizer starves the RNN (README,
                   "RNN hidden units"). On by default; eval mode is unaffected either way.

@@ -185,7 +185,7 @@ class GatedRNN(nn.Module):
         self.rnn = rnn
         self.round_to = 1   # kept sizes are multiples of this (set by DynamicModel from its Config)
         self.noise = False  # the optimize phase's per-step recurrent noise (DynamicModel sets it when Config.rnn_noise)
-        self._sigmas: dict = {}  # per layer, the [D, H] output std of the last noisy forward (dcopt/rnn_noise.py)
+        self._sigmas: dict = {}  # per layer the [D, H] output std, and under "m" the boundary it was last updated at
 
     def forward(self, kappa: torch.Tensor, *args, **kwargs):
         rnn = self.rnn

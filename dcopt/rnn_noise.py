@@ -12,8 +12,9 @@ extra channels ν(t) ~ N(0, 1), fresh per step and sample, read by
     extra column of weight_ih = √(1−λ) · σ_m · (column m of weight_hh)   (its noise share)
 
 which makes every gate see √λ·h_m(t−1) + √(1−λ)·σ_m·ν(t) in place of h_m(t−1), exactly
-the FeatureGate's rule, at the cost of one more input column (padded with zero columns to
-a multiple of 8: CPU GEMMs on odd input widths are slower). The unit's own carry (the
+the FeatureGate's rule, at the cost of one more input column per direction (a stacked
+layer one more per direction of the layer below; padded with zero columns to a multiple
+of 8: CPU GEMMs on odd input widths are slower). The unit's own carry (the
 GRU's z_m·h_m(t−1), the LSTM's cell state) stays clean. σ_m is the std of h_m over
 batch and time, taken from the previous forward (before the first, a clean pass without
 gradients measures it). A stacked layer also gets the same per-step noise on
@@ -39,7 +40,7 @@ _OPS = {"GRU": torch.gru, "LSTM": torch.lstm, "RNN_TANH": torch.rnn_tanh, "RNN_R
 
 def _column_noise(w: torch.Tensor, col: int, scale: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor]:
     """(w with column ``col`` scaled by √λ, the noise channel's weights √(1−λ)·σ·column);
-    zeros for the channel while σ is unknown."""
+    zeros for the channel while σ is unknown (the clean pass that first measures it)."""
     root_l, root_1l = scale
     column = w[:, col]
     is_col = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
