@@ -40,9 +40,10 @@ OUT = Path(__file__).parent / "results"
 SCHEMES = {"output only": False, "output + recurrence": True}
 
 
-def gru_kappa(dm) -> torch.Tensor:
+def gru_group(dm) -> tuple[torch.Tensor, int]:
+    """The GRU hidden size's κ and full width."""
     (i,) = [i for i, g in enumerate(dm.plan.groups) if g.name == "gru"]
-    return dm._kappas()[i]
+    return list(dm.size_parameters())[i], dm.plan.groups[i].width
 
 
 def set_mode(dm, noisy: bool, rnn_noise: bool) -> None:
@@ -58,11 +59,12 @@ def set_mode(dm, noisy: bool, rnn_noise: bool) -> None:
 
 @torch.no_grad()
 def val_loss(dm, x, y, chunk: int = 50) -> float:
+    """Not ``vad.logits_of``: that puts the whole model in eval mode, gates included."""
     return float(vad.bce(torch.cat([dm(x[i:i + chunk]) for i in range(0, len(x), chunk)]), y))
 
 
 def loss_rises(dm, val: dict, units: list[int], draws: int) -> list[dict]:
-    kappa, H = gru_kappa(dm), dm.plan.groups[-1].width
+    kappa, H = gru_group(dm)
     rows = []
     for m in units:
         def at(s, noisy=False, rnn_noise=False, n=1):
@@ -85,7 +87,7 @@ def loss_rises(dm, val: dict, units: list[int], draws: int) -> list[dict]:
 
 
 def pulls(dm, train: dict, units: list[int], batches: int, batch: int) -> list[dict]:
-    kappa, H = gru_kappa(dm), dm.plan.groups[-1].width
+    kappa, H = gru_group(dm)
     rows = []
     for m in units:
         row = dict(unit=m)
@@ -165,15 +167,21 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     p = dict(vad.TINY if args.tiny else vad.FULL)
+    # the data and the converged model of vad.py's config; its results files are never written
+    # (tiny: a tiny run of its own under --out)
     state = args.out if args.tiny else vad.sd.DEFAULT_CACHE_DIR
-    bench = vad.Bench(p, vad.OUT if not args.tiny else args.out, args.tiny, state, args.threads)
-    bench.load()              # the cached fixed / full / converged phases, if vad.py made them
-    if bench.conv_info is None and not args.tiny:
-        bench.conv_info = {}  # the converged checkpoint's file name is its config's hash: valid whatever vad.json holds
-    model = bench.converged_model()
+    bench = vad.Bench(p, args.out / "vad-tiny" if args.tiny else args.out, args.tiny, state, args.threads)
+    if args.tiny:
+        model = bench.converged_model()
+    else:
+        path = bench.converged_checkpoint()
+        if not path.exists():
+            ap.error(f"{path} is missing: run benchmarks/vad.py first (its conv-* study caches the converged model)")
+        model = vad.build(p)
+        model.load_state_dict(torch.load(path, weights_only=True))
     dm = dcopt.convert(model, bench.example)
     dm.optimize_sizes()
-    H = dm.plan.groups[-1].width
+    H = gru_group(dm)[1]
     units = list(range(1, H)) if args.tiny else list(range(8, H))
     pull_units = [H // 4, 7 * H // 16, 5 * H // 8, 7 * H // 8]
     res = dict(seed=p["seed"], hidden=H, n_val=len(bench.data["val"]["x"]), draws=args.draws, tiny=args.tiny,

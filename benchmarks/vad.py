@@ -441,11 +441,15 @@ class Bench:
     def _converged_path(self) -> Path:
         return self.state_dir / f"vad-full-{_key(self.shared_p, self.tiny)}.pt"
 
+    def converged_checkpoint(self) -> Path:
+        """Where :meth:`converged_model` caches its weights (named by the config's hash)."""
+        return self.state_dir / f"vad-conv-{_key([self.shared_p, self.conv], self.tiny)}.pt"
+
     def converged_model(self) -> CRNN:
         """The ``full`` run's final weights trained on for ``conv['fixed']`` epochs at the
         conv lr (shared by every conv-* run, cached): the full model converged under the
         learning rate the conv-* runs train with, so its val loss is a fair reference."""
-        path = self.state_dir / f"vad-conv-{_key([self.shared_p, self.conv], self.tiny)}.pt"
+        path = self.converged_checkpoint()
         model = build(self.p)
         if path.exists() and self.conv_info is not None:
             model.load_state_dict(torch.load(path, weights_only=True))
