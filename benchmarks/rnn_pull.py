@@ -15,7 +15,7 @@ rises less than the true loss underestimates the unit's value. The second table 
 task gradient d(loss)/dκ itself at s = m + 0.5 on training batches of 16: its mean (the
 pull) and its spread over batches and draws (Adam moves κ by about mean / RMS per step).
 
-    python -m benchmarks.rnn_pull           # about 5 minutes on one thread
+    python -m benchmarks.rnn_pull           # about 6 minutes on one thread
     python -m benchmarks.rnn_pull --tiny    # seconds: a tiny CRNN trained for one epoch
 
 Writes ``results/rnn_pull.json``, ``rnn_pull.md`` and ``rnn_pull.png``.
