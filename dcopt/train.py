@@ -26,6 +26,7 @@ Example::
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -135,6 +136,17 @@ class History:
                 "budget_landing": asdict(self.budget_landing) if self.budget_landing is not None else None,
                 "epochs": [asdict(r) for r in self.epochs],
                 "kappa_trace": [asdict(p) for p in self.kappa_trace]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "History":
+        """The inverse of :meth:`to_dict` (how a resumed :func:`fit` gets its history back)."""
+        landing = d.get("budget_landing")
+        return cls(epochs=[EpochRecord(**r) for r in d.get("epochs", [])],
+                   kappa_trace=[KappaPoint(**p) for p in d.get("kappa_trace", [])],
+                   widths=dict(d.get("widths", {})), tolerance=d.get("tolerance"),
+                   reference_loss=d.get("reference_loss"),
+                   budget_landing=BudgetLanding(**landing) if landing is not None else None,
+                   final_sizes=dict(d.get("final_sizes", {})))
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -250,7 +262,7 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
         grad_clip: Optional[float] = None, device: Union[str, torch.device, None] = None,
         trace_kappa: bool = False, progress: bool = True, log_every: int = 1,
         tolerance: Union[float, "ToleranceController", None] = None, cross_epochs: float = 8.0,
-        settle_lr: Optional[float] = None) -> History:
+        settle_lr: Optional[float] = None, checkpoint: Union[str, "os.PathLike", None] = None) -> History:
     """Train ``dm`` (a :class:`~dcopt.DynamicModel`) through the fixed → optimize → settle
     schedule and return the :class:`History`.
 
@@ -297,6 +309,14 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
       least ``cross_epochs`` epochs to cross its whole range (Adam moves a parameter by at
       most about lr a step), and ``settle_epochs`` = optimize_epochs // 4. Outside
       tolerance mode ``size_lr`` defaults to 3e-4 and ``settle_epochs`` to 0.
+
+    * ``checkpoint``: a file path. After every epoch fit writes there everything the next
+      epoch needs (model, optimizer, history, tolerance controller, random generators;
+      :mod:`dcopt.checkpoint`); called again with the same path and schedule, it continues
+      after the last epoch written (a finished run returns its history at once). With
+      the same data in the same order the resumed run equals the uninterrupted one. A
+      checkpoint of another model or schedule is refused (``ValueError``); delete it to
+      start afresh.
 
     Every optimize epoch also records, per group, the mean of d(task)/dκ and of
     d(complexity term)/dκ (``EpochRecord.task_grad``/``complexity_grad``): why a size stops.
@@ -347,14 +367,27 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
 
     step = 0
     epoch = 0
+    schedule = (fixed_epochs, optimize_epochs, settle_epochs)
+    resumed = _resume(checkpoint, dm, opt, controller, ema, schedule)
+    saved_last_ok = None
+    if resumed is not None:
+        history, epoch, step, saved_last_ok = resumed
+    done = epoch  # epochs a checkpoint already holds
     with _progress(progress, metric_fn is not None and val_data is not None) as bar:
         task_id = bar.add_task("fit", total=(steps_per_epoch * total_epochs) if steps_per_epoch else None,
                                phase="", ep="", loss="–", metric="–", macs="–", sizes="")
+        if done and steps_per_epoch:
+            bar.update(task_id, advance=steps_per_epoch * done, ep=f"{done}/{total_epochs}")
+        first = 0  # the run-wide number of the epoch before this phase's first
         for phase, n_epochs in plan:
-            if phase == "optimize" and controller is not None:
+            first, start = first + n_epochs, first
+            if done >= first:
+                continue  # the checkpoint holds this whole phase
+            mid_phase = done > start  # resuming inside this phase: its start already happened
+            if phase == "optimize" and controller is not None and not mid_phase:
                 history.reference_loss = _start_tolerance(controller, dm, history, ema, train_data, val_data,
                                                           loss_fn, device)
-            if ema is not None and phase == "optimize":
+            if ema is not None and phase == "optimize" and not mid_phase:
                 ema = _tolerance_ema(steps_per_epoch)  # the noisy optimize losses start a new average
             if phase == "settle" and settle_lr is not None:
                 for group in opt.param_groups:
@@ -363,7 +396,10 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
             (dm.optimize_sizes if phase == "optimize" else dm.fix_sizes)()
             opt.zero_grad(set_to_none=True)
             last_ok = [k.detach().clone() for k in size_params]  # the sizes the reference was measured at
-            for phase_epoch in range(1, n_epochs + 1):
+            if mid_phase and saved_last_ok is not None:
+                with torch.no_grad():
+                    last_ok = [k.clone() for k in saved_last_ok]
+            for phase_epoch in range(1 + (done - start if mid_phase else 0), n_epochs + 1):
                 epoch += 1
                 t0 = time.perf_counter()
                 dm.train()
@@ -463,10 +499,38 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                                sizes=_sizes_text(rec.sizes, widths))
                     if log_every and (epoch % log_every == 0 or epoch == total_epochs):
                         bar.console.print(_summary_line(rec, widths))
+                if checkpoint is not None:
+                    from .checkpoint import save_fit_state
+
+                    save_fit_state(checkpoint, dm=dm, opt=opt, history=history, schedule=schedule, epoch=epoch,
+                                   step=step, controller=controller, ema=ema,
+                                   last_ok=last_ok if phase == "optimize" else None)
         dm.fix_sizes()
         dm.train()
     history.final_sizes = {name: info.kept for name, info in dm.sizes().items()}
     return history
+
+
+def _resume(checkpoint, dm, opt, controller, ema, schedule):
+    """Load ``checkpoint`` into the model, optimizer, controller and loss average when the
+    file exists (:mod:`dcopt.checkpoint`); returns (history, epochs done, steps done, the
+    tolerance fallback sizes) or None for a fresh start."""
+    if checkpoint is None or not os.path.exists(checkpoint):
+        return None
+    from .checkpoint import load_fit_state, restore_controller, restore_ema, restore_rng, restore_rnn_sigmas
+
+    state = load_fit_state(checkpoint, dm=dm, schedule=schedule)
+    dm.load_state_dict(state["model"])
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except ValueError as e:
+        raise ValueError(f"checkpoint {checkpoint}: its optimizer state does not fit this call's optimizer ({e}); "
+                         "resume with the same optimizer, or delete the file to start afresh") from e
+    restore_controller(controller, state["controller"])
+    restore_ema(ema, state["ema"])
+    restore_rnn_sigmas(dm, state["rnn_sigmas"])
+    restore_rng(state)
+    return History.from_dict(state["history"]), state["epoch"], state["step"], state["last_ok"]
 
 
 def _land(dm, grow: bool, bar) -> BudgetLanding:
