@@ -210,4 +210,10 @@ def test_issue6_targets_are_summed_up_over_seeds():
     assert ("dcopt ≤ static at **2 of 3** (run, seed) points (budget 1 of 2 (mean -0.45 pp), "
             "kappa 1 of 1 (mean -0.10 pp))") in line
     assert "budget-0.15: s0 +0.10 / s1 -1.00" in line
+    # budget-0.15 loses on seed 0 alone but not on the mean over both seeds
+    assert ("averaged over seeds, dcopt ≤ static at **2 of 2** budgets (budget-0.15 -0.45 pp (2 seeds), "
+            "kappa-0.5 -0.10 pp (1 seed))") in line
+    reps["1"][1]["metric"] = 0.0695                                    # now s1 -0.05: mean +0.03
+    line, = vad.issue6_across_seeds(main, reps)
+    assert "dcopt ≤ static at **1 of 2** budgets (budget-0.15 +0.03 pp (2 seeds)" in line
     assert vad.issue6_across_seeds(main, {}) == []
