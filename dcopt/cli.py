@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load a DynamicModel checkpoint and write the exported plain model.")
     p.add_argument("target", metavar="TARGET", help="the model the checkpoint was trained from")
     p.add_argument("--checkpoint", "-c", required=True, metavar="FILE",
-                   help="DynamicModel state_dict saved with torch.save(dm.state_dict(), FILE)")
+                   help="DynamicModel state_dict saved with torch.save(dm.state_dict(), FILE), or the file "
+                        "dcopt.fit(..., checkpoint=FILE) writes")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=cmd_export)
     return parser
@@ -421,6 +422,9 @@ def cmd_export(args) -> int:
                           f"{type(exc).__name__}: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    from .checkpoint import FORMAT
+    if isinstance(state, dict) and state.get("format") == FORMAT:  # fit(..., checkpoint=FILE)
+        state = state["model"]
     if not isinstance(state, dict):
         raise TargetError(f"checkpoint {args.checkpoint} holds a {type(state).__name__}; expected a "
                           f"state_dict saved with torch.save(dm.state_dict(), path)")

@@ -349,6 +349,25 @@ def test_export_checkpoint_errors(capsys, tmp_path, files):
     assert not (tmp_path / "o").exists()
 
 
+def test_export_takes_the_file_fit_checkpoints_to(capsys, tmp_path, files):
+    """The file ``fit(..., checkpoint=FILE)`` writes holds the DynamicModel under "model";
+    export reads the sizes training learned from it."""
+    target = load_target(files["small_cnn.py"])
+    dm = dcopt.convert(target.model, target.example_inputs, kappa_min=0.25, beta=20.0)
+    x = target.example_inputs[0]
+    data = [(torch.randn(8, 3, 8, 8), torch.randn(8, 4)) for _ in range(4)]
+    ckpt = tmp_path / "run.ckpt"
+    dcopt.fit(dm, data, nn.functional.mse_loss, fixed_epochs=1, optimize_epochs=3, lr=1e-2, size_lr=0.05,
+              progress=False, checkpoint=ckpt)
+    assert any(i.kept < i.width for i in dm.sizes().values())
+    code, out, err = run_main(capsys, "export", files["small_cnn.py"], "-c", str(ckpt), "-o", str(tmp_path / "o"))
+    assert code == EXIT_OK, err
+    small = dcopt.load_exported(tmp_path / "o").eval()
+    with torch.no_grad():
+        assert torch.allclose(small(x), dm.eval()(x), atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in target.model.parameters())
+
+
 # ----------------------------------------------------------------------------- dcopt.testing
 
 def test_assert_convertible_passes_and_returns_the_analysis():
