@@ -87,3 +87,22 @@ def test_tiny_run_writes_its_files(tmp_path):
     assert kws.main(["--tiny", "--out", str(tmp_path), "--resume"]) == 0
     again = json.loads((tmp_path / "kws.json").read_text())
     assert [r["run"] for r in again["records"]] == runs
+
+
+def test_seed_summary_counts_wins_and_averages_the_gap():
+    """Per dcopt run repeated on every seed: the seeds meeting the target, the wins over each
+    baseline and the mean error difference to it."""
+    def rec(run, method, metric, macs):
+        return dict(run=run, method=method, metric=metric, macs=macs)
+
+    table = {"full": {0: rec("full", "full", 0.06, 100), 1: rec("full", "full", 0.07, 100)},
+             "budget-0.2": {0: rec("budget-0.2", "dcopt-budget", 0.065, 20),
+                            1: rec("budget-0.2", "dcopt-budget", 0.09, 20)},
+             "static@budget-0.2": {0: rec("static@budget-0.2", "static", 0.07, 20),
+                                   1: rec("static@budget-0.2", "static", 0.08, 20)},
+             "tp@budget-0.2": {0: rec("tp@budget-0.2", "torch-pruning", 0.06, 20)}}   # one seed only: skipped
+    line, = kws._seed_summary(table, [0, 1])
+    assert "**budget-0.2**: 80.0–80.0 % fewer MACs, Δ +0.50 / +2.00 pp (mean +1.25)" in line
+    assert "target on 1 of 2 seeds" in line
+    assert "lower error than static on 1 of 2 (mean +0.25 pp)" in line      # -0.5 and +1.0
+    assert "Torch-Pruning" not in line
