@@ -309,7 +309,6 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
       least ``cross_epochs`` epochs to cross its whole range (Adam moves a parameter by at
       most about lr a step), and ``settle_epochs`` = optimize_epochs // 4. Outside
       tolerance mode ``size_lr`` defaults to 3e-4 and ``settle_epochs`` to 0.
-
     * ``checkpoint``: a file path. After every epoch fit writes there everything the next
       epoch needs (model, optimizer, history, tolerance controller, random generators;
       :mod:`dcopt.checkpoint`); called again with the same path and schedule, it continues
@@ -396,9 +395,8 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
             (dm.optimize_sizes if phase == "optimize" else dm.fix_sizes)()
             opt.zero_grad(set_to_none=True)
             last_ok = [k.detach().clone() for k in size_params]  # the sizes the reference was measured at
-            if mid_phase and saved_last_ok is not None:
-                with torch.no_grad():
-                    last_ok = [k.clone() for k in saved_last_ok]
+            if mid_phase and saved_last_ok is not None:  # read to the CPU; the sizes may live elsewhere
+                last_ok = [o.to(k.device, k.dtype) for k, o in zip(size_params, saved_last_ok)]
             for phase_epoch in range(1 + (done - start if mid_phase else 0), n_epochs + 1):
                 epoch += 1
                 t0 = time.perf_counter()
