@@ -477,8 +477,11 @@ def notes_markdown(p: dict, records: list[dict], extra: dict) -> str:
     lines += [f"Noise: one test clip is {100 / extra['n_test']:.2f} pp; at 6–9 % error the binomial standard "
               f"error of a single run's test error is about "
               f"{100 * math.sqrt(0.075 * 0.925 / extra['n_test']):.1f} pp, so single-run differences of "
-              "1–2 pp between methods are not significant on their own; the replicate seeds below repeat the "
-              "runs that reach ≥ 80 % fewer MACs, with their baselines.", ""]
+              "1–2 pp between methods are not significant on their own"
+              + ("" if not (p["replicate_runs"] and p["replicate_seeds"]) else
+                 "; the replicate seeds below repeat "
+                 + ("every run" if set(p["replicate_runs"]) >= {n for n, _ in dcopt_runs(p)} else
+                    f"the runs {', '.join(p['replicate_runs'])}") + ", with their baselines") + ".", ""]
     lines += ["## Test error by SNR band", "",
               "| run | " + " | ".join(f"{b} dB" for b in sd.SNR_BAND_NAMES) + " | val error |",
               "|---|" + "---|" * (len(sd.SNR_BAND_NAMES) + 1)]
