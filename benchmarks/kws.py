@@ -47,7 +47,7 @@ Run::
     .venv/bin/python benchmarks/kws.py --resume        # skip runs already in kws.json
     .venv/bin/python benchmarks/kws.py --only full kmin-0.25 static@kmin-0.25
     .venv/bin/python benchmarks/kws.py --tiny --out /tmp/kws   # seconds (tests)
-    # every dcopt run on the replicate seeds too (what kws.json holds; ~40 min more):
+    # every dcopt run on the replicate seeds too (what kws.json holds; ~25 min more):
     .venv/bin/python benchmarks/kws.py --resume --set 'replicate_runs=["kmin-0.5","kmin-0.25",\
         "kmin-0.125","budget-0.5","budget-0.25","budget-0.2","budget-0.15"]'
 
