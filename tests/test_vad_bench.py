@@ -187,6 +187,10 @@ def test_tolerance_study_is_summed_up_over_seeds():
     assert seeds["0"] == pytest.approx([-0.001, 0.0]) and seeds["1"] == pytest.approx([0.0])
     assert seeds["2"] == pytest.approx([0.005, -0.001])
     assert vad.tolerance_across_seeds(main, {}) == {"0": pytest.approx([-0.001, 0.0])}
+    # per tolerance over the seeds that ran both twins: (-0.001 + 0 + 0.005) / 3, (0 - 0.001) / 2
+    assert vad.tolerance_means(main, reps) == {"1%": pytest.approx(0.004 / 3), "5%": pytest.approx(-0.0005)}
+    reps["1"] = study(0.040, 0.040, 0.043, 0.040)[1:]   # seed 1 without its 1 % tolerance run: 5 % only
+    assert vad.tolerance_means(main, reps) == {"1%": pytest.approx(0.002), "5%": pytest.approx(0.002 / 3)}
 
 
 def test_issue6_targets_are_summed_up_over_seeds():
