@@ -27,13 +27,12 @@ leaves the previous epoch's file intact.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
-__all__ = ["save_fit_state", "load_fit_state", "FORMAT"]
+__all__ = ["save_fit_state", "load_fit_state", "restore_fit_state", "FORMAT"]
 
 FORMAT = "dcopt-fit-checkpoint/1"
 
@@ -50,8 +49,8 @@ def save_fit_state(path: Union[str, os.PathLike], *, dm, opt, history, schedule:
         "model": dm.state_dict(),
         "optimizer": opt.state_dict(),
         "history": history.to_dict(),
-        "controller": _controller_state(controller),
-        "ema": None if ema is None else {"decay": ema.decay, "avg": ema._avg, "weight": ema._weight},
+        "controller": None if controller is None else controller.state_dict(),
+        "ema": None if ema is None else ema.state_dict(),
         "last_ok": None if last_ok is None else [k.detach().clone() for k in last_ok],
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -81,49 +80,30 @@ def load_fit_state(path: Union[str, os.PathLike], *, dm, schedule: tuple) -> dic
     return state
 
 
-def restore_rng(state: dict) -> None:
+def restore_fit_state(state: dict, *, dm, opt, controller=None, ema=None, path="") -> None:
+    """Put the model, the optimizer, tolerance mode's controller and loss average, each gated
+    RNN's noise scale and the random generators back where ``state`` (from
+    :func:`load_fit_state`) left them. The controller keeps this call's settings (a user who
+    changes e.g. its ``rate`` on resume gets the new one)."""
+    dm.load_state_dict(state["model"])
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path}: its optimizer state does not fit this call's optimizer ({e}); "
+                         "resume with the same optimizer, or delete the file to start afresh") from e
+    if controller is not None and state["controller"] is not None:
+        controller.load_state_dict(state["controller"])
+    if ema is not None and state["ema"] is not None:
+        ema.load_state_dict(state["ema"])
+    for name, noise in state["rnn_sigmas"].items():
+        dm.get_submodule(name).load_noise_state(noise)
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def restore_rnn_sigmas(dm, sigmas: dict) -> None:
-    for name, sig in sigmas.items():
-        module = dm.get_submodule(name)
-        module._sigmas.clear()
-        module._sigmas.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in sig.items()})
-
-
 def _rnn_sigmas(dm) -> dict:
     from .gates import GatedRNN
 
-    return {name: {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in m._sigmas.items()}
-            for name, m in dm.named_modules() if isinstance(m, GatedRNN) and m._sigmas}
-
-
-def _controller_state(controller) -> Optional[dict]:
-    if controller is None:
-        return None
-    out = {f.name: getattr(controller, f.name) for f in fields(controller) if f.name != "steps"}
-    out["beta_range"] = list(out["beta_range"])
-    out["steps"] = [asdict(s) for s in controller.steps]
-    return out
-
-
-def restore_controller(controller, state: Optional[dict]) -> None:
-    """Put a ToleranceController back where the checkpoint left it (its settings come from
-    this call, so a user who changes e.g. ``rate`` on resume gets the new one)."""
-    from .tolerance import ToleranceStep
-
-    if controller is None or state is None or (state["reference"] is None and not state["steps"]):
-        return  # written before the optimize phase: the controller has not started yet
-    for name in ("reference", "beta", "calibrated", "_recent", "_feasible_beta", "_recovering", "_growth",
-                 "_violated"):
-        setattr(controller, name, state[name])
-    controller.steps = [ToleranceStep(**s) for s in state["steps"]]
-
-
-def restore_ema(ema, state: Optional[dict]) -> None:
-    if ema is None or state is None:
-        return
-    ema.decay, ema._avg, ema._weight = state["decay"], state["avg"], state["weight"]
+    states = {name: m.noise_state() for name, m in dm.named_modules() if isinstance(m, GatedRNN)}
+    return {name: st for name, st in states.items() if st}

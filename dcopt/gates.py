@@ -187,6 +187,16 @@ class GatedRNN(nn.Module):
         self.noise = False  # the optimize phase's per-step recurrent noise (DynamicModel sets it when Config.rnn_noise)
         self._sigmas: dict = {}  # per layer the [D, H] output std, and under "m" the boundary it was last updated at
 
+    def noise_state(self) -> dict:
+        """The recurrent noise's cached σ (not in the state dict: a loaded model measures it
+        afresh on its first noisy forward); ``fit``'s checkpoint keeps it so a resumed run
+        draws exactly the noise the uninterrupted one would."""
+        return {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in self._sigmas.items()}
+
+    def load_noise_state(self, state: dict) -> None:
+        self._sigmas.clear()
+        self._sigmas.update({k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in state.items()})
+
     def forward(self, kappa: torch.Tensor, *args, **kwargs):
         rnn = self.rnn
         H = rnn.hidden_size

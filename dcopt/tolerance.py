@@ -78,7 +78,7 @@ Using it in your own loop::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 __all__ = ["ToleranceController", "ToleranceStep", "LossAverage", "loss_drift", "loss_jitter"]
@@ -296,6 +296,29 @@ class ToleranceController:
         return self.beta
 
 
+    # -- resuming (fit(..., checkpoint=...)) --------------------------------------------
+    _PROGRESS = ("reference", "beta", "calibrated", "_recent", "_feasible_beta", "_recovering", "_growth",
+                 "_violated")
+
+    def state_dict(self) -> dict:
+        """Where the dual ascent stands (plain data; the settings are not included, they
+        come from the controller it is loaded into)."""
+        out = {name: getattr(self, name) for name in self._PROGRESS}
+        out["_recent"] = list(self._recent)
+        out["steps"] = [asdict(step) for step in self.steps]
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`. A state taken before the controller started
+        (no reference, no step) changes nothing, so a reference set by the user stays."""
+        if state["reference"] is None and not state["steps"]:
+            return
+        for name in self._PROGRESS:
+            setattr(self, name, state[name])
+        self._recent = list(self._recent)
+        self.steps = [ToleranceStep(**step) for step in state["steps"]]
+
+
 class LossAverage:
     """Exponential moving average of the training loss, the constraint's estimate when
     no ``val_data`` is given. ``halflife`` in steps (fit uses a quarter epoch); bias
@@ -315,6 +338,12 @@ class LossAverage:
     @property
     def value(self) -> Optional[float]:
         return self._avg / self._weight if self._weight > 0 else None
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "avg": self._avg, "weight": self._weight}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self._avg, self._weight = state["decay"], state["avg"], state["weight"]
 
 
 def loss_drift(losses) -> Optional[float]:

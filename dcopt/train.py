@@ -515,19 +515,10 @@ def _resume(checkpoint, dm, opt, controller, ema, schedule):
     tolerance fallback sizes) or None for a fresh start."""
     if checkpoint is None or not os.path.exists(checkpoint):
         return None
-    from .checkpoint import load_fit_state, restore_controller, restore_ema, restore_rng, restore_rnn_sigmas
+    from .checkpoint import load_fit_state, restore_fit_state
 
     state = load_fit_state(checkpoint, dm=dm, schedule=schedule)
-    dm.load_state_dict(state["model"])
-    try:
-        opt.load_state_dict(state["optimizer"])
-    except ValueError as e:
-        raise ValueError(f"checkpoint {checkpoint}: its optimizer state does not fit this call's optimizer ({e}); "
-                         "resume with the same optimizer, or delete the file to start afresh") from e
-    restore_controller(controller, state["controller"])
-    restore_ema(ema, state["ema"])
-    restore_rnn_sigmas(dm, state["rnn_sigmas"])
-    restore_rng(state)
+    restore_fit_state(state, dm=dm, opt=opt, controller=controller, ema=ema, path=checkpoint)
     return History.from_dict(state["history"]), state["epoch"], state["step"], state["last_ok"]
 
 
