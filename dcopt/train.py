@@ -375,8 +375,11 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
     with _progress(progress, metric_fn is not None and val_data is not None) as bar:
         task_id = bar.add_task("fit", total=(steps_per_epoch * total_epochs) if steps_per_epoch else None,
                                phase="", ep="", loss="–", metric="–", macs="–", sizes="")
-        if done and steps_per_epoch:
-            bar.update(task_id, advance=steps_per_epoch * done, ep=f"{done}/{total_epochs}")
+        if done:
+            if steps_per_epoch:
+                bar.update(task_id, advance=steps_per_epoch * done, ep=f"{done}/{total_epochs}")
+            if progress:
+                bar.console.print(f"resumed from {checkpoint} after epoch {done} of {total_epochs}")
         first = 0  # the run-wide number of the epoch before this phase's first
         for phase, n_epochs in plan:
             first, start = first + n_epochs, first
