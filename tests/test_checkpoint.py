@@ -18,19 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import dcopt
 from dcopt.gates import GatedRNN
 from dcopt.train import History, fit
+from tests.models import MLP   # 16 → 32 → 24 → 4
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(8, 24)
-        self.fc2 = nn.Linear(24, 16)
-        self.fc3 = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
 class ConvGRU(nn.Module):
@@ -70,8 +60,8 @@ class Interrupt:
 
 def _mlp_data(n=96, bs=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    y = torch.randn(n, 3, generator=g)
+    x = torch.randn(n, 16, generator=g)
+    y = torch.randn(n, 4, generator=g)
     return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
 
 
@@ -115,7 +105,7 @@ SCHEDULE = dict(fixed_epochs=2, optimize_epochs=4, settle_epochs=2, lr=1e-2, siz
 # ends the fixed phase), the 4th optimize epoch, the 2nd settle epoch
 @pytest.mark.parametrize("cut_after", [6 + 3, 6 * 2 + 1, 6 * 5 + 2, 6 * 7 + 5])
 def test_kappa_mode_resumes_exactly(tmp_path, cut_after):
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 16)
 
     def make():
         torch.manual_seed(0)
@@ -124,11 +114,11 @@ def test_kappa_mode_resumes_exactly(tmp_path, cut_after):
     full, hf, again, ha = _interrupted_then_resumed(make, _mlp_data, tmp_path, cut_after, **SCHEDULE)
     _same(full, again, hf, ha)
     assert len(ha) == 8 and ha.final_sizes == hf.final_sizes
-    assert any(s < 24 for s in ha.final_sizes.values())  # the run did learn sizes
+    assert any(ha.final_sizes[n] < w for n, w in ha.widths.items())  # the run did learn sizes
 
 
 def test_budget_mode_resumes_exactly_across_the_landing(tmp_path):
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 16)
 
     def make():
         torch.manual_seed(0)
@@ -142,7 +132,7 @@ def test_budget_mode_resumes_exactly_across_the_landing(tmp_path):
 
 
 def test_tolerance_mode_resumes_exactly(tmp_path):
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 16)
     val = _mlp_data(n=32, seed=1)
 
     def make():
@@ -157,7 +147,7 @@ def test_tolerance_mode_resumes_exactly(tmp_path):
 
 
 def test_tolerance_mode_without_val_data_restores_its_loss_average(tmp_path):
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 16)
 
     def make():
         torch.manual_seed(0)
@@ -190,7 +180,7 @@ def test_shuffling_dataloader_and_gru_noise_resume_exactly(tmp_path):
 
 
 def test_a_finished_checkpoint_returns_its_history_without_training(tmp_path):
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 16)
     torch.manual_seed(0)
     dm = dcopt.convert(MLP(), (x,), kappa_min=0.25, beta=2.0)
     path = tmp_path / "fit.ckpt"
@@ -204,7 +194,7 @@ def test_a_finished_checkpoint_returns_its_history_without_training(tmp_path):
 
 
 def test_the_file_is_plain_data_read_without_executing_code(tmp_path):
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 16)
     dm = dcopt.convert(MLP(), (x,))
     path = tmp_path / "fit.ckpt"
     _run(dm, _mlp_data(), path, fixed_epochs=1, optimize_epochs=1)
@@ -215,7 +205,7 @@ def test_the_file_is_plain_data_read_without_executing_code(tmp_path):
 
 
 def test_a_checkpoint_of_another_schedule_or_model_is_refused(tmp_path):
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 16)
     path = tmp_path / "fit.ckpt"
     dm = dcopt.convert(MLP(), (x,))
     _run(dm, _mlp_data(), path, fixed_epochs=1, optimize_epochs=1)
@@ -225,8 +215,8 @@ def test_a_checkpoint_of_another_schedule_or_model_is_refused(tmp_path):
     class Other(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a = nn.Linear(8, 5)
-            self.b = nn.Linear(5, 3)
+            self.a = nn.Linear(16, 5)
+            self.b = nn.Linear(5, 4)
 
         def forward(self, x):
             return self.b(torch.relu(self.a(x)))
@@ -240,7 +230,7 @@ def test_a_checkpoint_of_another_schedule_or_model_is_refused(tmp_path):
 
 
 def test_the_users_model_is_untouched(tmp_path):
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 16)
     model = MLP()
     before = copy.deepcopy(model.state_dict())
     dm = dcopt.convert(model, (x,))
