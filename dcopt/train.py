@@ -313,9 +313,10 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
       epoch needs (model, optimizer, history, tolerance controller, random generators;
       :mod:`dcopt.checkpoint`); called again with the same path and schedule, it continues
       after the last epoch written (a finished run returns its history at once). With
-      the same data in the same order the resumed run equals the uninterrupted one. A
-      checkpoint of another model or schedule is refused (``ValueError``); delete it to
-      start afresh.
+      the same data in the same order the resumed run equals the uninterrupted one; the
+      learning rates in force are the checkpoint's. A checkpoint of another model or
+      schedule is refused (``ValueError``); delete it to start afresh. Its folder is
+      created if missing.
 
     Every optimize epoch also records, per group, the mean of d(task)/dκ and of
     d(complexity term)/dκ (``EpochRecord.task_grad``/``complexity_grad``): why a size stops.
@@ -516,7 +517,10 @@ def _resume(checkpoint, dm, opt, controller, ema, schedule):
     """Load ``checkpoint`` into the model, optimizer, controller and loss average when the
     file exists (:mod:`dcopt.checkpoint`); returns (history, epochs done, steps done, the
     tolerance fallback sizes) or None for a fresh start."""
-    if checkpoint is None or not os.path.exists(checkpoint):
+    if checkpoint is None:
+        return None
+    if not os.path.exists(checkpoint):
+        os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)  # not after the first epoch
         return None
     from .checkpoint import load_fit_state, restore_fit_state
 

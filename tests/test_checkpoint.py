@@ -196,11 +196,11 @@ def test_a_finished_checkpoint_returns_its_history_without_training(tmp_path):
 def test_the_file_is_plain_data_read_without_executing_code(tmp_path):
     x = torch.randn(4, 16)
     dm = dcopt.convert(MLP(), (x,))
-    path = tmp_path / "fit.ckpt"
+    path = tmp_path / "runs" / "a" / "fit.ckpt"   # its folder does not exist yet
     _run(dm, _mlp_data(), path, fixed_epochs=1, optimize_epochs=1)
     state = torch.load(path, weights_only=True)
     assert state["format"] == "dcopt-fit-checkpoint/1" and state["epoch"] == 2
-    assert not list(tmp_path.glob("*.tmp"))  # written under a temporary name, then renamed
+    assert not list(path.parent.glob("*.tmp"))  # written under a temporary name, then renamed
     assert History.from_dict(state["history"]).to_dict() == state["history"]
 
 
