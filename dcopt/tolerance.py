@@ -319,6 +319,26 @@ class ToleranceController:
         self.steps = [ToleranceStep(**step) for step in state["steps"]]
 
 
+def balance_beta(rec, beta: float, noise: float = 0.0) -> float:
+    """What :meth:`ToleranceController.calibrate` is given: from one optimize epoch's record
+    (``task_grad``, ``task_grad_std``, ``complexity_grad`` of :class:`dcopt.train.EpochRecord`),
+    the smallest β over groups at which the regularizer's push on κ beats the task's mean
+    pull by ``noise`` per-step standard deviations of that pull (``noise=0``: where the
+    means balance). Adam moves κ by about
+    lr·(mean gradient)/(RMS gradient) per step, so with a pull much noisier than its mean a
+    size only moves at a useful speed once the net push is a fair fraction of the spread.
+    inf when no group is pushed; 0 when some group already moves at β = 0."""
+    out = float("inf")
+    if beta <= 0:
+        return out
+    for name, pull in rec.task_grad.items():
+        push = rec.complexity_grad.get(name, 0.0)
+        if push > 0:
+            need = -pull + noise * rec.task_grad_std.get(name, 0.0)
+            out = min(out, max(need, 0.0) / (push / beta))
+    return out
+
+
 class LossAverage:
     """Exponential moving average of the training loss, the constraint's estimate when
     no ``val_data`` is given. ``halflife`` in steps (fit uses a quarter epoch); bias

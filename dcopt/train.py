@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from .budget import BudgetLanding, land_on_budget
+from .tolerance import balance_beta
 
 __all__ = ["fit", "History", "EpochRecord"]
 
@@ -475,7 +476,7 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                         rec.constraint_loss = val_loss if val_data is not None else ema.value
                         rec.loss_bound = controller.bound
                         if not controller.calibrated:
-                            controller.calibrate(_balance_beta(rec, float(dm.beta), controller.calibration_noise))
+                            controller.calibrate(balance_beta(rec, float(dm.beta), controller.calibration_noise))
                         with torch.no_grad():
                             at_full = all(rec.sizes[n] >= w for n, w in widths.items())
                             dm.beta.fill_(controller.update(rec.constraint_loss, full_width=at_full))
@@ -614,24 +615,6 @@ def _guard(step, size_params, last_ok, opt, final: bool):
         k.copy_(old)
         opt.state.pop(k, None)
     return last_ok, True
-
-
-def _balance_beta(rec: EpochRecord, beta: float, noise: float = 0.0) -> float:
-    """The smallest β over groups at which the regularizer's push on κ beats the task's
-    mean pull by ``noise`` per-step standard deviations of that pull (from one epoch's
-    gradients; ``noise=0``: where the means balance). Adam moves κ by about
-    lr·(mean gradient)/(RMS gradient) per step, so with a pull much noisier than its mean a
-    size only moves at a useful speed once the net push is a fair fraction of the spread.
-    inf when no group is pushed; 0 when some group already moves at β = 0."""
-    out = float("inf")
-    if beta <= 0:
-        return out
-    for name, pull in rec.task_grad.items():
-        push = rec.complexity_grad.get(name, 0.0)
-        if push > 0:
-            need = -pull + noise * rec.task_grad_std.get(name, 0.0)
-            out = min(out, max(need, 0.0) / (push / beta))
-    return out
 
 
 def _warn_unconverged(losses: list, tolerance: float) -> None:

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 import dcopt
-from dcopt.tolerance import LossAverage, ToleranceController
-from dcopt.train import EpochRecord, _balance_beta, _guard, fit
+from dcopt.tolerance import LossAverage, ToleranceController, balance_beta
+from dcopt.train import EpochRecord, _guard, fit
 from test_train import KAPPA_MIN, RANK, batches, mlp_data, mse, planted_data, planted_model, tiny_dm
 
 
@@ -205,15 +205,15 @@ def _rec(pull, std, push):
 def test_balance_beta_adds_a_share_of_the_pulls_spread():
     # at β = 2 the push is 0.5 per unit β: means balance at β = 0.1/0.5 = 0.2 for "a", 0.4 for "b"
     rec = _rec({"a": -0.1, "b": -0.2}, {"a": 4.0, "b": 0.0}, {"a": 1.0, "b": 1.0})
-    assert _balance_beta(rec, 2.0) == pytest.approx(0.2)
+    assert balance_beta(rec, 2.0) == pytest.approx(0.2)
     # a spread of 4 per step: the net push must reach 0.25·4 = 1 before "a" moves usefully,
     # β = 1.1/0.5 = 2.2; "b" has no spread and now moves first, at 0.4
-    assert _balance_beta(rec, 2.0, noise=0.25) == pytest.approx(0.4)
-    assert _balance_beta(_rec({"a": -0.1}, {"a": 4.0}, {"a": 1.0}), 2.0, noise=0.25) == pytest.approx(2.2)
+    assert balance_beta(rec, 2.0, noise=0.25) == pytest.approx(0.4)
+    assert balance_beta(_rec({"a": -0.1}, {"a": 4.0}, {"a": 1.0}), 2.0, noise=0.25) == pytest.approx(2.2)
     # a task that itself pushes a size down: it moves at β = 0 already
-    assert _balance_beta(_rec({"a": 0.5}, {"a": 0.1}, {"a": 1.0}), 2.0, noise=0.25) == 0.0
+    assert balance_beta(_rec({"a": 0.5}, {"a": 0.1}, {"a": 1.0}), 2.0, noise=0.25) == 0.0
     # nothing pushed (no complexity gradient): no balance
-    assert _balance_beta(_rec({"a": -0.1}, {"a": 1.0}, {"a": 0.0}), 2.0, noise=0.25) == math.inf
+    assert balance_beta(_rec({"a": -0.1}, {"a": 1.0}, {"a": 0.0}), 2.0, noise=0.25) == math.inf
 
 
 @pytest.mark.parametrize("kw, match", [
