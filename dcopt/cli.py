@@ -414,7 +414,6 @@ def cmd_export(args) -> int:
         raise TargetError(f"checkpoint not found: {args.checkpoint}")
     target = _load(args, args.target)
     kwargs = dict(leaf_modules=tuple(args.leaf_modules)) if args.leaf_modules else {}
-    dm = dcopt.convert(target.model, target.example_inputs, **kwargs)
     try:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -428,6 +427,12 @@ def cmd_export(args) -> int:
     if not isinstance(state, dict):
         raise TargetError(f"checkpoint {args.checkpoint} holds a {type(state).__name__}; expected a "
                           f"state_dict saved with torch.save(dm.state_dict(), path)")
+    # the kept sizes depend on round_to and kappa_min: convert with the ones the state was
+    # saved under (recorded in its extra state), so the export keeps the widths it kept
+    extra = state.get("_extra_state")
+    if isinstance(extra, dict):
+        kwargs.update({k: extra[k] for k in ("round_to", "kappa_min") if k in extra})
+    dm = dcopt.convert(target.model, target.example_inputs, **kwargs)
     try:
         dm.load_state_dict(state)
     except RuntimeError as exc:

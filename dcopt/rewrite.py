@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -161,11 +162,38 @@ class DynamicModel(nn.Module):
             if isinstance(m, (FeatureGate, GatedRNN)):
                 m.round_to = round_to
 
+    #: the options the kept sizes depend on (κ clamped to κ_min, ⌈s⌉ rounded up to round_to)
+    _SIZING = ("round_to", "kappa_min")
+
     def get_extra_state(self):
-        return {"phase": self._phase}
+        # the sizing options travel with the state, so whoever loads it (the CLI's export)
+        # can rebuild the sizes this model keeps
+        return {"phase": self._phase, **{k: getattr(self.config, k) for k in self._SIZING}}
 
     def set_extra_state(self, state):
         self._set_phase(state.get("phase", "fixed"))
+        self._loaded_sizing = {k: state[k] for k in self._SIZING if k in state}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, then a warning when the state was saved under other
+        sizing options (``round_to``, ``kappa_min``) and they change the kept sizes: this
+        model's eval and export would then keep other widths than the saved model did. The
+        options stay this model's (a state from a fixed phase, at full width, loads into a
+        model with any κ_min without a word)."""
+        self._loaded_sizing = {}
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        saved = {k: self._loaded_sizing.get(k, getattr(self.config, k)) for k in self._SIZING}
+        if any(saved[k] != getattr(self.config, k) for k in self._SIZING):
+            theirs = [consolidated(k.detach().clamp(saved["kappa_min"], 1.0), g.width, saved["round_to"])
+                      for g, k in zip(self.plan.groups, self._kappas())]
+            ours = self.kept_sizes()
+            if theirs != ours:
+                differ = {g.name: (a, b) for g, a, b in zip(self.plan.groups, theirs, ours) if a != b}
+                warnings.warn(f"the loaded state was saved with {saved}; this DynamicModel has "
+                              f"{ {k: getattr(self.config, k) for k in self._SIZING} }, so it keeps other widths "
+                              f"(saved → here: {differ}). Convert with the saved options to keep the saved "
+                              "model's widths.", UserWarning, stacklevel=2)
+        return result
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, *args, **kwargs):

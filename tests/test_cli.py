@@ -368,6 +368,23 @@ def test_export_takes_the_file_fit_checkpoints_to(capsys, tmp_path, files):
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in target.model.parameters())
 
 
+def test_export_keeps_the_widths_of_the_options_the_state_was_saved_under(capsys, tmp_path, files):
+    """A state trained with round_to=8 and kappa_min=0.05 exports at the widths that model
+    kept, not at what the defaults (round_to=1, kappa_min=0.125) would keep."""
+    target = load_target(files["small_cnn.py"])
+    dm = dcopt.convert(target.model, target.example_inputs, round_to=8, kappa_min=0.05)
+    names = dm.group_names
+    dm.set_sizes({names[0]: 3, names[1]: 1})   # kept 8 and 8 here; 3 and 2 (κ_min 0.125 of 12) by default
+    ckpt = tmp_path / "dm.pt"
+    torch.save(dm.state_dict(), ckpt)
+    code, _, err = run_main(capsys, "export", files["small_cnn.py"], "-c", str(ckpt), "-o", str(tmp_path / "o"))
+    assert code == EXIT_OK, err
+    small = dcopt.load_exported(tmp_path / "o").eval()
+    expected = dcopt.export(dm)
+    widths = [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert widths == [m.out_channels for m in expected.modules() if isinstance(m, nn.Conv2d)] == [8, 8]
+
+
 # ----------------------------------------------------------------------------- dcopt.testing
 
 def test_assert_convertible_passes_and_returns_the_analysis():

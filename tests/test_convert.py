@@ -164,6 +164,29 @@ def test_state_dict_round_trip_and_pickle_and_dtype():
     assert torch.allclose(out.float(), dm(*inputs), atol=1e-5)
 
 
+def test_a_state_loaded_under_other_sizing_options_warns_when_its_widths_change():
+    """round_to and kappa_min decide the kept sizes; the state records them, and loading it
+    into a model whose options keep other widths says so (the options stay the model's)."""
+    import warnings
+
+    model, inputs = build("mlp")
+    dm = dcopt.convert(model, inputs, round_to=8, kappa_min=0.05)
+    dm.set_sizes({"fc1": 5})                                        # kept 8 under round_to=8
+    sd = dm.state_dict()
+    assert {k: sd["_extra_state"][k] for k in ("round_to", "kappa_min")} == {"round_to": 8, "kappa_min": 0.05}
+    other = dcopt.convert(model, inputs, kappa_min=0.05)            # round_to=1: keeps 5
+    with pytest.warns(UserWarning, match=r"round_to': 8.*'fc1': \(8, 5\)"):
+        other.load_state_dict(sd)
+    assert other.sizes()["fc1"].kept == 5
+    same = dcopt.convert(model, inputs, round_to=8, kappa_min=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(sd)                                    # same options: silent
+        full = dcopt.convert(model, inputs, kappa_min=0.5)          # a full-width state: same widths under any κ_min
+        full.load_state_dict(dcopt.convert(model, inputs).state_dict())
+    assert same.kept_sizes() == dm.kept_sizes()
+
+
 def test_lazy_convert_settles_on_first_forward():
     model, inputs = build("mlp")
     dm = dcopt.convert(model)
