@@ -87,7 +87,9 @@ The checkpoint is the state of the DynamicModel saved during training:
     dm = dcopt.convert(model, example_inputs)
     ...train...
     torch.save(dm.state_dict(), "dyn.pt")
-The TARGET must build the same (untrained) model, so the checkpoint's keys match.
+or the file dcopt.fit(..., checkpoint="dyn.pt") writes. The TARGET must build the
+same (untrained) model, so the checkpoint's keys match. The round_to and kappa_min
+the state was saved under are used, so the export keeps the widths training kept.
 The output folder loads with torch alone (no dcopt needed).
 
 {_TARGET_HELP}
