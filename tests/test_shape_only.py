@@ -86,6 +86,8 @@ def conv_stacks(draw):
     return _ConvStack(dims, layers, nn.Linear(flat, draw(st.integers(1, 5)))).eval(), (x,)
 
 
+# torch's own note on padding='same' with an even kernel (a padded copy); some drawn stacks have one
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @settings(max_examples=40, deadline=None)
 @given(conv_stacks())
 def test_random_conv_stacks_same_shapes_and_macs(case):
