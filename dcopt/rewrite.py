@@ -347,6 +347,21 @@ class LazyDynamicModel(nn.Module):
             self.inner.train(self.training)
         return self.inner(*args, **kwargs)
 
+    def _settled(self) -> "DynamicModel":
+        if self.inner is None:
+            raise RuntimeError("this model converts on its first forward call; run one batch through it "
+                               "first (its state does not exist before)")
+        return self.inner
+
+    def state_dict(self, *args, **kwargs):
+        """The converted model's state, with the same keys as an eagerly converted one
+        (``convert(model, example_inputs)``), so either loads the other's and ``dcopt export``
+        reads it."""
+        return self._settled().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self._settled().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)

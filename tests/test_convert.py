@@ -187,6 +187,24 @@ def test_a_state_loaded_under_other_sizing_options_warns_when_its_widths_change(
     assert same.kept_sizes() == dm.kept_sizes()
 
 
+def test_a_lazily_converted_model_has_the_eager_state_keys():
+    """convert(model) and convert(model, inputs) save and load the same state, so a model
+    converted lazily can be exported by the CLI (which converts eagerly)."""
+    model, inputs = build("mlp")
+    lazy = dcopt.convert(model)
+    with pytest.raises(RuntimeError, match="first forward"):
+        lazy.state_dict()
+    lazy(*inputs)
+    lazy.set_sizes({"fc1": 7})
+    eager = dcopt.convert(model, inputs)
+    assert lazy.state_dict().keys() == eager.state_dict().keys()
+    eager.load_state_dict(lazy.state_dict())
+    assert eager.kept_sizes() == lazy.kept_sizes()
+    eager.set_sizes({"fc1": 5})
+    lazy.load_state_dict(eager.state_dict())
+    assert lazy.sizes()["fc1"].kept == 5
+
+
 def test_lazy_convert_settles_on_first_forward():
     model, inputs = build("mlp")
     dm = dcopt.convert(model)
