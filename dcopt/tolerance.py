@@ -81,7 +81,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-__all__ = ["ToleranceController", "ToleranceStep", "LossAverage", "loss_drift", "loss_jitter"]
+__all__ = ["ToleranceController", "ToleranceStep", "LossAverage", "balance_beta", "loss_drift", "loss_jitter"]
 
 
 @dataclass(frozen=True)
@@ -295,7 +295,6 @@ class ToleranceController:
                                         recovering=self._recovering > 0))
         return self.beta
 
-
     # -- resuming (fit(..., checkpoint=...)) --------------------------------------------
     _PROGRESS = ("reference", "beta", "calibrated", "_recent", "_feasible_beta", "_recovering", "_growth",
                  "_violated")
@@ -324,10 +323,10 @@ def balance_beta(rec, beta: float, noise: float = 0.0) -> float:
     (``task_grad``, ``task_grad_std``, ``complexity_grad`` of :class:`dcopt.train.EpochRecord`),
     the smallest β over groups at which the regularizer's push on κ beats the task's mean
     pull by ``noise`` per-step standard deviations of that pull (``noise=0``: where the
-    means balance). Adam moves κ by about
-    lr·(mean gradient)/(RMS gradient) per step, so with a pull much noisier than its mean a
-    size only moves at a useful speed once the net push is a fair fraction of the spread.
-    inf when no group is pushed; 0 when some group already moves at β = 0."""
+    means balance). Adam moves κ by about lr·(mean gradient)/(RMS gradient) per step, so
+    with a pull much noisier than its mean a size only moves at a useful speed once the net
+    push is a fair fraction of the spread. inf when no group is pushed; 0 when some group
+    already moves at β = 0."""
     out = float("inf")
     if beta <= 0:
         return out
