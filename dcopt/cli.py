@@ -433,7 +433,7 @@ def cmd_export(args) -> int:
     # saved under (recorded in its extra state), so the export keeps the widths it kept
     extra = state.get("_extra_state")
     if isinstance(extra, dict):
-        kwargs.update({k: extra[k] for k in ("round_to", "kappa_min") if k in extra})
+        kwargs.update({k: extra[k] for k in dcopt.DynamicModel.SIZING_OPTIONS if k in extra})
     dm = dcopt.convert(target.model, target.example_inputs, **kwargs)
     try:
         dm.load_state_dict(state)

@@ -162,17 +162,18 @@ class DynamicModel(nn.Module):
             if isinstance(m, (FeatureGate, GatedRNN)):
                 m.round_to = round_to
 
-    #: the options the kept sizes depend on (κ clamped to κ_min, ⌈s⌉ rounded up to round_to)
-    _SIZING = ("round_to", "kappa_min")
+    #: the options the kept sizes depend on (κ clamped to κ_min, ⌈s⌉ rounded up to round_to);
+    #: a state dict records them (the CLI's export converts with them)
+    SIZING_OPTIONS = ("round_to", "kappa_min")
 
     def get_extra_state(self):
         # the sizing options travel with the state, so whoever loads it (the CLI's export)
         # can rebuild the sizes this model keeps
-        return {"phase": self._phase, **{k: getattr(self.config, k) for k in self._SIZING}}
+        return {"phase": self._phase, **{k: getattr(self.config, k) for k in self.SIZING_OPTIONS}}
 
     def set_extra_state(self, state):
         self._set_phase(state.get("phase", "fixed"))
-        self._loaded_sizing = {k: state[k] for k in self._SIZING if k in state}
+        self._loaded_sizing = {k: state[k] for k in self.SIZING_OPTIONS if k in state}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, then a warning when the state was saved under other
@@ -182,15 +183,14 @@ class DynamicModel(nn.Module):
         model with any κ_min without a word)."""
         self._loaded_sizing = {}
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        saved = {k: self._loaded_sizing.get(k, getattr(self.config, k)) for k in self._SIZING}
-        if any(saved[k] != getattr(self.config, k) for k in self._SIZING):
-            theirs = [consolidated(k.detach().clamp(saved["kappa_min"], 1.0), g.width, saved["round_to"])
-                      for g, k in zip(self.plan.groups, self._kappas())]
+        saved = {k: self._loaded_sizing.get(k, getattr(self.config, k)) for k in self.SIZING_OPTIONS}
+        if any(saved[k] != getattr(self.config, k) for k in self.SIZING_OPTIONS):
+            theirs = self._kept_under(saved["kappa_min"], saved["round_to"])
             ours = self.kept_sizes()
             if theirs != ours:
                 differ = {g.name: (a, b) for g, a, b in zip(self.plan.groups, theirs, ours) if a != b}
                 warnings.warn(f"the loaded state was saved with {saved}; this DynamicModel has "
-                              f"{ {k: getattr(self.config, k) for k in self._SIZING} }, so it keeps other widths "
+                              f"{ {k: getattr(self.config, k) for k in self.SIZING_OPTIONS} }, so it keeps other widths "
                               f"(saved → here: {differ}). Convert with the saved options to keep the saved "
                               "model's widths.", UserWarning, stacklevel=2)
         return result
@@ -214,12 +214,16 @@ class DynamicModel(nn.Module):
     # -- sizes ----------------------------------------------------------------------------
     def sizes(self) -> dict[str, SizeInfo]:
         out = {}
-        for g, k in zip(self.plan.groups, self._kappas()):
+        kept = self._kept_under(self.config.kappa_min, self.config.round_to)
+        for g, k, n in zip(self.plan.groups, self._kappas(), kept):
             kk = float(k.detach().clamp(self.config.kappa_min, 1.0))
-            kept = consolidated(k.detach().clamp(self.config.kappa_min, 1.0), g.width,
-                                self.config.round_to)
-            out[g.name] = SizeInfo(s=kk * g.width, kept=kept, width=g.width, kappa=kk)
+            out[g.name] = SizeInfo(s=kk * g.width, kept=n, width=g.width, kappa=kk)
         return out
+
+    def _kept_under(self, kappa_min: float, round_to: int) -> list[int]:
+        """The kept size of every group at the current κ under these sizing options."""
+        return [consolidated(k.detach().clamp(kappa_min, 1.0), g.width, round_to)
+                for g, k in zip(self.plan.groups, self._kappas())]
 
     def kept_sizes(self) -> list[int]:
         return [info.kept for info in self.sizes().values()]
