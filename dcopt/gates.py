@@ -166,6 +166,11 @@ class _NoisyGate(torch.autograd.Function):
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
+def _copy_sigmas(sigmas: dict) -> dict:
+    """A copy of a GatedRNN's σ cache (layer → [D, H] tensor, "m" → layer → boundary)."""
+    return {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in sigmas.items()}
+
+
 class GatedRNN(nn.Module):
     """Removes hidden units of a GRU/LSTM/RNN *inside* the recurrence.
 
@@ -191,11 +196,11 @@ class GatedRNN(nn.Module):
         """The recurrent noise's cached σ (not in the state dict: a loaded model measures it
         afresh on its first noisy forward); ``fit``'s checkpoint keeps it so a resumed run
         draws exactly the noise the uninterrupted one would."""
-        return {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in self._sigmas.items()}
+        return _copy_sigmas(self._sigmas)
 
     def load_noise_state(self, state: dict) -> None:
         self._sigmas.clear()
-        self._sigmas.update({k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in state.items()})
+        self._sigmas.update(_copy_sigmas(state))
 
     def forward(self, kappa: torch.Tensor, *args, **kwargs):
         rnn = self.rnn
