@@ -643,11 +643,16 @@ def tolerance_pairs(records: list[dict]) -> tuple[list[tuple[dict, Optional[dict
     return pairs, all(a["macs"] > b["macs"] for a, b in zip(tols, tols[1:]))
 
 
+def _seeds(records: list[dict], replicates: dict) -> list[tuple[str, list[dict]]]:
+    """Seed 0's records, then each replicate's, by seed."""
+    return [("0", records)] + sorted(replicates.items())
+
+
 def issue6_across_seeds(records: list[dict], replicates: dict) -> list[str]:
     """Issue 6's two VAD targets on every seed (seed 0 and the replicates), from
     :func:`targets` per seed: which seeds reach ≥ 80 % fewer MACs within +1.5 pp, and
     dcopt − static per (run, seed), counted by mode and averaged per run over the seeds."""
-    per_seed = [(seed, targets(recs)) for seed, recs in [("0", records)] + sorted(replicates.items())]
+    per_seed = [(seed, targets(recs)) for seed, recs in _seeds(records, replicates)]
     per_seed = [(seed, t) for seed, t in per_seed if t]
     if len(per_seed) < 2:
         return []
@@ -670,7 +675,8 @@ def issue6_across_seeds(records: list[dict], replicates: dict) -> list[str]:
                         for m, c in count.items())
     total = [x for c in count.values() for x in c]
     # the same comparison per budget, averaged over the seeds that ran it: a single pair
-    # moves by the seed noise (about 0.7 pp), its mean over seeds less
+    # moves with the seed (two static runs at the same widths, initialised differently,
+    # were up to 0.7 pp val EER apart, one-off), its mean over seeds less
     means = {n: sum(g) / len(g) for n, g in per_run.items()}
     averaged = (f"; averaged over seeds, dcopt ≤ static at **{sum(m <= 0 for m in means.values())} of "
                 f"{len(means)}** budgets (" + ", ".join(f"{n} {m:+.2f} pp ({len(per_run[n])} seed{'s' * (len(per_run[n]) > 1)})"
@@ -682,27 +688,28 @@ def issue6_across_seeds(records: list[dict], replicates: dict) -> list[str]:
             "pp: " + "; ".join(f"{n}: {' / '.join(d)}" for n, d in diffs.items()) + "."]
 
 
+def _tolerance_gaps(records: list[dict]) -> dict[str, float]:
+    """One seed's issue 9 study: tolerance ("1%", …, increasing) → test EER of the tolerance
+    run − its budget twin, for the tolerances with both runs done."""
+    return {r["run"].replace("conv-tol-", ""): r["metric"] - b["metric"]
+            for r, b in tolerance_pairs(records)[0] if b is not None}
+
+
 def tolerance_across_seeds(records: list[dict], replicates: dict) -> dict[str, list[float]]:
     """Issue 9's study on every seed that has it: per seed (seed 0 first), the test-EER
     difference tolerance run − budget twin for each tolerance with both runs done."""
-    out = {}
-    for seed, recs in [("0", records)] + sorted(replicates.items()):
-        ds = [r["metric"] - b["metric"] for r, b in tolerance_pairs(recs)[0] if b is not None]
-        if ds:
-            out[seed] = ds
-    return out
+    gaps = {seed: _tolerance_gaps(recs) for seed, recs in _seeds(records, replicates)}
+    return {seed: list(g.values()) for seed, g in gaps.items() if g}
 
 
 def tolerance_means(records: list[dict], replicates: dict) -> dict[str, float]:
     """Issue 9's study per tolerance (by increasing tolerance): the mean over the seeds
     that ran both twins of EER tolerance run − budget twin."""
     diffs: dict[str, list[float]] = {}
-    for recs in [records] + [replicates[k] for k in sorted(replicates)]:
-        for r, b in tolerance_pairs(recs)[0]:
-            if b is not None:
-                diffs.setdefault(r["run"].replace("conv-tol-", ""), []).append(r["metric"] - b["metric"])
-    order = sorted(diffs, key=lambda t: float(t.rstrip("%")))
-    return {t: sum(diffs[t]) / len(diffs[t]) for t in order}
+    for _, recs in _seeds(records, replicates):
+        for tol, gap in _tolerance_gaps(recs).items():
+            diffs.setdefault(tol, []).append(gap)
+    return {t: sum(diffs[t]) / len(diffs[t]) for t in sorted(diffs, key=lambda t: float(t.rstrip("%")))}
 
 
 def observations(records: list[dict]) -> list[str]:
