@@ -18,22 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import dcopt
 from dcopt.gates import GatedRNN
 from dcopt.train import History, fit
-from tests.models import MLP   # 16 → 32 → 24 → 4
+from tests.models import CRNN, MLP   # MLP 16 → 32 → 24 → 4; CRNN (B, 20, T) → bidirectional 2-layer GRU → (B, T, 3)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class ConvGRU(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv1d(4, 12, 3, padding=1)
-        self.gru = nn.GRU(12, 10, batch_first=True)
-        self.head = nn.Linear(10, 2)
-
-    def forward(self, x):                      # x: [B, 4, T]
-        h = torch.relu(self.conv(x)).transpose(1, 2)
-        out, _ = self.gru(h)
-        return self.head(out)
 
 
 def mse(out, y):
@@ -162,16 +149,16 @@ def test_tolerance_mode_without_val_data_restores_its_loss_average(tmp_path):
 def test_shuffling_dataloader_and_gru_noise_resume_exactly(tmp_path):
     """A DataLoader with shuffle=True draws its order from torch's generator, which the
     checkpoint restores; the GRU's per-step noise needs its cached σ back too."""
-    x = torch.randn(4, 4, 9)
+    x = torch.randn(4, 20, 9)
     g = torch.Generator().manual_seed(3)
-    xs, ys = torch.randn(48, 4, 9, generator=g), torch.randn(48, 9, 2, generator=g)
+    xs, ys = torch.randn(48, 20, 9, generator=g), torch.randn(48, 9, 3, generator=g)
 
     def data():
         return DataLoader(TensorDataset(xs, ys), batch_size=8, shuffle=True)
 
     def make():
         torch.manual_seed(0)
-        return dcopt.convert(ConvGRU(), (x,), kappa_min=0.25, beta=1.0)
+        return dcopt.convert(CRNN(), (x,), kappa_min=0.25, beta=1.0)
 
     full, hf, again, ha = _interrupted_then_resumed(make, data, tmp_path, 6 * 3 + 4, **SCHEDULE)
     _same(full, again, hf, ha)
@@ -212,17 +199,9 @@ def test_a_checkpoint_of_another_schedule_or_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"\(fixed, optimize, settle\) epochs = \(1, 1, 0\).*\(1, 2, 0\)"):
         _run(dcopt.convert(MLP(), (x,)), _mlp_data(), path, fixed_epochs=1, optimize_epochs=2)
 
-    class Other(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(16, 5)
-            self.b = nn.Linear(5, 4)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
+    other = nn.Sequential(nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 4))   # other groups, same input
     with pytest.raises(ValueError, match="another model"):
-        _run(dcopt.convert(Other(), (x,)), _mlp_data(), path, fixed_epochs=1, optimize_epochs=1)
+        _run(dcopt.convert(other, (x,)), _mlp_data(), path, fixed_epochs=1, optimize_epochs=1)
     (tmp_path / "junk.pt").write_bytes(b"")
     torch.save({"x": 1}, tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="not a dcopt fit checkpoint"):
