@@ -5,7 +5,7 @@ should not cost the 36 before it. ``fit(..., checkpoint=path)`` writes this file
 every epoch and, when the file already exists, continues after the last epoch it holds.
 It holds everything the next epoch reads:
 
-* the DynamicModel's ``state_dict`` (weights, κ, β, phase);
+* the DynamicModel's ``state_dict`` (weights, κ, β, phase, round_to and kappa_min);
 * the optimizer's ``state_dict`` (Adam's moments, the learning rates: the settle lr, a
   size lr held at 0 while tolerance mode recovers);
 * the :class:`~dcopt.train.History` so far;
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
