@@ -9,8 +9,9 @@
 2. **Realized speed-up**: inference latency of the exported model at 50 % and 25 % of the
    MACs (one uniform κ for every group, found by bisection on the kept MACs) divided by the
    full model's, against the MACs ratio; with kept widths as they come (``round_to=1``)
-   and rounded up to multiples of 8 (``convert(..., round_to=8)``). Target: latency ratio
-   ≤ 1.25 × MACs ratio.
+   and rounded up to multiples of 8 (``convert(..., round_to=8)``); as exported and for
+   inference with BatchNorm folded (``export(..., fold_batchnorm=True)``, the full model
+   folded by the same pass). Target: latency ratio ≤ 1.25 × MACs ratio.
 3. **Scaling**: seconds of ``dcopt.analyze``, ``dcopt.convert`` and ``dcopt.export`` for
    MLPs (Linear + ReLU) and conv stacks (Conv2d + BatchNorm + ReLU) of 10, 100 and 1000
    layers; the log-log slope against the number of graph nodes (1 = linear).
@@ -67,17 +68,17 @@ FULL = dict(
     overhead=dict(cases=["crnn", "resnet18"], crnn=dict(batch=32, frames=300), resnet18=dict(batch=8, res=224),
                   warmup=2, repeats=9, kappa=0.7),
     latency=dict(cases=["crnn_b1", "crnn_b32", "resnet18", "resnet50"], targets=[0.5, 0.25], round_to=[1, 8],
-                 warmup=3, repeats=31),
-    profile=dict(cases=["resnet18", "crnn_b32"], target=0.25, round_to=8, repeats=10),
+                 fold=[False, True], warmup=3, repeats=31),
+    profile=dict(cases=["resnet18", "crnn_b32"], target=0.25, round_to=8, fold=[False, True], repeats=10),
     scaling=dict(layers=[10, 100, 1000], repeats={10: 5, 100: 3, 1000: 1}, width=64, channels=16),
     memory=dict(models=["resnet50", "vit_b_16"], kappa=0.5),
 )
 TINY = dict(
     overhead=dict(cases=["crnn", "resnet18"], crnn=dict(batch=4, frames=20, channels=8, hidden=8),
                   resnet18=dict(batch=2, res=32), warmup=1, repeats=3, kappa=0.7),
-    latency=dict(cases=["crnn_b1", "resnet18"], targets=[0.5, 0.25], round_to=[1, 8], warmup=1, repeats=3,
-                 tiny=True),
-    profile=dict(cases=["resnet18", "crnn_b1"], target=0.25, round_to=8, repeats=2, tiny=True),
+    latency=dict(cases=["crnn_b1", "resnet18"], targets=[0.5, 0.25], round_to=[1, 8], fold=[False, True],
+                 warmup=1, repeats=3, tiny=True),
+    profile=dict(cases=["resnet18", "crnn_b1"], target=0.25, round_to=8, fold=[False, True], repeats=2, tiny=True),
     scaling=dict(layers=[2, 4, 8], repeats={2: 1, 4: 1, 8: 1}, width=8, channels=4),
     memory=dict(models=["mlp"], kappa=0.5),
 )
@@ -260,25 +261,32 @@ def latency_case(name: str, p: dict) -> list[dict]:
     full_macs = dcopt.count_macs(model, (x,))
     variants: dict[str, nn.Module] = {"full": model}
     info = {}
+    folds = p.get("fold", [False])
     for r in p["round_to"]:
         dm = dcopt.convert(model, (x,), round_to=r)
         for t in p["targets"]:
             kappa, frac = kappa_for_macs(dm, t)
-            small = dcopt.export(dm).eval()
-            key = f"{t:g}/round{r}"
-            variants[key] = small
             sizes = {n: i.kept for n, i in dm.sizes().items()}
-            info[key] = dict(target=t, round_to=r, kappa=kappa, macs_fraction=dcopt.count_macs(small, (x,)) / full_macs,
-                             predicted_fraction=frac, kept_widths=sorted(set(sizes.values())), group_sizes=sizes,
-                             params_fraction=sum(q.numel() for q in small.parameters())
-                             / sum(q.numel() for q in model.parameters()))
+            for fold in folds:
+                small = dcopt.export(dm, fold_batchnorm=fold).eval()
+                key = f"{t:g}/round{r}" + ("/fold" if fold else "")
+                variants[key] = small
+                info[key] = dict(target=t, round_to=r, fold_batchnorm=fold, kappa=kappa,
+                                 macs_fraction=dcopt.count_macs(small, (x,)) / full_macs,
+                                 predicted_fraction=frac, kept_widths=sorted(set(sizes.values())), group_sizes=sizes,
+                                 params_fraction=sum(q.numel() for q in small.parameters())
+                                 / sum(q.numel() for q in model.parameters()))
     # controls (is any of the gap ours?): the export at κ = 1, the same graph as the
-    # original; for the CRNN, the model written by hand at the exported widths
+    # original; for the CRNN, the model written by hand at the exported widths. The
+    # folded rows compare with the full model folded by the same pass (a user deploying
+    # the full model would fold it too).
     dm = dcopt.convert(model, (x,))
     set_uniform(dm, 1.0)
     variants["export@1"] = dcopt.export(dm).eval()
+    if True in folds:
+        variants["full/fold"] = dcopt.export(dm, fold_batchnorm=True).eval()
     for key, d in info.items():
-        twin = crnn_twin(name, d["group_sizes"])
+        twin = None if d["fold_batchnorm"] else crnn_twin(name, d["group_sizes"])
         if twin is not None:
             variants[f"twin/{key}"] = twin
     fns = {}
@@ -286,20 +294,22 @@ def latency_case(name: str, p: dict) -> list[dict]:
         fns[k] = (lambda m=m: m(x))
     with torch.inference_mode():
         times = interleaved(fns, p["repeats"], p["warmup"])
-    full = med(times["full"])
     export_at_full = paired_ratio(times["full"], times["export@1"])
+    full_folded = paired_ratio(times["full"], times["full/fold"]) if "full/fold" in times else None
     rows = []
     for key, d in info.items():
-        lat = paired_ratio(times["full"], times[key])
-        d = dict(d, export_at_full_ratio=export_at_full,
+        base = "full/fold" if d["fold_batchnorm"] else "full"
+        full = med(times[base])
+        lat = paired_ratio(times[base], times[key])
+        d = dict(d, export_at_full_ratio=export_at_full, full_folded_over_original=full_folded,
                  exported_over_twin=paired_ratio(times[f"twin/{key}"], times[key]) if f"twin/{key}" in times else None)
         rows.append(dict(model=name, input=shape, **d, full_ms=full * 1e3, ms=med(times[key]) * 1e3,
                          latency_ratio=lat, speedup=1 / lat, macs_speedup=1 / d["macs_fraction"],
                          latency_over_macs=lat / d["macs_fraction"],
                          met=lat / d["macs_fraction"] <= LATENCY_TARGET, spread=spread(times[key]),
-                         spread_full=spread(times["full"]), repeats=p["repeats"]))
+                         spread_full=spread(times[base]), repeats=p["repeats"]))
         rows[-1]["latency_ratio_of_medians"] = med(times[key]) / full
-        print(f"latency  {name:9s} {key:12s}: MACs {d['macs_fraction']:.3f}, latency {lat:.3f} of full "
+        print(f"latency  {name:9s} {key:17s}: MACs {d['macs_fraction']:.3f}, latency {lat:.3f} of full "
               f"({full * 1e3:.2f} ms → {med(times[key]) * 1e3:.2f} ms), latency/MACs {lat / d['macs_fraction']:.2f} "
               f"(target ≤ {LATENCY_TARGET})", flush=True)
     return rows
@@ -340,22 +350,26 @@ def _self_cpu_by_family(model: nn.Module, x: torch.Tensor, repeats: int) -> dict
     return out
 
 
-def profile_case(name: str, p: dict) -> dict:
+def profile_case(name: str, p: dict, fold: bool = False) -> dict:
     """Per op family: share of the full model's time, and exported/full time against the
-    MACs ratio — which ops follow the MACs down and which do not."""
+    MACs ratio — which ops follow the MACs down and which do not. ``fold``: both models
+    with BatchNorm folded (``export(..., fold_batchnorm=True)``)."""
     model, x, shape = latency_setup(name, p.get("tiny", False))
     model.eval()
     dm = dcopt.convert(model, (x,), round_to=p["round_to"])
+    if fold:
+        set_uniform(dm, 1.0)
+        model = dcopt.export(dm, fold_batchnorm=True).eval()
     kappa_for_macs(dm, p["target"])
-    small = dcopt.export(dm).eval()
+    small = dcopt.export(dm, fold_batchnorm=fold).eval()
     macs = dcopt.count_macs(small, (x,)) / dcopt.count_macs(model, (x,))
     full, cut = _self_cpu_by_family(model, x, p["repeats"]), _self_cpu_by_family(small, x, p["repeats"])
     total = sum(full.values())
     fams = {f: dict(share_of_full=full[f] / total, time_ratio=cut.get(f, 0.0) / full[f]) for f in full}
-    print(f"profile  {name:9s} at {macs:.3f} MACs: " + ", ".join(
+    print(f"profile  {name:9s} at {macs:.3f} MACs{' (BN folded)' if fold else ''}: " + ", ".join(
         f"{f} {d['share_of_full']:.0%} of full, ×{d['time_ratio']:.2f}" for f, d in sorted(fams.items())), flush=True)
-    return dict(model=name, input=shape, target=p["target"], round_to=p["round_to"], macs_fraction=macs,
-                time_ratio=sum(cut.values()) / total, families=fams)
+    return dict(model=name, input=shape, target=p["target"], round_to=p["round_to"], fold_batchnorm=fold,
+                macs_fraction=macs, time_ratio=sum(cut.values()) / total, families=fams)
 
 
 # ----------------------------------------------------------------------------------------
@@ -519,16 +533,20 @@ def latency_controls(rows: list[dict]) -> list[str]:
              "Two controls timed in the same rounds: the export at κ = 1 (the original graph, rebuilt by "
              "`dcopt.export`) against the original model; and, for the CRNN, the exported model against the "
              "same CRNN written by hand (`examples/crnn_speech.py`) at the exported widths. A ratio of 1 means "
-             "the export costs nothing beyond its widths.", "",
-             "| model | input | export at κ = 1 / original | exported / hand-written, per target (rounding) |",
-             "|---|---|---|---|"]
+             "the export costs nothing beyond its widths. Beside them, what folding BatchNorm gains on the full "
+             "model (full model folded / original).", "",
+             "| model | input | export at κ = 1 / original | full model BN folded / original "
+             "| exported / hand-written, per target (rounding) |",
+             "|---|---|---|---|---|"]
     seen = {}
     for r in rows:
         seen.setdefault((r["model"], r["input"]), []).append(r)
     for (model, inp), rs in seen.items():
         twins = ", ".join(f"{r['target']:.0%} ({r['round_to']}): {r['exported_over_twin']:.3f}"
                           for r in rs if r.get("exported_over_twin") is not None) or "–"
-        lines.append(f"| {model} | {inp} | {rs[0]['export_at_full_ratio']:.3f} | {twins} |")
+        ff = rs[0].get("full_folded_over_original")
+        lines.append(f"| {model} | {inp} | {rs[0]['export_at_full_ratio']:.3f} | "
+                     f"{'–' if ff is None else f'{ff:.3f}'} | {twins} |")
     return lines + [""]
 
 
@@ -566,14 +584,18 @@ def markdown(res: dict) -> str:
         lines += ["## 2. Realized speed-up of the exported model (target: latency ratio ≤ %.2f × MACs ratio)"
                   % LATENCY_TARGET, "",
                   "Inference (`torch.inference_mode`, eval); one uniform κ for all groups, the largest whose kept "
-                  "MACs are ≤ the target; MACs counted on the exported model. `round 8`: "
-                  "`convert(..., round_to=8)`, kept widths rounded up to multiples of 8.", "",
-                  "| model | input | target | rounding | MACs | params | full (ms) | exported (ms) | latency ratio "
-                  "| latency / MACs | kept widths | met |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in res["latency"]:
+                  "MACs are ≤ the target; MACs counted on the exported model. `rounding 8`: "
+                  "`convert(..., round_to=8)`, kept widths rounded up to multiples of 8. `BN folded`: "
+                  "`export(..., fold_batchnorm=True)` (each BatchNorm after a convolution folded into its "
+                  "weights, for inference), against the full model folded by the same pass (its `full (ms)`).", "",
+                  "| model | input | target | rounding | BN folded | MACs | params | full (ms) | exported (ms) "
+                  "| latency ratio | latency / MACs | kept widths | met |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(res["latency"], key=lambda r: r.get("fold_batchnorm", False)):
             w = r["kept_widths"]
             ws = ", ".join(map(str, w)) if len(w) <= 6 else ", ".join(map(str, w[:5])) + f", … ({len(w)})"
-            lines.append(f"| {r['model']} | {r['input']} | {r['target']:.0%} | {r['round_to']} | {r['macs_fraction']:.3f} "
+            lines.append(f"| {r['model']} | {r['input']} | {r['target']:.0%} | {r['round_to']} | "
+                         f"{'yes' if r.get('fold_batchnorm') else 'no'} | {r['macs_fraction']:.3f} "
                          f"| {r['params_fraction']:.3f} | {r['full_ms']:.2f} | {r['ms']:.2f} ± {r['spread']:.0%} | "
                          f"{r['latency_ratio']:.3f} | **{r['latency_over_macs']:.2f}** | {ws} | "
                          f"{'yes' if r['met'] else '**no**'} |")
@@ -584,14 +606,15 @@ def markdown(res: dict) -> str:
                   "torch.profiler self CPU time per op family, full model vs the exported model at the target "
                   "MACs: the family's share of the full model's time, and its exported/full time ratio (to "
                   "compare with the MACs ratio).", "",
-                  "| model | input | MACs ratio | time ratio | " + " | ".join(f for f, _ in OP_FAMILIES)
-                  + " | other |", "|---|---|---|---|" + "---|" * (len(OP_FAMILIES) + 1)]
+                  "| model | input | BN folded | MACs ratio | time ratio | " + " | ".join(f for f, _ in OP_FAMILIES)
+                  + " | other |", "|---|---|---|---|---|" + "---|" * (len(OP_FAMILIES) + 1)]
         for r in res["profile"]:
             cells = []
             for f in [f for f, _ in OP_FAMILIES] + ["other"]:
                 d = r["families"].get(f)
                 cells.append(f"{d['share_of_full']:.0%}, ×{d['time_ratio']:.2f}" if d else "–")
-            lines.append(f"| {r['model']} | {r['input']} | {r['macs_fraction']:.3f} | {r['time_ratio']:.3f} | "
+            lines.append(f"| {r['model']} | {r['input']} | {'yes' if r.get('fold_batchnorm') else 'no'} | "
+                         f"{r['macs_fraction']:.3f} | {r['time_ratio']:.3f} | "
                          + " | ".join(cells) + " |")
         lines += [""]
     if res.get("scaling"):
@@ -713,7 +736,8 @@ def _run(args) -> int:
         elif section == "latency":
             res["latency"] = [r for n in p["latency"]["cases"] for r in latency_case(n, p["latency"])]
         elif section == "profile":
-            res["profile"] = [profile_case(n, p["profile"]) for n in p["profile"]["cases"]]
+            res["profile"] = [profile_case(n, p["profile"], fold) for fold in p["profile"].get("fold", [False])
+                              for n in p["profile"]["cases"]]
         elif section == "scaling":
             res["scaling"] = [scaling_kind(k, p["scaling"]) for k in ("mlp", "conv")]
         elif section == "memory":

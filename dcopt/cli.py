@@ -96,7 +96,8 @@ The output folder loads with torch alone (no dcopt needed).
 
 examples:
   dcopt export examples/crnn_speech.py --checkpoint dyn.pt -o exported/
-  dcopt export torchvision:resnet18 --checkpoint runs/resnet_dyn.pt -o out/resnet18_small"""
+  dcopt export torchvision:resnet18 --checkpoint runs/resnet_dyn.pt -o out/resnet18_small
+  dcopt export torchvision:resnet18 -c runs/resnet_dyn.pt -o out/r18_infer --fold-batchnorm"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DynamicModel state_dict saved with torch.save(dm.state_dict(), FILE), or the file "
                         "dcopt.fit(..., checkpoint=FILE) writes")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--fold-batchnorm", action="store_true",
+                   help="for inference: fold each BatchNorm after a convolution or Linear into its weights "
+                        "(where exact; faster, but nothing left to fine-tune the BatchNorm with)")
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -441,7 +445,7 @@ def cmd_export(args) -> int:
         raise TargetError(f"checkpoint {args.checkpoint} does not match the DynamicModel of "
                           f"{target.source}: {exc}") from exc
     dm.eval()
-    plain = dcopt.export(dm)
+    plain = dcopt.export(dm, fold_batchnorm=args.fold_batchnorm)
     dcopt.save_exported(plain, args.out, example_inputs=target.example_inputs)
 
     before_p = sum(p.numel() for p in target.model.parameters())

@@ -15,6 +15,7 @@ import torch.fx
 from torch import nn
 
 from .errors import ExportError
+from .fold import fold_batchnorm as fold
 from .gates import FeatureGate, GatedRNN, round_size
 from .plan import Plan, keep_index, keep_mask, size_limits
 from .rewrite import GATES, SIZES, DynamicModel, LazyDynamicModel, _lookup
@@ -227,7 +228,7 @@ def _close(a, b, tol: float) -> Optional[float]:
 
 
 def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify: bool = True,
-           tol: float = 1e-5, keep_class: bool = True) -> nn.Module:
+           tol: float = 1e-5, keep_class: bool = True, fold_batchnorm: bool = False) -> nn.Module:
     """Emit the smaller plain-PyTorch model: each group keeps its first ⌈s⌉ features
     (or the integer ``sizes`` given by group name). With ``convert(..., round_to=8)`` the
     kept widths — also explicit ``sizes`` — are rounded up to multiples of 8 (at most N),
@@ -239,6 +240,11 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
     With ``verify`` (default) the result is compared with the eval-mode DynamicModel on
     the example inputs, and an :class:`~dcopt.ExportError` is raised if they differ.
 
+    ``fold_batchnorm=True`` exports for inference: each BatchNorm right after a
+    convolution or Linear is folded into its weights (``dcopt.fold``: only where that is
+    exact), so the model runs faster but has no BatchNorm left to fine-tune. The result
+    is then a ``torch.fx.GraphModule`` in eval mode.
+
     Example::
 
         small = dcopt.export(dm)
@@ -249,7 +255,12 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
         raise TypeError(f"export expects a DynamicModel (from dcopt.convert), got {type(dynamic_model).__name__}")
     kept = _resolve_sizes(dm, sizes)
     sliced = slice_graph_module(dm.gm, dm.plan, kept)
-    sliced.train(dm.training)
+    folded = []
+    if fold_batchnorm:
+        sliced.eval()
+        folded = fold(sliced, dm.example_inputs)
+        keep_class = keep_class and not folded
+    sliced.train(dm.training and not folded)
     result: nn.Module = sliced
     if verify or keep_class:
         reference = _reference_output(dm, kept, sizes)
@@ -271,7 +282,7 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
                     err_user = None
                 if err_user is not None and err_user <= tol:
                     result = user
-    result.train(dm.training)
+    result.train(dm.training and not folded)
     return result
 
 

@@ -208,7 +208,7 @@ def _randomize_norm_stats(model):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+                for t, lo, hi in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0),
+                                  (m.weight, 0.5, 1.5), (m.bias, -0.5, 0.5)):
+                    if t is not None:  # no running stats / affine=False
+                        t.uniform_(lo, hi)

@@ -385,6 +385,23 @@ def test_export_keeps_the_widths_of_the_options_the_state_was_saved_under(capsys
     assert widths == [m.out_channels for m in expected.modules() if isinstance(m, nn.Conv2d)] == [8, 8]
 
 
+def test_export_fold_batchnorm_writes_a_model_without_batchnorm(capsys, tmp_path, files):
+    target = load_target(files["small_cnn.py"])
+    assert any(isinstance(m, nn.BatchNorm2d) for m in target.model.modules())
+    dm = dcopt.convert(target.model, target.example_inputs)
+    dm.set_sizes({n: 5 for n in dm.group_names})
+    ckpt = tmp_path / "dm.pt"
+    torch.save(dm.state_dict(), ckpt)
+    code, _, err = run_main(capsys, "export", files["small_cnn.py"], "-c", str(ckpt), "-o", str(tmp_path / "o"),
+                            "--fold-batchnorm")
+    assert code == EXIT_OK, err
+    small = dcopt.load_exported(tmp_path / "o").eval()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in small.modules())
+    x = target.example_inputs[0]
+    with torch.no_grad():
+        assert torch.allclose(small(x), dm.eval()(x), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- dcopt.testing
 
 def test_assert_convertible_passes_and_returns_the_analysis():

@@ -17,12 +17,15 @@ def test_speed_benchmark_tiny_run_writes_its_files(tmp_path):
     for r in result["overhead"]:
         assert r["original_s"] > 0 and r["dynamic_s"] > 0 and r["ratio"] > 0
         assert len(r["times"]["original"]) == len(r["times"]["dynamic"]) == r["repeats"]
-    keys = {(r["model"], r["target"], r["round_to"]) for r in result["latency"]}
-    assert keys == {(m, t, k) for m in ("crnn_b1", "resnet18") for t in (0.5, 0.25) for k in (1, 8)}
+    keys = {(r["model"], r["target"], r["round_to"], r["fold_batchnorm"]) for r in result["latency"]}
+    assert keys == {(m, t, k, f) for m in ("crnn_b1", "resnet18") for t in (0.5, 0.25) for k in (1, 8)
+                    for f in (False, True)}
     for r in result["latency"]:
-        assert 0 < r["macs_fraction"] <= 1 and r["latency_ratio"] > 0
+        assert 0 < r["macs_fraction"] <= 1 and r["latency_ratio"] > 0 and r["full_folded_over_original"] > 0
         if r["round_to"] == 8:
             assert all(w % 8 == 0 for w in r["kept_widths"])
+    assert {(r["model"], r["fold_batchnorm"]) for r in result["profile"]} == \
+        {(m, f) for m in ("resnet18", "crnn_b1") for f in (False, True)}
     for r in result["profile"]:
         assert 0 < r["macs_fraction"] <= 1 and r["time_ratio"] > 0
         assert abs(sum(f["share_of_full"] for f in r["families"].values()) - 1) < 1e-3  # shares rounded in the JSON

@@ -1,0 +1,159 @@
+"""BatchNorm folding at export (``dcopt.fold``, ``export(..., fold_batchnorm=True)``):
+folded where exact, left alone where not, and the result equals the unfolded model."""
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+import dcopt
+from dcopt.export import _close
+from dcopt.fold import fold_batchnorm
+from models import build, _randomize_norm_stats
+
+
+def _bns(model):
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _fold(model, x):
+    _randomize_norm_stats(model)
+    model.eval()
+    gm = torch.fx.symbolic_trace(copy.deepcopy(model)).eval()
+    folded = fold_batchnorm(gm, (x,))
+    with torch.no_grad():
+        err = _close(model(x), gm(x), 0)
+    return gm, folded, err
+
+
+class Seq(nn.Module):
+    def __init__(self, *layers):
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("layers,x", [
+    ((nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6), nn.ReLU()), torch.randn(2, 3, 9)),
+    ((nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6)), torch.randn(2, 3, 7, 7)),
+    ((nn.Conv3d(3, 6, 2), nn.BatchNorm3d(6)), torch.randn(2, 3, 4, 4, 4)),
+    ((nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh()), torch.randn(4, 5)),
+    ((nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6, affine=False)), torch.randn(2, 3, 7, 7)),
+])
+def test_each_pair_kind_folds_exactly(layers, x):
+    torch.manual_seed(0)
+    gm, folded, err = _fold(Seq(*layers), x)
+    assert folded == [("body.0", "body.1")]
+    assert _bns(gm) == 0
+    assert err < 1e-5
+
+
+class ConvUsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+class SharedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.bn(self.b(x))
+
+
+class LinearOverTime(nn.Module):
+    """Linear on (N, L, C) with L == C: BatchNorm1d normalises L, not the Linear's features."""
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+@pytest.mark.parametrize("model,x", [
+    (ConvUsedTwice(), torch.randn(2, 3, 5, 5)),
+    (SharedConv(), torch.randn(2, 3, 5, 5)),
+    (LinearOverTime(), torch.randn(2, 6, 4)),
+    (Seq(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6, track_running_stats=False)), torch.randn(2, 3, 7, 7)),
+    (Seq(nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)), torch.randn(3, 8)),           # unbatched conv
+])
+def test_pairs_that_cannot_fold_exactly_are_left_alone(model, x):
+    torch.manual_seed(0)
+    gm, folded, err = _fold(model, x)
+    assert folded == []
+    assert err == 0.0
+
+
+def test_a_shared_batchnorm_is_left_alone():
+    torch.manual_seed(0)
+    gm, folded, err = _fold(SharedBN(), torch.randn(2, 3, 5, 5))
+    assert folded == [] and err == 0.0
+
+
+def test_the_shape_check_is_what_keeps_linear_over_time_exact():
+    """torch's own fuse folds this pair (L happens to equal the features) and is wrong."""
+    torch.manual_seed(0)
+    model, x = LinearOverTime(), torch.randn(2, 6, 4)
+    _randomize_norm_stats(model)
+    model.eval()
+    with torch.no_grad():
+        assert _close(model(x), fuse(model)(x), 0) > 1e-3
+
+
+def test_fold_refuses_a_training_model():
+    gm = torch.fx.symbolic_trace(Seq(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)))
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(gm, (torch.randn(2, 3, 7, 7),))
+
+
+@pytest.mark.parametrize("name", ["conv_bn_flatten", "residual", "depthwise_separable", "crnn_gru"])
+def test_export_with_fold_equals_the_gated_model(name):
+    model, inputs = build(name)
+    dm = dcopt.convert(model, inputs)
+    rng = random.Random(1)
+    for _ in range(3):
+        dm.set_sizes({g.name: rng.randint(1, g.width) for g in dm.plan.groups})
+        plain = dcopt.export(dm)
+        small = dcopt.export(dm, fold_batchnorm=True)
+        assert _bns(plain) > 0 and _bns(small) < _bns(plain)
+        assert isinstance(small, torch.fx.GraphModule) and not small.training
+        dm.eval()
+        other = tuple(torch.randn_like(t) if t.is_floating_point() else t for t in inputs)
+        with torch.no_grad():
+            for xs in (inputs, other):
+                assert _close(dm(*xs), small(*xs), 0) < 1e-5
+        assert dcopt.count_macs(small, inputs) <= dcopt.count_macs(plain, inputs)
+        bn_params = sum(p.numel() for m in plain.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        for p in m.parameters())
+        bias_added = sum(m.out_channels for m in small.modules() if isinstance(m, nn.modules.conv._ConvNd)) \
+            - sum(m.out_channels for m in plain.modules()
+                  if isinstance(m, nn.modules.conv._ConvNd) and m.bias is not None)
+        assert bn_params > 0 and sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in plain.parameters()) \
+            + bias_added
+
+
+def test_export_without_fold_keeps_batchnorm_and_the_user_class():
+    model, inputs = build("conv_bn_flatten")
+    dm = dcopt.convert(model, inputs)
+    small = dcopt.export(dm)
+    assert type(small) is type(model) and _bns(small) == _bns(model)
