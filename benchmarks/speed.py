@@ -9,9 +9,10 @@
 2. **Realized speed-up**: inference latency of the exported model at 50 % and 25 % of the
    MACs (one uniform κ for every group, found by bisection on the kept MACs) divided by the
    full model's, against the MACs ratio; with kept widths as they come (``round_to=1``)
-   and rounded up to multiples of 8 (``convert(..., round_to=8)``); as exported and for
-   inference with BatchNorm folded (``export(..., fold_batchnorm=True)``, the full model
-   folded by the same pass). Target: latency ratio ≤ 1.25 × MACs ratio.
+   and rounded up to multiples of 8 (``convert(..., round_to=8)``); run as exported, with
+   BatchNorm folded (``export(..., fold_batchnorm=True)``), and folded in channels_last
+   memory format (model and input; the 4-D models), the full model always run the same
+   way. Target: latency ratio ≤ 1.25 × MACs ratio.
 3. **Scaling**: seconds of ``dcopt.analyze``, ``dcopt.convert`` and ``dcopt.export`` for
    MLPs (Linear + ReLU) and conv stacks (Conv2d + BatchNorm + ReLU) of 10, 100 and 1000
    layers; the log-log slope against the number of graph nodes (1 = linear).
@@ -68,17 +69,20 @@ FULL = dict(
     overhead=dict(cases=["crnn", "resnet18"], crnn=dict(batch=32, frames=300), resnet18=dict(batch=8, res=224),
                   warmup=2, repeats=9, kappa=0.7),
     latency=dict(cases=["crnn_b1", "crnn_b32", "resnet18", "resnet50"], targets=[0.5, 0.25], round_to=[1, 8],
-                 fold=[False, True], warmup=3, repeats=31),
-    profile=dict(cases=["resnet18", "crnn_b32"], target=0.25, round_to=8, fold=[False, True], repeats=10),
+                 deploy=["plain", "fold", "fold+cl"], warmup=3, repeats=31),
+    profile=dict(cases=[("resnet18", "plain"), ("resnet18", "fold+cl"), ("crnn_b32", "plain")], target=0.25,
+                 round_to=8, repeats=10),
     scaling=dict(layers=[10, 100, 1000], repeats={10: 5, 100: 3, 1000: 1}, width=64, channels=16),
     memory=dict(models=["resnet50", "vit_b_16"], kappa=0.5),
 )
 TINY = dict(
     overhead=dict(cases=["crnn", "resnet18"], crnn=dict(batch=4, frames=20, channels=8, hidden=8),
                   resnet18=dict(batch=2, res=32), warmup=1, repeats=3, kappa=0.7),
-    latency=dict(cases=["crnn_b1", "resnet18"], targets=[0.5, 0.25], round_to=[1, 8], fold=[False, True],
+    latency=dict(cases=["crnn_b1", "resnet18"], targets=[0.5, 0.25], round_to=[1, 8],
+                 deploy=["plain", "fold", "fold+cl"],
                  warmup=1, repeats=3, tiny=True),
-    profile=dict(cases=["resnet18", "crnn_b1"], target=0.25, round_to=8, fold=[False, True], repeats=2, tiny=True),
+    profile=dict(cases=[("resnet18", "plain"), ("resnet18", "fold+cl"), ("crnn_b1", "plain")], target=0.25,
+                 round_to=8, repeats=2, tiny=True),
     scaling=dict(layers=[2, 4, 8], repeats={2: 1, 4: 1, 8: 1}, width=8, channels=4),
     memory=dict(models=["mlp"], kappa=0.5),
 )
@@ -255,53 +259,72 @@ def latency_setup(name: str, tiny: bool):
     return torchvision_model(name), torch.randn(1, 3, res, res), f"batch 1 × 3 × {res} × {res}"
 
 
+#: how a model is run for inference (both the full and the exported model, alike):
+#: "plain" as exported; "fold" with BatchNorm folded (``export(..., fold_batchnorm=True)``);
+#: "fold+cl" folded, model and input in channels_last memory format (4-D inputs only)
+DEPLOYS = {"plain": "as exported", "fold": "BN folded", "fold+cl": "BN folded, channels_last"}
+
+
+def deployed(dm, how: str, x: torch.Tensor) -> Optional[tuple[nn.Module, torch.Tensor]]:
+    """``dm`` exported at its current sizes and prepared for inference as ``how`` says
+    (:data:`DEPLOYS`); None when ``how`` does not apply (channels_last needs 4-D input)."""
+    if how == "fold+cl" and x.dim() != 4:
+        return None
+    model = dcopt.export(dm, fold_batchnorm=how != "plain").eval()
+    if how == "fold+cl":
+        return model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return model, x
+
+
 def latency_case(name: str, p: dict) -> list[dict]:
     model, x, shape = latency_setup(name, p.get("tiny", False))
     model.eval()
     full_macs = dcopt.count_macs(model, (x,))
-    variants: dict[str, nn.Module] = {"full": model}
+    variants: dict[str, tuple[nn.Module, torch.Tensor]] = {"full/plain": (model, x)}
     info = {}
-    folds = p.get("fold", [False])
+    deploys = p.get("deploy", ["plain"])
     for r in p["round_to"]:
         dm = dcopt.convert(model, (x,), round_to=r)
         for t in p["targets"]:
             kappa, frac = kappa_for_macs(dm, t)
             sizes = {n: i.kept for n, i in dm.sizes().items()}
-            for fold in folds:
-                small = dcopt.export(dm, fold_batchnorm=fold).eval()
-                key = f"{t:g}/round{r}" + ("/fold" if fold else "")
-                variants[key] = small
-                info[key] = dict(target=t, round_to=r, fold_batchnorm=fold, kappa=kappa,
-                                 macs_fraction=dcopt.count_macs(small, (x,)) / full_macs,
+            for how in deploys:
+                run = deployed(dm, how, x)
+                if run is None:
+                    continue
+                key = f"{t:g}/round{r}/{how}"
+                variants[key] = run
+                info[key] = dict(target=t, round_to=r, deploy=how, kappa=kappa,
+                                 macs_fraction=dcopt.count_macs(run[0], (x,)) / full_macs,
                                  predicted_fraction=frac, kept_widths=sorted(set(sizes.values())), group_sizes=sizes,
-                                 params_fraction=sum(q.numel() for q in small.parameters())
+                                 params_fraction=sum(q.numel() for q in run[0].parameters())
                                  / sum(q.numel() for q in model.parameters()))
     # controls (is any of the gap ours?): the export at κ = 1, the same graph as the
-    # original; for the CRNN, the model written by hand at the exported widths. The
-    # folded rows compare with the full model folded by the same pass (a user deploying
-    # the full model would fold it too).
+    # original; for the CRNN, the model written by hand at the exported widths. Each
+    # deployment compares with the full model deployed alike (a user would fold the full
+    # model too): the export at κ = 1, folded and laid out the same way.
     dm = dcopt.convert(model, (x,))
     set_uniform(dm, 1.0)
-    variants["export@1"] = dcopt.export(dm).eval()
-    if True in folds:
-        variants["full/fold"] = dcopt.export(dm, fold_batchnorm=True).eval()
+    variants["export@1"] = (dcopt.export(dm).eval(), x)
+    for how in deploys:
+        if how != "plain" and (run := deployed(dm, how, x)) is not None:
+            variants[f"full/{how}"] = run
     for key, d in info.items():
-        twin = None if d["fold_batchnorm"] else crnn_twin(name, d["group_sizes"])
+        twin = crnn_twin(name, d["group_sizes"]) if d["deploy"] == "plain" else None
         if twin is not None:
-            variants[f"twin/{key}"] = twin
-    fns = {}
-    for k, m in variants.items():
-        fns[k] = (lambda m=m: m(x))
+            variants[f"twin/{key}"] = (twin, x)
+    fns = {k: (lambda m=m, xs=xs: m(xs)) for k, (m, xs) in variants.items()}
     with torch.inference_mode():
         times = interleaved(fns, p["repeats"], p["warmup"])
-    export_at_full = paired_ratio(times["full"], times["export@1"])
-    full_folded = paired_ratio(times["full"], times["full/fold"]) if "full/fold" in times else None
+    export_at_full = paired_ratio(times["full/plain"], times["export@1"])
+    full_deployed = {how: paired_ratio(times["full/plain"], times[f"full/{how}"])
+                     for how in deploys if f"full/{how}" in times}
     rows = []
     for key, d in info.items():
-        base = "full/fold" if d["fold_batchnorm"] else "full"
+        base = f"full/{d['deploy']}"
         full = med(times[base])
         lat = paired_ratio(times[base], times[key])
-        d = dict(d, export_at_full_ratio=export_at_full, full_folded_over_original=full_folded,
+        d = dict(d, export_at_full_ratio=export_at_full, full_deployed_over_original=full_deployed,
                  exported_over_twin=paired_ratio(times[f"twin/{key}"], times[key]) if f"twin/{key}" in times else None)
         rows.append(dict(model=name, input=shape, **d, full_ms=full * 1e3, ms=med(times[key]) * 1e3,
                          latency_ratio=lat, speedup=1 / lat, macs_speedup=1 / d["macs_fraction"],
@@ -309,7 +332,7 @@ def latency_case(name: str, p: dict) -> list[dict]:
                          met=lat / d["macs_fraction"] <= LATENCY_TARGET, spread=spread(times[key]),
                          spread_full=spread(times[base]), repeats=p["repeats"]))
         rows[-1]["latency_ratio_of_medians"] = med(times[key]) / full
-        print(f"latency  {name:9s} {key:17s}: MACs {d['macs_fraction']:.3f}, latency {lat:.3f} of full "
+        print(f"latency  {name:9s} {key:20s}: MACs {d['macs_fraction']:.3f}, latency {lat:.3f} of full "
               f"({full * 1e3:.2f} ms → {med(times[key]) * 1e3:.2f} ms), latency/MACs {lat / d['macs_fraction']:.2f} "
               f"(target ≤ {LATENCY_TARGET})", flush=True)
     return rows
@@ -350,25 +373,25 @@ def _self_cpu_by_family(model: nn.Module, x: torch.Tensor, repeats: int) -> dict
     return out
 
 
-def profile_case(name: str, p: dict, fold: bool = False) -> dict:
+def profile_case(name: str, how: str, p: dict) -> dict:
     """Per op family: share of the full model's time, and exported/full time against the
-    MACs ratio — which ops follow the MACs down and which do not. ``fold``: both models
-    with BatchNorm folded (``export(..., fold_batchnorm=True)``)."""
+    MACs ratio — which ops follow the MACs down and which do not. ``how``: both models
+    run as :data:`DEPLOYS` says."""
     model, x, shape = latency_setup(name, p.get("tiny", False))
     model.eval()
+    full_macs = dcopt.count_macs(model, (x,))
     dm = dcopt.convert(model, (x,), round_to=p["round_to"])
-    if fold:
-        set_uniform(dm, 1.0)
-        model = dcopt.export(dm, fold_batchnorm=True).eval()
+    set_uniform(dm, 1.0)
+    model, xs = (model, x) if how == "plain" else deployed(dm, how, x)
     kappa_for_macs(dm, p["target"])
-    small = dcopt.export(dm, fold_batchnorm=fold).eval()
-    macs = dcopt.count_macs(small, (x,)) / dcopt.count_macs(model, (x,))
-    full, cut = _self_cpu_by_family(model, x, p["repeats"]), _self_cpu_by_family(small, x, p["repeats"])
+    small, _ = deployed(dm, how, x)
+    macs = dcopt.count_macs(small, (x,)) / full_macs
+    full, cut = _self_cpu_by_family(model, xs, p["repeats"]), _self_cpu_by_family(small, xs, p["repeats"])
     total = sum(full.values())
     fams = {f: dict(share_of_full=full[f] / total, time_ratio=cut.get(f, 0.0) / full[f]) for f in full}
-    print(f"profile  {name:9s} at {macs:.3f} MACs{' (BN folded)' if fold else ''}: " + ", ".join(
+    print(f"profile  {name:9s} at {macs:.3f} MACs ({DEPLOYS[how]}): " + ", ".join(
         f"{f} {d['share_of_full']:.0%} of full, ×{d['time_ratio']:.2f}" for f, d in sorted(fams.items())), flush=True)
-    return dict(model=name, input=shape, target=p["target"], round_to=p["round_to"], fold_batchnorm=fold,
+    return dict(model=name, input=shape, target=p["target"], round_to=p["round_to"], deploy=how,
                 macs_fraction=macs, time_ratio=sum(cut.values()) / total, families=fams)
 
 
@@ -533,9 +556,9 @@ def latency_controls(rows: list[dict]) -> list[str]:
              "Two controls timed in the same rounds: the export at κ = 1 (the original graph, rebuilt by "
              "`dcopt.export`) against the original model; and, for the CRNN, the exported model against the "
              "same CRNN written by hand (`examples/crnn_speech.py`) at the exported widths. A ratio of 1 means "
-             "the export costs nothing beyond its widths. Beside them, what folding BatchNorm gains on the full "
-             "model (full model folded / original).", "",
-             "| model | input | export at κ = 1 / original | full model BN folded / original "
+             "the export costs nothing beyond its widths. Beside them, what each way of running it gains on "
+             "the full model (full model run that way / original as is).", "",
+             "| model | input | export at κ = 1 / original | full model deployed / original "
              "| exported / hand-written, per target (rounding) |",
              "|---|---|---|---|---|"]
     seen = {}
@@ -544,9 +567,9 @@ def latency_controls(rows: list[dict]) -> list[str]:
     for (model, inp), rs in seen.items():
         twins = ", ".join(f"{r['target']:.0%} ({r['round_to']}): {r['exported_over_twin']:.3f}"
                           for r in rs if r.get("exported_over_twin") is not None) or "–"
-        ff = rs[0].get("full_folded_over_original")
-        lines.append(f"| {model} | {inp} | {rs[0]['export_at_full_ratio']:.3f} | "
-                     f"{'–' if ff is None else f'{ff:.3f}'} | {twins} |")
+        dep = ", ".join(f"{DEPLOYS[h]}: {v:.3f}" for h, v in rs[0].get("full_deployed_over_original", {}).items()
+                        if h != "plain") or "–"
+        lines.append(f"| {model} | {inp} | {rs[0]['export_at_full_ratio']:.3f} | {dep} | {twins} |")
     return lines + [""]
 
 
@@ -585,17 +608,20 @@ def markdown(res: dict) -> str:
                   % LATENCY_TARGET, "",
                   "Inference (`torch.inference_mode`, eval); one uniform κ for all groups, the largest whose kept "
                   "MACs are ≤ the target; MACs counted on the exported model. `rounding 8`: "
-                  "`convert(..., round_to=8)`, kept widths rounded up to multiples of 8. `BN folded`: "
-                  "`export(..., fold_batchnorm=True)` (each BatchNorm after a convolution folded into its "
-                  "weights, for inference), against the full model folded by the same pass (its `full (ms)`).", "",
-                  "| model | input | target | rounding | BN folded | MACs | params | full (ms) | exported (ms) "
+                  "`convert(..., round_to=8)`, kept widths rounded up to multiples of 8. `run as`: the exported "
+                  "model as it comes; with BatchNorm folded (`export(..., fold_batchnorm=True)`: each BatchNorm "
+                  "after a convolution folded into its weights, for inference); and folded, model and input in "
+                  "channels_last memory format (`.to(memory_format=torch.channels_last)`, the 4-D models). The "
+                  "full model is run the same way in each row (its `full (ms)`).", "",
+                  "| model | input | target | rounding | run as | MACs | params | full (ms) | exported (ms) "
                   "| latency ratio | latency / MACs | kept widths | met |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(res["latency"], key=lambda r: r.get("fold_batchnorm", False)):
+        order = list(DEPLOYS)
+        for r in sorted(res["latency"], key=lambda r: order.index(r.get("deploy", "plain"))):
             w = r["kept_widths"]
             ws = ", ".join(map(str, w)) if len(w) <= 6 else ", ".join(map(str, w[:5])) + f", … ({len(w)})"
             lines.append(f"| {r['model']} | {r['input']} | {r['target']:.0%} | {r['round_to']} | "
-                         f"{'yes' if r.get('fold_batchnorm') else 'no'} | {r['macs_fraction']:.3f} "
+                         f"{DEPLOYS[r.get('deploy', 'plain')]} | {r['macs_fraction']:.3f} "
                          f"| {r['params_fraction']:.3f} | {r['full_ms']:.2f} | {r['ms']:.2f} ± {r['spread']:.0%} | "
                          f"{r['latency_ratio']:.3f} | **{r['latency_over_macs']:.2f}** | {ws} | "
                          f"{'yes' if r['met'] else '**no**'} |")
@@ -606,14 +632,14 @@ def markdown(res: dict) -> str:
                   "torch.profiler self CPU time per op family, full model vs the exported model at the target "
                   "MACs: the family's share of the full model's time, and its exported/full time ratio (to "
                   "compare with the MACs ratio).", "",
-                  "| model | input | BN folded | MACs ratio | time ratio | " + " | ".join(f for f, _ in OP_FAMILIES)
+                  "| model | input | run as | MACs ratio | time ratio | " + " | ".join(f for f, _ in OP_FAMILIES)
                   + " | other |", "|---|---|---|---|---|" + "---|" * (len(OP_FAMILIES) + 1)]
         for r in res["profile"]:
             cells = []
             for f in [f for f, _ in OP_FAMILIES] + ["other"]:
                 d = r["families"].get(f)
                 cells.append(f"{d['share_of_full']:.0%}, ×{d['time_ratio']:.2f}" if d else "–")
-            lines.append(f"| {r['model']} | {r['input']} | {'yes' if r.get('fold_batchnorm') else 'no'} | "
+            lines.append(f"| {r['model']} | {r['input']} | {DEPLOYS[r.get('deploy', 'plain')]} | "
                          f"{r['macs_fraction']:.3f} | {r['time_ratio']:.3f} | "
                          + " | ".join(cells) + " |")
         lines += [""]
@@ -736,8 +762,7 @@ def _run(args) -> int:
         elif section == "latency":
             res["latency"] = [r for n in p["latency"]["cases"] for r in latency_case(n, p["latency"])]
         elif section == "profile":
-            res["profile"] = [profile_case(n, p["profile"], fold) for fold in p["profile"].get("fold", [False])
-                              for n in p["profile"]["cases"]]
+            res["profile"] = [profile_case(n, how, p["profile"]) for n, how in p["profile"]["cases"]]
         elif section == "scaling":
             res["scaling"] = [scaling_kind(k, p["scaling"]) for k in ("mlp", "conv")]
         elif section == "memory":

@@ -17,15 +17,17 @@ def test_speed_benchmark_tiny_run_writes_its_files(tmp_path):
     for r in result["overhead"]:
         assert r["original_s"] > 0 and r["dynamic_s"] > 0 and r["ratio"] > 0
         assert len(r["times"]["original"]) == len(r["times"]["dynamic"]) == r["repeats"]
-    keys = {(r["model"], r["target"], r["round_to"], r["fold_batchnorm"]) for r in result["latency"]}
-    assert keys == {(m, t, k, f) for m in ("crnn_b1", "resnet18") for t in (0.5, 0.25) for k in (1, 8)
-                    for f in (False, True)}
+    keys = {(r["model"], r["target"], r["round_to"], r["deploy"]) for r in result["latency"]}
+    ways = {"crnn_b1": ("plain", "fold"), "resnet18": ("plain", "fold", "fold+cl")}   # channels_last: 4-D only
+    assert keys == {(m, t, k, d) for m in ways for t in (0.5, 0.25) for k in (1, 8) for d in ways[m]}
     for r in result["latency"]:
-        assert 0 < r["macs_fraction"] <= 1 and r["latency_ratio"] > 0 and r["full_folded_over_original"] > 0
+        assert 0 < r["macs_fraction"] <= 1 and r["latency_ratio"] > 0
+        assert set(r["full_deployed_over_original"]) == set(ways[r["model"]])
+        assert r["exported_over_twin"] is None or r["deploy"] == "plain"
         if r["round_to"] == 8:
             assert all(w % 8 == 0 for w in r["kept_widths"])
-    assert {(r["model"], r["fold_batchnorm"]) for r in result["profile"]} == \
-        {(m, f) for m in ("resnet18", "crnn_b1") for f in (False, True)}
+    assert [(r["model"], r["deploy"]) for r in result["profile"]] == \
+        [("resnet18", "plain"), ("resnet18", "fold+cl"), ("crnn_b1", "plain")]
     for r in result["profile"]:
         assert 0 < r["macs_fraction"] <= 1 and r["time_ratio"] > 0
         assert abs(sum(f["share_of_full"] for f in r["families"].values()) - 1) < 1e-3  # shares rounded in the JSON

@@ -208,12 +208,19 @@ def test_issue6_targets_are_summed_up_over_seeds():
         return recs
 
     main = seed(0.040, 0.050, 0.049, kappa=0.045, kappa_static=0.046)    # +1.0 pp: met; budget loses
+    main += [dict(run="tol-5%", method="dcopt-tolerance", macs=50, metric=0.050),   # not in issue 6's list
+             dict(run="static-tol-5%", method="static", macs=50, metric=0.040)]
     reps = {"1": seed(0.040, 0.060, 0.070)}                               # +2.0 pp: missed; budget wins
     line, = vad.issue6_across_seeds(main, reps)
     assert "met on **1 of 2** seeds" in line
     assert ("dcopt ≤ static at **2 of 3** (run, seed) points (budget 1 of 2 (mean -0.45 pp), "
             "kappa 1 of 1 (mean -0.10 pp))") in line
-    assert "budget-0.15: s0 +0.10 / s1 -1.00" in line
+    assert "budget-0.15: s0 +0.10 / s1 -1.00" in line and "tol-5%: s0" not in line
+    assert "not in issue 6's run list, so not counted: tol-5% +1.00 pp (1 seed)" in line
+    assert vad.targets(main)["issue6_dcopt_le_static"]["met"] is False       # budget-0.15 loses; tol-5% aside
+    main[1]["metric"] = 0.048
+    assert vad.targets(main)["issue6_dcopt_le_static"]["met"] is True        # tol-5% loses but is not counted
+    main[1]["metric"] = 0.050
     # budget-0.15 loses on seed 0 alone but not on the mean over both seeds
     assert ("averaged over seeds, dcopt ≤ static at **2 of 2** budgets (budget-0.15 -0.45 pp (2 seeds), "
             "kappa-0.5 -0.10 pp (1 seed))") in line
