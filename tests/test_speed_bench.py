@@ -41,3 +41,9 @@ def test_speed_benchmark_tiny_run_writes_its_files(tmp_path):
     for heading in ("## 1.", "## 2.", "## 2b.", "## 3.", "## 4."):
         assert heading in md
     assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Target met, per model and way of running" in md
+    # --report-only re-renders the same report from the JSON, with the current notes
+    (tmp_path / "speed.md").unlink()
+    assert speed.main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "speed.md").read_text() == md
+    assert json.loads((tmp_path / "speed.json").read_text()) == result
