@@ -157,3 +157,18 @@ def test_export_without_fold_keeps_batchnorm_and_the_user_class():
     dm = dcopt.convert(model, inputs)
     small = dcopt.export(dm)
     assert type(small) is type(model) and _bns(small) == _bns(model)
+
+
+def test_a_folded_export_saves_and_loads_with_torch_alone(tmp_path):
+    model, inputs = build("residual")
+    dm = dcopt.convert(model, inputs)
+    dm.set_sizes({g.name: max(1, g.width // 2) for g in dm.plan.groups})
+    small = dcopt.export(dm, fold_batchnorm=True)
+    assert _bns(small) < _bns(dcopt.export(dm))
+    dcopt.save_exported(small, tmp_path / "m", example_inputs=inputs)
+    assert (tmp_path / "m" / "model.pt2").exists()
+    program = torch.export.load(tmp_path / "m" / "model.pt2").module()
+    loaded = dcopt.load_exported(tmp_path / "m").eval()
+    with torch.no_grad():
+        want = dm.eval()(*inputs)
+        assert _close(want, loaded(*inputs), 0) < 1e-5 and _close(want, program(*inputs), 0) < 1e-5

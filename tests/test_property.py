@@ -9,6 +9,7 @@ statistics), and for every example:
 * at full width the eval-mode gated model computes what the original model computes;
 * at random integer sizes (drawn per group by hypothesis) the eval-mode gated model and
   the exported plain model agree to 1e-5 relative;
+* so does the export with BatchNorm folded (``export(..., fold_batchnorm=True)``);
 * ``dm.complexity(at="kept")`` equals the exported model's MACs as ``FlopCounterMode``
   counts them (÷2; LSTMs by formula 4·H·(I+H)·T·B·D per layer) and its parameter count.
 """
@@ -701,6 +702,14 @@ def test_random_architectures_export_exactly(spec, data):
         _assert_close(want, got, f"gated vs exported at sizes {sizes}")
     else:
         _assert_close(reference, got, "exported model with no dynamic group vs the original")
+
+    # folding BatchNorm for inference keeps the numbers (only where exact: dcopt.fold)
+    folded = dcopt.export(dm, verify=False, fold_batchnorm=True)
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in small.modules())
+    n_left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    event(f"BatchNorm folded: {'none' if not n_bn else 'all' if not n_left else 'some'}")
+    with torch.no_grad():
+        _assert_close(want, folded(*inputs), f"gated vs exported with BatchNorm folded at sizes {sizes}")
 
     kept = dm.complexity(at="kept")
     macs = measured_macs(small, inputs)
