@@ -106,4 +106,4 @@ def _rnn_sigmas(dm) -> dict:
     from .gates import GatedRNN
 
     states = {name: m.noise_state() for name, m in dm.named_modules() if isinstance(m, GatedRNN)}
-    return {name: st for name, st in states.items() if st}
+    return {name: st for name, st in states.items() if st["std"]}

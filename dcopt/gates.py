@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .rnn_noise import step_noise_forward
+from .rnn_noise import SigmaCache, step_noise_forward
 
 __all__ = ["FeatureGate", "GatedRNN", "consolidated", "kept_size", "round_size", "LAMBDA_EPS", "INT_TOL"]
 
@@ -166,11 +166,6 @@ class _NoisyGate(torch.autograd.Function):
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
-def _copy_sigmas(sigmas: dict) -> dict:
-    """A copy of a GatedRNN's σ cache (layer → [D, H] tensor, "m" → layer → boundary)."""
-    return {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in sigmas.items()}
-
-
 class GatedRNN(nn.Module):
     """Removes hidden units of a GRU/LSTM/RNN *inside* the recurrence.
 
@@ -190,17 +185,16 @@ class GatedRNN(nn.Module):
         self.rnn = rnn
         self.round_to = 1   # kept sizes are multiples of this (set by DynamicModel from its Config)
         self.noise = False  # the optimize phase's per-step recurrent noise (DynamicModel sets it when Config.rnn_noise)
-        self._sigmas: dict = {}  # per layer the [D, H] output std, and under "m" the boundary it was last updated at
+        self._sigmas = SigmaCache()  # the recurrent noise's per-unit σ, kept between forwards
 
     def noise_state(self) -> dict:
         """The recurrent noise's cached σ (not in the state dict: a loaded model measures it
         afresh on its first noisy forward); ``fit``'s checkpoint keeps it so a resumed run
         draws exactly the noise the uninterrupted one would."""
-        return _copy_sigmas(self._sigmas)
+        return self._sigmas.state()
 
     def load_noise_state(self, state: dict) -> None:
-        self._sigmas.clear()
-        self._sigmas.update(_copy_sigmas(state))
+        self._sigmas.load(state)
 
     def forward(self, kappa: torch.Tensor, *args, **kwargs):
         rnn = self.rnn

@@ -18,6 +18,9 @@ the width that closes them, so every prefix covers the whole range.
 """
 from __future__ import annotations
 
+import functools
+import heapq
+
 __all__ = ["spread_order", "spread_reach"]
 
 
@@ -49,14 +52,14 @@ def spread_reach(n: int) -> list[int]:
     return [r for _, r in _spread(n)]
 
 
-def _spread(n: int) -> list[tuple[int, int]]:
-    """(index, reach) in spread order; see :func:`spread_order` and :func:`spread_reach`."""
-    import heapq
-
+@functools.lru_cache(maxsize=64)
+def _spread(n: int) -> tuple[tuple[int, int], ...]:
+    """(index, reach) in spread order; see :func:`spread_order` and :func:`spread_reach`.
+    Cached: callers ask for both lists of the same ``n`` (a filter bank's order and reach)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if n == 0:
-        return []
+        return ()
     first = (n - 1) // 2
     out = [(first, max(first + 1, n - first))]
     # gaps as (priority, lo, hi): the open interval (lo, hi) of unchosen indices between
@@ -83,4 +86,4 @@ def _spread(n: int) -> list[tuple[int, int]]:
         out.append((best, -neg))
         push(lo, best)
         push(best, hi)
-    return out
+    return tuple(out)

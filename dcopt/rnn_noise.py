@@ -29,6 +29,8 @@ Training with noise only; eval keeps the exact mask, so eval mode still equals t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
@@ -50,34 +52,58 @@ def _column_noise(w: torch.Tensor, col: int, scale: torch.Tensor, sigma) -> tupl
     return scaled, extra
 
 
-def _update_sigma(sigmas: dict, layer: int, out: torch.Tensor, m: int) -> None:
-    """σ of each unit's output over batch and time ([D, H] under ``sigmas[layer]``). After
-    a full measurement only the boundary unit and its neighbours are updated, the units the
-    next forward can put noise on (the whole tensor's std costs several ms per forward on
-    CPU); when the boundary jumps further (``set_sizes``, a backtrack) all of them again."""
-    last = sigmas.get("m", {}).get(layer)
-    full = layer not in sigmas or last is None or abs(m - last) > 1
+@dataclass
+class SigmaCache:
+    """What the recurrent noise keeps between forwards, per layer of one RNN: the std of
+    each unit's output over batch and time (``std[layer]``, [D, H]) and the boundary unit it
+    was last updated at (``boundary[layer]``)."""
+    std: dict = field(default_factory=dict)
+    boundary: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.std)
+
+    def state(self) -> dict:
+        """A copy as plain data (``fit``'s checkpoint, read with ``weights_only=True``)."""
+        return {"std": {k: v.clone() for k, v in self.std.items()}, "boundary": dict(self.boundary)}
+
+    def load(self, state: dict) -> None:
+        """Replace the cache by ``state`` (from :meth:`state`; also the earlier layout,
+        layer → std beside "m" → layer → boundary)."""
+        if "std" not in state:
+            state = {"std": {k: v for k, v in state.items() if k != "m"}, "boundary": state.get("m", {})}
+        self.std = {k: v.clone() for k, v in state["std"].items()}
+        self.boundary = dict(state["boundary"])
+
+
+def _update_sigma(cache: SigmaCache, layer: int, out: torch.Tensor, m: int) -> None:
+    """σ of each unit's output over batch and time (``cache.std[layer]``). After a full
+    measurement only the boundary unit and its neighbours are updated, the units the next
+    forward can put noise on (the whole tensor's std costs several ms per forward on CPU);
+    when the boundary jumps further (``set_sizes``, a backtrack) all of them again."""
+    last = cache.boundary.get(layer)
+    full = layer not in cache.std or last is None or abs(m - last) > 1
     units = slice(None) if full else slice(max(m - 1, 0), m + 2)
     cols = out[..., units]
     std = (cols - cols.mean(0)).pow(2).mean(0).sqrt()
     if not full:                       # a new tensor: this forward's graph holds the old one's σ_m
         idx = torch.arange(units.start, units.start + std.shape[1], device=std.device)
-        std = sigmas[layer].clone().index_copy_(1, idx, std)
-    sigmas[layer] = std
-    sigmas.setdefault("m", {})[layer] = m
+        std = cache.std[layer].clone().index_copy_(1, idx, std)
+    cache.std[layer] = std
+    cache.boundary[layer] = m
 
 
-def step_noise_forward(rnn: nn.RNNBase, params: dict, m: int, lam: torch.Tensor, sigmas: dict, x, hx=None):
+def step_noise_forward(rnn: nn.RNNBase, params: dict, m: int, lam: torch.Tensor, cache: SigmaCache, x, hx=None):
     """``rnn`` run layer by layer on ``params`` (its masked weights) with per-step noise on
-    boundary unit ``m`` (share ``lam``); ``sigmas`` caches each layer's per-unit output std
-    ([D, H]) between forwards. Same outputs as ``rnn(x, hx)`` in layout."""
-    if any(layer not in sigmas for layer in range(rnn.num_layers)):   # first noisy forward: σ from a clean pass
+    boundary unit ``m`` (share ``lam``); ``cache`` keeps each layer's per-unit output std
+    between forwards. Same outputs as ``rnn(x, hx)`` in layout."""
+    if any(layer not in cache.std for layer in range(rnn.num_layers)):   # first noisy forward: σ from a clean pass
         with torch.no_grad():
-            _layer_by_layer(rnn, params, m, torch.ones_like(lam), sigmas, x, hx)
-    return _layer_by_layer(rnn, params, m, lam, sigmas, x, hx)
+            _layer_by_layer(rnn, params, m, torch.ones_like(lam), cache, x, hx)
+    return _layer_by_layer(rnn, params, m, lam, cache, x, hx)
 
 
-def _layer_by_layer(rnn: nn.RNNBase, params: dict, m: int, lam: torch.Tensor, sigmas: dict, x, hx):
+def _layer_by_layer(rnn: nn.RNNBase, params: dict, m: int, lam: torch.Tensor, cache: SigmaCache, x, hx):
     H, L = rnn.hidden_size, rnn.num_layers
     D = 2 if rnn.bidirectional else 1
     lstm = rnn.mode == "LSTM"
@@ -103,7 +129,7 @@ def _layer_by_layer(rnn: nn.RNNBase, params: dict, m: int, lam: torch.Tensor, si
     scale = (lam.sqrt(), (1 - lam).sqrt())
     inp, h_n, c_n = data, [], []
     for layer in range(L):
-        own, prev = sigmas.get(layer), sigmas.get(layer - 1)
+        own, prev = cache.std.get(layer), cache.std.get(layer - 1)
         n_in = D if layer > 0 else 0
         pad = -(inp.shape[-1] + D + n_in) % 8   # zero channels: CPU GEMMs on input widths of 8k run faster
         flat = []
@@ -130,7 +156,7 @@ def _layer_by_layer(rnn: nn.RNNBase, params: dict, m: int, lam: torch.Tensor, si
         h_n.append(res[1])
         if lstm:
             c_n.append(res[2])
-        _update_sigma(sigmas, layer, out.detach().reshape(-1, D, H), m)
+        _update_sigma(cache, layer, out.detach().reshape(-1, D, H), m)
         inp = nn.functional.dropout(out, rnn.dropout, True) if layer < L - 1 and rnn.dropout else out
     hidden = (torch.cat(h_n), torch.cat(c_n)) if lstm else torch.cat(h_n)
     if packed:

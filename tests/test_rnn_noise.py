@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import dcopt
 
 from dcopt.gates import LAMBDA_EPS, GatedRNN
-from dcopt.rnn_noise import step_noise_forward
+from dcopt.rnn_noise import SigmaCache, step_noise_forward
 
 from models import build
 
@@ -72,7 +72,7 @@ def test_at_full_share_the_layer_by_layer_run_is_the_rnn(mode, L, bi, bf):
     with and without a given hidden state)."""
     torch.manual_seed(0)
     rnn = mode(5, H, num_layers=L, batch_first=bf, bidirectional=bi)
-    params, sigmas, one = dict(rnn.named_parameters()), {}, torch.tensor(1.0)
+    params, sigmas, one = dict(rnn.named_parameters()), SigmaCache(), torch.tensor(1.0)
     x = torch.randn(3, 7, 5) if bf else torch.randn(7, 3, 5)
 
     def same(a, b):
@@ -87,7 +87,7 @@ def test_at_full_share_the_layer_by_layer_run_is_the_rnn(mode, L, bi, bf):
         got, want = step_noise_forward(rnn, params, 3, one, sigmas, *args), rnn(*args)
         same(got[0], want[0])
         same(got[1], want[1])
-    assert set(sigmas) == set(range(L)) | {"m"} and sigmas[0].shape == (2 if bi else 1, H)
+    assert set(sigmas.std) == set(sigmas.boundary) == set(range(L)) and sigmas.std[0].shape == (2 if bi else 1, H)
 
 
 def manual(rnn, x, m, lam, sigma, nu):
@@ -121,10 +121,10 @@ def manual(rnn, x, m, lam, sigma, nu):
 def test_the_boundary_unit_reaches_the_recurrence_as_per_step_noise(mode):
     torch.manual_seed(0)
     rnn = mode(5, H, batch_first=True)
-    params, sigmas, m, lam = dict(rnn.named_parameters()), {}, 5, torch.tensor(0.3)
+    params, sigmas, m, lam = dict(rnn.named_parameters()), SigmaCache(), 5, torch.tensor(0.3)
     x = torch.randn(4, 9, 5)
     step_noise_forward(rnn, params, m, lam, sigmas, x)          # measures σ, then a noisy forward
-    sigma, sigma_all = sigmas[0][0, m], sigmas[0][0].clone()
+    sigma, sigma_all = sigmas.std[0][0, m], sigmas.std[0][0].clone()
     torch.manual_seed(7)
     got = step_noise_forward(rnn, params, m, lam, sigmas, x)[0]
     torch.manual_seed(7)
@@ -135,11 +135,11 @@ def test_the_boundary_unit_reaches_the_recurrence_as_per_step_noise(mode):
     # σ for the next forward: fresh for the units the boundary can move to, kept for the rest
     before = sigma_all.clone()
     fresh = got.detach().reshape(-1, H).std(0, unbiased=False)
-    assert torch.allclose(sigmas[0][0, m - 1:m + 2], fresh[m - 1:m + 2], atol=1e-6)
-    assert torch.equal(sigmas[0][0, :m - 1], before[:m - 1]) and torch.equal(sigmas[0][0, m + 2:], before[m + 2:])
-    sigmas["m"][0] = m - 3                                    # a jump (set_sizes, a backtrack): all of them again
+    assert torch.allclose(sigmas.std[0][0, m - 1:m + 2], fresh[m - 1:m + 2], atol=1e-6)
+    assert torch.equal(sigmas.std[0][0, :m - 1], before[:m - 1]) and torch.equal(sigmas.std[0][0, m + 2:], before[m + 2:])
+    sigmas.boundary[0] = m - 3                                    # a jump (set_sizes, a backtrack): all of them again
     step_noise_forward(rnn, params, m, lam, sigmas, x)
-    assert not torch.equal(sigmas[0][0, :m - 1], before[:m - 1])
+    assert not torch.equal(sigmas.std[0][0, :m - 1], before[:m - 1])
 
 
 def test_no_noise_on_a_unit_already_cut_from_the_recurrence():
@@ -181,3 +181,16 @@ def test_trained_with_rnn_noise_the_export_still_equals_eval(name):
         opt.step()
     sizes = {n: max(2, int(0.6 * i.width)) for n, i in dm.sizes().items()}
     assert_exact_export(dm, inputs, sizes)
+
+
+def test_the_sigma_cache_round_trips_as_plain_data_and_reads_the_earlier_layout():
+    cache = SigmaCache({0: torch.rand(2, 4), 1: torch.rand(2, 4)}, {0: 2, 1: 3})
+    state = cache.state()
+    assert state["std"][0] is not cache.std[0] and torch.equal(state["std"][0], cache.std[0])
+    back = SigmaCache()
+    back.load(state)
+    assert back.boundary == {0: 2, 1: 3} and all(torch.equal(back.std[k], cache.std[k]) for k in (0, 1))
+    old = SigmaCache()
+    old.load({0: cache.std[0], 1: cache.std[1], "m": {0: 2, 1: 3}})   # a checkpoint written before SigmaCache
+    assert old.boundary == back.boundary and set(old.std) == {0, 1} and torch.equal(old.std[1], cache.std[1])
+    assert not SigmaCache() and back
