@@ -13,8 +13,9 @@ The arithmetic is torch's (``torch.nn.utils.fusion``); what this module adds to
 rather than usually right:
 
 * the layer's output feeds only the BatchNorm (fx's ``fuse`` checks this too);
-* neither module is called at another place in the graph (``fuse`` does not check:
-  folding a shared convolution would change its other call);
+* neither module is called at another place in the graph, nor are its parameters read
+  directly (``self.conv.weight`` in a forward); ``fuse`` checks neither: folding would
+  change what that other use computes;
 * the channel dim the BatchNorm normalises (dim 1) is the layer's feature dim: a
   batched convolution (output rank = spatial dims + 2) or a Linear with 2-D output.
   A Linear applied to (N, L, C) followed by BatchNorm1d normalises L, not C, and
@@ -48,6 +49,11 @@ _PAIRS = (
 def _candidates(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node, int]]:
     """(layer node, BatchNorm node, expected output rank) for every structurally foldable pair."""
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    for n in gm.graph.nodes:        # a parameter or buffer read directly counts as a use of its module
+        if n.op == "get_attr":
+            parts = str(n.target).split(".")
+            for i in range(1, len(parts)):
+                calls[".".join(parts[:i])] += 1
     modules = dict(gm.named_modules())
     found = []
     for bn_node in gm.graph.nodes:

@@ -80,6 +80,17 @@ class SharedBN(nn.Module):
         return self.bn(self.a(x)) + self.bn(self.b(x))
 
 
+class WeightReadDirectly(nn.Module):
+    """The conv's weight is also read in the forward (a weight-norm-like penalty): folding
+    the conv would change that value."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.conv.weight.sum()
+
+
 class LinearOverTime(nn.Module):
     """Linear on (N, L, C) with L == C: BatchNorm1d normalises L, not the Linear's features."""
     def __init__(self):
@@ -93,6 +104,7 @@ class LinearOverTime(nn.Module):
 @pytest.mark.parametrize("model,x", [
     (ConvUsedTwice(), torch.randn(2, 3, 5, 5)),
     (SharedConv(), torch.randn(2, 3, 5, 5)),
+    (WeightReadDirectly(), torch.randn(2, 3, 5, 5)),
     (LinearOverTime(), torch.randn(2, 6, 4)),
     (Seq(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6, track_running_stats=False)), torch.randn(2, 3, 7, 7)),
     (Seq(nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)), torch.randn(3, 8)),           # unbatched conv
