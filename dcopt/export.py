@@ -242,8 +242,10 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
 
     ``fold_batchnorm=True`` exports for inference: each BatchNorm right after a
     convolution or Linear is folded into its weights (``dcopt.fold``: only where that is
-    exact), so the model runs faster but has no BatchNorm left to fine-tune. The result
-    is then a ``torch.fx.GraphModule`` in eval mode.
+    exact), so the model runs faster but has no BatchNorm left to fine-tune. When it
+    folded any, the result is a ``torch.fx.GraphModule`` in eval mode. For image models
+    also run it in channels_last (``small.to(memory_format=torch.channels_last)`` and the
+    input alike): benchmarks/results/speed.md measures both.
 
     Example::
 
