@@ -455,6 +455,12 @@ def cmd_export(args) -> int:
     print(f"  params {before_p:,} -> {after_p:,} ({_ratio(after_p, before_p)})")
     if before_m is not None and after_m is not None:
         print(f"  MACs   {before_m:,} -> {after_m:,} ({_ratio(after_m, before_m)})")
+    if args.fold_batchnorm:
+        from torch.nn.modules.batchnorm import _BatchNorm
+        n_bn = sum(isinstance(m, _BatchNorm) for m in target.model.modules())
+        left = sum(isinstance(m, _BatchNorm) for m in plain.modules())
+        print(f"  BatchNorm folded into the layer before it: {n_bn - left} of {n_bn}"
+              + (" (the others cannot be folded exactly)" if left else ""))
     files = sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []
     if files:
         print(f"  files: {', '.join(files)}")

@@ -392,9 +392,11 @@ def test_export_fold_batchnorm_writes_a_model_without_batchnorm(capsys, tmp_path
     dm.set_sizes({n: 5 for n in dm.group_names})
     ckpt = tmp_path / "dm.pt"
     torch.save(dm.state_dict(), ckpt)
-    code, _, err = run_main(capsys, "export", files["small_cnn.py"], "-c", str(ckpt), "-o", str(tmp_path / "o"),
-                            "--fold-batchnorm")
+    code, out, err = run_main(capsys, "export", files["small_cnn.py"], "-c", str(ckpt), "-o", str(tmp_path / "o"),
+                              "--fold-batchnorm")
     assert code == EXIT_OK, err
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in target.model.modules())
+    assert f"BatchNorm folded into the layer before it: {n_bn} of {n_bn}\n" in out
     small = dcopt.load_exported(tmp_path / "o").eval()
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in small.modules())
     x = target.example_inputs[0]
