@@ -383,11 +383,15 @@ def profile_case(name: str, how: str, p: dict) -> dict:
     full_macs = dcopt.count_macs(model, (x,))
     dm = dcopt.convert(model, (x,), round_to=p["round_to"])
     set_uniform(dm, 1.0)
-    model, xs = (model, x) if how == "plain" else deployed(dm, how, x)
+    if how != "plain":
+        run = deployed(dm, how, x)
+        if run is None:
+            raise ValueError(f"profile case {name}: {DEPLOYS[how]!r} does not apply to its {x.dim()}-D input")
+        model, x = run          # x in the layout the deployment runs on
     kappa_for_macs(dm, p["target"])
     small, _ = deployed(dm, how, x)
     macs = dcopt.count_macs(small, (x,)) / full_macs
-    full, cut = _self_cpu_by_family(model, xs, p["repeats"]), _self_cpu_by_family(small, xs, p["repeats"])
+    full, cut = _self_cpu_by_family(model, x, p["repeats"]), _self_cpu_by_family(small, x, p["repeats"])
     total = sum(full.values())
     fams = {f: dict(share_of_full=full[f] / total, time_ratio=cut.get(f, 0.0) / full[f]) for f in full}
     print(f"profile  {name:9s} at {macs:.3f} MACs ({DEPLOYS[how]}): " + ", ".join(
