@@ -73,6 +73,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dcopt  # noqa: E402
 from benchmarks import speech_data as sd  # noqa: E402
+from benchmarks.speech_common import fmt_mean_interval, mean_interval  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 NAME = "kws"
@@ -568,9 +569,11 @@ def notes_markdown(p: dict, records: list[dict], extra: dict) -> str:
 def _seed_summary(table: dict, cols: list) -> list[str]:
     """Per dcopt run repeated on every seed: how many seeds meet the MACs/error target, on
     how many it has a lower error than each baseline at its MACs, and the mean difference
-    (a single pair's test error moves by about 1.7 pp of binomial noise, a mean over seeds less)."""
+    with its 95 % t interval over the seeds (a single pair's test error moves by about 1.7 pp
+    of binomial noise, a mean over seeds less); then the runs whose interval excludes 0."""
     fulls = table.get("full", {})
     out = []
+    clear: dict = {}   # (baseline label, "lower"/"higher") → runs whose interval excludes 0
     for run, per in table.items():
         if not all(c in per for c in cols) or not per[cols[0]]["method"].startswith("dcopt") \
                 or not all(c in fulls for c in cols):
@@ -585,9 +588,17 @@ def _seed_summary(table: dict, cols: list) -> list[str]:
             b = table.get(f"{base}@{run}", {})
             if all(c in b for c in cols):
                 wins = sum(per[c]["metric"] < b[c]["metric"] for c in cols)
-                gap = 100 * sum(per[c]["metric"] - b[c]["metric"] for c in cols) / len(cols)
-                text += f"; lower error than {label} on {wins} of {len(cols)} (mean {gap:+.2f} pp)"
+                gaps = [100 * (per[c]["metric"] - b[c]["metric"]) for c in cols]
+                text += f"; lower error than {label} on {wins} of {len(cols)} (mean {fmt_mean_interval(gaps)})"
+                mean, half = mean_interval(gaps)
+                if half is not None and abs(mean) > half:
+                    clear.setdefault((label, "lower" if mean < 0 else "higher"), []).append(run)
         out.append(text)
+    if out and len(cols) > 1:
+        parts = [f"{side} error than {label} at " + (", ".join(clear.get((label, side), [])) or "none")
+                 for label in ("static", "Torch-Pruning") for side in ("lower", "higher")]
+        out.append("* ± : the 95 % Student t interval of the mean over the seeds. Intervals that exclude 0 (dcopt "
+                   "− baseline): " + "; ".join(parts) + ".")
     return out
 
 
@@ -659,10 +670,14 @@ def main(argv=None) -> int:
             ap.error(f"unknown run(s) {bad}; runs: {names}")
 
     t_all = time.perf_counter()
-    data = load_data(args.tiny, p["n_per_class"], p["seed"])
-    extra = dict(n_train=len(data["train"]["x"]), n_val=len(data["val"]["x"]), n_test=len(data["test"]["x"]))
-    records, histories = [], {}
     path = args.out / f"{NAME}.json"
+    if args.report_only and path.exists():   # the split sizes are in the results: no data to make
+        data = None
+        extra = {k: json.loads(path.read_text()).get(k) for k in ("n_train", "n_val", "n_test")}
+    else:
+        data = load_data(args.tiny, p["n_per_class"], p["seed"])
+        extra = dict(n_train=len(data["train"]["x"]), n_val=len(data["val"]["x"]), n_test=len(data["test"]["x"]))
+    records, histories = [], {}
     if (args.resume or args.only or args.report_only) and path.exists():
         old = json.loads(path.read_text())
         if old.get("config", {}).get("tiny", False) == args.tiny:

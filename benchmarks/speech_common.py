@@ -16,6 +16,7 @@ keyword spotting (benchmarks/kws.py).
   at the crossing of FPR and FNR).
 * :func:`write_results` — ``<name>.json`` (records, platform, config), ``<name>.md`` (a
   table) and ``<name>.png`` (metric vs MACs, one marker per method).
+* :func:`mean_interval` — a mean over seeds with its 95 % Student t interval.
 
 Records passed to :func:`write_results` are dicts with at least ``run`` (name),
 ``method`` (one of :data:`METHODS`), ``macs``, ``params``, ``metric`` (an error rate as
@@ -41,7 +42,34 @@ from torch import nn
 from benchmarks.common import json_safe
 
 __all__ = ["METHODS", "count_macs", "static_scaled", "torch_pruning_baseline", "train_plain", "eer",
-           "write_results", "machine_info", "scaled_width"]
+           "write_results", "machine_info", "scaled_width", "mean_interval", "fmt_mean_interval"]
+
+#: two-sided 95 % Student t quantiles for 1–30 degrees of freedom (beyond: the normal's 1.96)
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """The mean of ``values`` (one per seed) and the half-width of its 95 % Student t
+    interval (None for a single value). Why: a single run's test error moves by about a
+    percentage point with the seed, so whether a mean difference over three seeds says
+    anything depends on how much the seeds disagree; an interval that excludes 0 does."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
+    return mean, t * sd / math.sqrt(n)
+
+
+def fmt_mean_interval(values: Sequence[float], unit: str = " pp") -> str:
+    """``"+0.25 ± 9.53 pp"`` (``"+0.25 pp"`` for a single value)."""
+    mean, half = mean_interval(values)
+    return f"{mean:+.2f}" + ("" if half is None else f" ± {half:.2f}") + unit
+
 
 # method → (label, matplotlib marker, colour) for the plot
 METHODS = {

@@ -98,6 +98,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dcopt  # noqa: E402
 from benchmarks import speech_common as sc  # noqa: E402
 from benchmarks import speech_data as sd  # noqa: E402
+from benchmarks.speech_common import fmt_mean_interval, mean_interval  # noqa: E402
 from dcopt.tolerance import ToleranceController  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
@@ -689,8 +690,11 @@ def issue6_across_seeds(records: list[dict], replicates: dict) -> list[str]:
     # were up to 0.7 pp val EER apart, one-off), its mean over seeds less
     means = {n: sum(g) / len(g) for n, g in per_run.items()}
     averaged = (f"; averaged over seeds, dcopt ≤ static at **{sum(m <= 0 for m in means.values())} of "
-                f"{len(means)}** budgets (" + ", ".join(f"{n} {m:+.2f} pp ({len(per_run[n])} seed{'s' * (len(per_run[n]) > 1)})"
-                                                        for n, m in means.items()) + ")")
+                f"{len(means)}** budgets (" + ", ".join(f"{n} {fmt_mean_interval(per_run[n])} ({len(per_run[n])} "
+                                                        f"seed{'s' * (len(per_run[n]) > 1)})" for n in means)
+                + "; ± : 95 % t interval over the seeds; intervals that exclude 0: "
+                + (", ".join(f"{n} ({'lower' if m < 0 else 'higher'})" for n, m in means.items()
+                             if (h := mean_interval(per_run[n])[1]) is not None and abs(m) > h) or "none") + ")")
     if unlisted:
         averaged += ("; not in issue 6's run list, so not counted: " + ", ".join(
             f"{n} {sum(g) / len(g):+.2f} pp ({len(g)} seed{'s' * (len(g) > 1)})" for n, g in unlisted.items()))
@@ -715,14 +719,20 @@ def tolerance_across_seeds(records: list[dict], replicates: dict) -> dict[str, l
     return {seed: list(g.values()) for seed, g in gaps.items() if g}
 
 
-def tolerance_means(records: list[dict], replicates: dict) -> dict[str, float]:
-    """Issue 9's study per tolerance (by increasing tolerance): the mean over the seeds
-    that ran both twins of EER tolerance run − budget twin."""
+def _tolerance_diffs(records: list[dict], replicates: dict) -> dict[str, list[float]]:
+    """Issue 9's study per tolerance (by increasing tolerance): EER tolerance run − budget
+    twin on each seed that ran both."""
     diffs: dict[str, list[float]] = {}
     for _, recs in _seeds(records, replicates):
         for tol, gap in _tolerance_gaps(recs).items():
             diffs.setdefault(tol, []).append(gap)
-    return {t: sum(diffs[t]) / len(diffs[t]) for t in sorted(diffs, key=lambda t: float(t.rstrip("%")))}
+    return {t: diffs[t] for t in sorted(diffs, key=lambda t: float(t.rstrip("%")))}
+
+
+def tolerance_means(records: list[dict], replicates: dict) -> dict[str, float]:
+    """Issue 9's study per tolerance (by increasing tolerance): the mean over the seeds
+    that ran both twins of EER tolerance run − budget twin."""
+    return {t: sum(d) / len(d) for t, d in _tolerance_diffs(records, replicates).items()}
 
 
 def observations(records: list[dict]) -> list[str]:
@@ -947,13 +957,17 @@ def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool,
                 diffs = [d for ds in seeds.values() for d in ds]
                 good = sum(d <= 0 for d in diffs)
                 per_seed = "; ".join(f"seed {k}: " + " / ".join(f"{100 * d:+.2f}" for d in ds) for k, ds in seeds.items())
+                by_tol = _tolerance_diffs(records, replicates or {})
                 means = list(tolerance_means(records, replicates or {}).values())
                 lines.append(f"* Issue 9 over seeds {', '.join(seeds)} (seed 0 and the replicates below): tolerance mode "
                              f"at least as good as budget mode at **{good} of {len(diffs)}** points; EER tolerance − "
                              f"budget at the same MACs, pp, by increasing tolerance: {per_seed}; mean "
                              f"{100 * sum(diffs) / len(diffs):+.2f} pp; averaged over seeds per tolerance "
                              + " / ".join(f"{100 * m:+.2f}" for m in means)
-                             + f" pp (at least as good at **{sum(m <= 0 for m in means)} of {len(means)}**).")
+                             + f" pp (at least as good at **{sum(m <= 0 for m in means)} of {len(means)}**; with "
+                             "95 % t intervals over the seeds: "
+                             + ", ".join(f"{t} {fmt_mean_interval([100 * d for d in ds])}" for t, ds in by_tol.items())
+                             + ").")
         lines.append("")
     lines += conv_notes(records, conv, fixed_info, conv_info)
     if replicates:

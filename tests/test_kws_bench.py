@@ -101,8 +101,15 @@ def test_seed_summary_counts_wins_and_averages_the_gap():
              "static@budget-0.2": {0: rec("static@budget-0.2", "static", 0.07, 20),
                                    1: rec("static@budget-0.2", "static", 0.08, 20)},
              "tp@budget-0.2": {0: rec("tp@budget-0.2", "torch-pruning", 0.06, 20)}}   # one seed only: skipped
-    line, = kws._seed_summary(table, [0, 1])
+    line, note = kws._seed_summary(table, [0, 1])
     assert "**budget-0.2**: 80.0–80.0 % fewer MACs, Δ +0.50 / +2.00 pp (mean +1.25)" in line
     assert "target on 1 of 2 seeds" in line
-    assert "lower error than static on 1 of 2 (mean +0.25 pp)" in line      # -0.5 and +1.0
+    # -0.5 and +1.0: mean +0.25, sd 1.06, t(1 df) 12.706 → ± 9.53
+    assert "lower error than static on 1 of 2 (mean +0.25 ± 9.53 pp)" in line
     assert "Torch-Pruning" not in line
+    assert "lower error than static at none; higher error than static at none" in note
+    table["static@budget-0.2"][1]["metric"] = 0.1      # -0.5 and -1.0 pp: mean -0.75 ± 3.18, still not clear
+    assert "lower error than static at none" in kws._seed_summary(table, [0, 1])[1]
+    table["static@budget-0.2"][0]["metric"] = 0.076    # -1.1 and -1.0 pp: ± 0.64, clearly lower
+    line, note = kws._seed_summary(table, [0, 1])
+    assert "(mean -1.05 ± 0.64 pp)" in line and "lower error than static at budget-0.2;" in note

@@ -189,6 +189,8 @@ def test_tolerance_study_is_summed_up_over_seeds():
     assert vad.tolerance_across_seeds(main, {}) == {"0": pytest.approx([-0.001, 0.0])}
     # per tolerance over the seeds that ran both twins: (-0.001 + 0 + 0.005) / 3, (0 - 0.001) / 2
     assert vad.tolerance_means(main, reps) == {"1%": pytest.approx(0.004 / 3), "5%": pytest.approx(-0.0005)}
+    assert vad._tolerance_diffs(main, reps) == {"1%": pytest.approx([-0.001, 0.0, 0.005]),
+                                                "5%": pytest.approx([0.0, -0.001])}
     reps["1"] = study(0.040, 0.040, 0.043, 0.040)[1:]   # seed 1 without its 1 % tolerance run: 5 % only
     assert vad.tolerance_means(main, reps) == {"1%": pytest.approx(0.002), "5%": pytest.approx(0.002 / 3)}
 
@@ -222,9 +224,13 @@ def test_issue6_targets_are_summed_up_over_seeds():
     assert vad.targets(main)["issue6_dcopt_le_static"]["met"] is True        # tol-5% loses but is not counted
     main[1]["metric"] = 0.050
     # budget-0.15 loses on seed 0 alone but not on the mean over both seeds
-    assert ("averaged over seeds, dcopt ≤ static at **2 of 2** budgets (budget-0.15 -0.45 pp (2 seeds), "
-            "kappa-0.5 -0.10 pp (1 seed))") in line
+    # budget-0.15: +0.10 and -1.00 pp: mean -0.45, sd 0.78, t(1 df) 12.706 → ± 6.99
+    assert ("averaged over seeds, dcopt ≤ static at **2 of 2** budgets (budget-0.15 -0.45 ± 6.99 pp (2 seeds), "
+            "kappa-0.5 -0.10 pp (1 seed); ± : 95 % t interval over the seeds; intervals that exclude 0: none)") in line
     reps["1"][1]["metric"] = 0.0695                                    # now s1 -0.05: mean +0.03
     line, = vad.issue6_across_seeds(main, reps)
-    assert "dcopt ≤ static at **1 of 2** budgets (budget-0.15 +0.03 pp (2 seeds)" in line
+    assert "dcopt ≤ static at **1 of 2** budgets (budget-0.15 +0.03 ± 0.95 pp (2 seeds)" in line
+    reps["1"][1]["metric"] = 0.071                                     # s1 +0.10 as s0: no spread, clearly higher
+    line, = vad.issue6_across_seeds(main, reps)
+    assert "budget-0.15 +0.10 ± 0.00 pp (2 seeds)" in line and "intervals that exclude 0: budget-0.15 (higher))" in line
     assert vad.issue6_across_seeds(main, {}) == []
