@@ -1,4 +1,4 @@
-"""Fold eval-mode BatchNorm into the convolution or linear layer before it.
+"""Fold eval-mode BatchNorm into the convolution (plain or transposed) or Linear before it.
 
 Why: after export the convolutions shrink with the MACs, but the memory-bound ops around
 them shrink only with the width, so latency falls more slowly than the MACs
@@ -21,7 +21,9 @@ rather than usually right:
   A Linear applied to (N, L, C) followed by BatchNorm1d normalises L, not C, and
   ``fuse`` would fold it whenever L happens to equal C; an unbatched Conv1d likewise;
 * the BatchNorm tracks running statistics (otherwise eval mode uses batch statistics,
-  which no weight can absorb).
+  which no weight can absorb);
+* a transposed convolution has ``groups == 1``: its weight is (in, out / groups, …), and
+  torch's arithmetic scales dim 1 as if it held all the output channels.
 
 Pairs that fail a check stay as they are. ``export`` then compares the folded model with
 the eval-mode DynamicModel by numbers, like every other export.
@@ -42,6 +44,9 @@ _PAIRS = (
     (nn.Conv1d, nn.BatchNorm1d, 3),
     (nn.Conv2d, nn.BatchNorm2d, 4),
     (nn.Conv3d, nn.BatchNorm3d, 5),
+    (nn.ConvTranspose1d, nn.BatchNorm1d, 3),
+    (nn.ConvTranspose2d, nn.BatchNorm2d, 4),
+    (nn.ConvTranspose3d, nn.BatchNorm3d, 5),
     (nn.Linear, nn.BatchNorm1d, 2),
 )
 
@@ -65,8 +70,9 @@ def _candidates(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.
         layer, bn = modules[layer_node.target], modules[bn_node.target]
         for layer_type, bn_type, rank in _PAIRS:
             if type(layer) is layer_type and type(bn) is bn_type:
+                transposed_groups = isinstance(layer, nn.modules.conv._ConvTransposeNd) and layer.groups != 1
                 if len(layer_node.users) == 1 and calls[layer_node.target] == 1 and calls[bn_node.target] == 1 \
-                        and bn.track_running_stats and bn.running_mean is not None:
+                        and bn.track_running_stats and bn.running_mean is not None and not transposed_groups:
                     found.append((layer_node, bn_node, rank))
                 break
     return found
@@ -103,7 +109,10 @@ def fold_batchnorm(gm: torch.fx.GraphModule, example_inputs: tuple) -> list[tupl
         if ranks.get(layer_node.target) != rank:
             continue
         layer, bn = gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target)
-        fused = fuse_linear_bn_eval(layer, bn) if isinstance(layer, nn.Linear) else fuse_conv_bn_eval(layer, bn)
+        if isinstance(layer, nn.Linear):
+            fused = fuse_linear_bn_eval(layer, bn)
+        else:
+            fused = fuse_conv_bn_eval(layer, bn, transpose=isinstance(layer, nn.modules.conv._ConvTransposeNd))
         parent, _, attr = layer_node.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
         bn_node.replace_all_uses_with(layer_node)

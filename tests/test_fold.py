@@ -41,6 +41,10 @@ class Seq(nn.Module):
     ((nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6), nn.ReLU()), torch.randn(2, 3, 9)),
     ((nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6)), torch.randn(2, 3, 7, 7)),
     ((nn.Conv3d(3, 6, 2), nn.BatchNorm3d(6)), torch.randn(2, 3, 4, 4, 4)),
+    ((nn.ConvTranspose1d(3, 6, 3, stride=2), nn.BatchNorm1d(6)), torch.randn(2, 3, 5)),
+    ((nn.ConvTranspose2d(4, 6, 3, bias=False), nn.BatchNorm2d(6)), torch.randn(2, 4, 5, 5)),
+    ((nn.ConvTranspose3d(3, 6, 2), nn.BatchNorm3d(6)), torch.randn(2, 3, 3, 3, 3)),
+    ((nn.Conv2d(4, 6, 3, groups=2), nn.BatchNorm2d(6)), torch.randn(2, 4, 5, 5)),
     ((nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh()), torch.randn(4, 5)),
     ((nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6, affine=False)), torch.randn(2, 3, 7, 7)),
 ])
@@ -108,6 +112,7 @@ class LinearOverTime(nn.Module):
     (LinearOverTime(), torch.randn(2, 6, 4)),
     (Seq(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6, track_running_stats=False)), torch.randn(2, 3, 7, 7)),
     (Seq(nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)), torch.randn(3, 8)),           # unbatched conv
+    (Seq(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.BatchNorm2d(6)), torch.randn(2, 4, 5, 5)),   # grouped transposed
 ])
 def test_pairs_that_cannot_fold_exactly_are_left_alone(model, x):
     torch.manual_seed(0)
@@ -184,3 +189,21 @@ def test_a_folded_export_saves_and_loads_with_torch_alone(tmp_path):
     with torch.no_grad():
         want = dm.eval()(*inputs)
         assert _close(want, loaded(*inputs), 0) < 1e-5 and _close(want, program(*inputs), 0) < 1e-5
+
+
+def test_export_folds_batchnorm_after_a_transposed_convolution():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.ConvTranspose2d(8, 6, 2, stride=2), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 2, 1))
+    _randomize_norm_stats(model)
+    model.eval()
+    x = torch.randn(2, 3, 5, 5)
+    dm = dcopt.convert(model, (x,))
+    assert len(dm.plan.groups) == 2
+    dm.set_sizes({g.name: 3 for g in dm.plan.groups})
+    small = dcopt.export(dm, fold_batchnorm=True)
+    assert _bns(small) == 0
+    assert [m.out_channels for m in small.modules() if isinstance(m, nn.modules.conv._ConvNd)] == [3, 3, 2]
+    with torch.no_grad():
+        assert _close(dm.eval()(x), small(x), 0) < 1e-5
