@@ -102,23 +102,32 @@ def fold_batchnorm(gm: torch.fx.GraphModule, example_inputs: tuple) -> list[tupl
     running statistics. Returns the (layer, BatchNorm) module names folded."""
     if gm.training:
         raise ValueError("fold_batchnorm folds running statistics: put the model in eval mode first")
-    pairs = _candidates(gm)
-    ranks = _output_ranks(gm, [layer for layer, _, _ in pairs], example_inputs)
-    folded = []
-    for layer_node, bn_node, rank in pairs:
-        if ranks.get(layer_node.target) != rank:
-            continue
-        layer, bn = gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target)
-        if isinstance(layer, nn.Linear):
-            fused = fuse_linear_bn_eval(layer, bn)
-        else:
-            fused = fuse_conv_bn_eval(layer, bn, transpose=isinstance(layer, nn.modules.conv._ConvTransposeNd))
-        parent, _, attr = layer_node.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
-        bn_node.replace_all_uses_with(layer_node)
-        gm.graph.erase_node(bn_node)
-        folded.append((layer_node.target, bn_node.target))
+    folded: list[tuple[str, str]] = []
+    while True:   # conv → BN → BN: once the first is folded the second follows the conv
+        pairs = _candidates(gm)
+        ranks = _output_ranks(gm, [layer for layer, _, _ in pairs], example_inputs)
+        before = len(folded)
+        for layer_node, bn_node, rank in pairs:
+            if ranks.get(layer_node.target) == rank:
+                _fold_pair(gm, layer_node, bn_node)
+                folded.append((layer_node.target, bn_node.target))
+        if len(folded) == before:
+            break
+        gm.recompile()
     if folded:
         gm.delete_all_unused_submodules()
         gm.recompile()
     return folded
+
+
+def _fold_pair(gm: torch.fx.GraphModule, layer_node: torch.fx.Node, bn_node: torch.fx.Node) -> None:
+    """Replace the layer by its fold with the BatchNorm and take the BatchNorm out of the graph."""
+    layer, bn = gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target)
+    if isinstance(layer, nn.Linear):
+        fused = fuse_linear_bn_eval(layer, bn)
+    else:
+        fused = fuse_conv_bn_eval(layer, bn, transpose=isinstance(layer, nn.modules.conv._ConvTransposeNd))
+    parent, _, attr = layer_node.target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
+    bn_node.replace_all_uses_with(layer_node)
+    gm.graph.erase_node(bn_node)

@@ -67,6 +67,14 @@ def test_each_pair_kind_folds_exactly(layers, x):
     assert err < 1e-5
 
 
+def test_a_chain_of_batchnorms_after_one_conv_folds_entirely():
+    torch.manual_seed(0)
+    gm, folded, err = _fold(Seq(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.BatchNorm2d(6), nn.ReLU()),
+                            torch.randn(2, 3, 7, 7))
+    assert folded == [("body.0", "body.1"), ("body.0", "body.2")] and _bns(gm) == 0
+    assert err < 1e-5
+
+
 class ConvUsedTwice(nn.Module):
     def __init__(self):
         super().__init__()
