@@ -1,6 +1,7 @@
 """BatchNorm folding at export (``dcopt.fold``, ``export(..., fold_batchnorm=True)``):
 folded where exact, left alone where not, and the result equals the unfolded model."""
 import copy
+import importlib
 import random
 
 import pytest
@@ -223,3 +224,22 @@ def test_export_folds_batchnorm_after_a_transposed_convolution():
     assert [m.out_channels for m in small.modules() if isinstance(m, nn.modules.conv._ConvNd)] == [3, 3, 2]
     with torch.no_grad():
         assert _close(dm.eval()(x), small(x), 0) < 1e-5
+
+
+def test_export_checks_the_fold_by_numbers(monkeypatch):
+    """A fold that changed the numbers (simulated: a folded weight nudged) is caught by
+    export's own check, which compares with the unfolded export, not passed on."""
+    ex = importlib.import_module("dcopt.export")   # dcopt.export is also the function
+    model, inputs = build("conv_bn_flatten")
+    dm = dcopt.convert(model, inputs)
+
+    def bad_fold(gm, example_inputs):
+        done = fold_batchnorm(gm, example_inputs)
+        with torch.no_grad():
+            gm.get_submodule(done[0][0]).weight.mul_(1.01)
+        return done
+
+    monkeypatch.setattr(ex, "fold", bad_fold)
+    with pytest.raises(dcopt.ExportError, match="folding BatchNorm changed"):
+        dcopt.export(dm, fold_batchnorm=True)
+    assert dcopt.export(dm, fold_batchnorm=True, verify=False) is not None
