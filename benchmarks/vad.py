@@ -675,7 +675,7 @@ def issue6_across_seeds(records: list[dict], replicates: dict) -> list[str]:
         for n, v in t["issue6_dcopt_le_static"]["per_run"].items():
             if v["static"] is None:
                 continue
-            if not v.get("in_issue_list", True):
+            if not v["in_issue_list"]:
                 unlisted.setdefault(n, []).append(100 * (v["dcopt"] - v["static"]))
                 continue
             diffs.setdefault(n, []).append(f"s{seed} {100 * (v['dcopt'] - v['static']):+.2f}")
@@ -923,7 +923,7 @@ def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool,
             for n, v in b["per_run"].items():
                 s = "–" if v["static"] is None else f"{100 * v['static']:.2f}%"
                 tp = "–" if v["torch_pruning"] is None else f"{100 * v['torch_pruning']:.2f}%"
-                (parts if v.get("in_issue_list", True) else extra).append(
+                (parts if v["in_issue_list"] else extra).append(
                     f"{n}: dcopt {100 * v['dcopt']:.2f}% vs static {s} vs Torch-Pruning {tp}")
             verdict = "–" if b["met"] is None else ("met" if b["met"] else "missed")
             lines.append(f"* Issue 6, dcopt EER ≤ static at every budget (its κ_min and budget runs): **{verdict}** "

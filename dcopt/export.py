@@ -265,17 +265,17 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
     sliced.train(dm.training)
     result: nn.Module = sliced
     folded: list = []
-    if verify or keep_class or fold_batchnorm:
+    if verify or keep_class:   # the unfolded export's outputs: checked here, and the fold below against them
         with torch.no_grad():
             sliced.eval()
             got = sliced(*dm.example_inputs)
-    if verify or keep_class:
         reference = _reference_output(dm, kept, sizes)
         err = _close(reference, got, tol)
         if verify and (err is None or err > tol):
             raise ExportError(f"exported model differs from the gated model (relative error {err} > {tol}); "
                               "please report this model: it is a dcopt bug")
     if fold_batchnorm:
+        sliced.eval()
         folded = fold(sliced, dm.example_inputs)
         if folded and verify:
             # checked apart from the slicing, against the unfolded model: folding changes
