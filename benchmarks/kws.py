@@ -73,7 +73,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dcopt  # noqa: E402
 from benchmarks import speech_data as sd  # noqa: E402
-from benchmarks.speech_common import fmt_mean_interval, mean_interval  # noqa: E402
+from benchmarks.speech_common import fmt_mean_interval, sign_beyond_noise  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 NAME = "kws"
@@ -590,9 +590,9 @@ def _seed_summary(table: dict, cols: list) -> list[str]:
                 wins = sum(per[c]["metric"] < b[c]["metric"] for c in cols)
                 gaps = [100 * (per[c]["metric"] - b[c]["metric"]) for c in cols]
                 text += f"; lower error than {label} on {wins} of {len(cols)} (mean {fmt_mean_interval(gaps)})"
-                mean, half = mean_interval(gaps)
-                if half is not None and abs(mean) > half:
-                    clear.setdefault((label, "lower" if mean < 0 else "higher"), []).append(run)
+                side = sign_beyond_noise(gaps)
+                if side is not None:
+                    clear.setdefault((label, side), []).append(run)
         out.append(text)
     if out and len(cols) > 1:
         parts = [f"{side} error than {label} at " + (", ".join(clear.get((label, side), [])) or "none")

@@ -42,7 +42,8 @@ from torch import nn
 from benchmarks.common import json_safe
 
 __all__ = ["METHODS", "count_macs", "static_scaled", "torch_pruning_baseline", "train_plain", "eer",
-           "write_results", "machine_info", "scaled_width", "mean_interval", "fmt_mean_interval"]
+           "write_results", "machine_info", "scaled_width", "mean_interval", "fmt_mean_interval",
+           "sign_beyond_noise"]
 
 #: two-sided 95 % Student t quantiles for 1–30 degrees of freedom (beyond: the normal's 1.96)
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -63,6 +64,15 @@ def mean_interval(values: Sequence[float]) -> tuple[float, Optional[float]]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
     return mean, t * sd / math.sqrt(n)
+
+
+def sign_beyond_noise(values: Sequence[float]) -> Optional[str]:
+    """"lower" / "higher" when the 95 % interval of the mean of ``values`` lies wholly below /
+    above 0; None when it contains 0 (or there is a single value)."""
+    mean, half = mean_interval(values)
+    if half is None or abs(mean) <= half:
+        return None
+    return "lower" if mean < 0 else "higher"
 
 
 def fmt_mean_interval(values: Sequence[float], unit: str = " pp") -> str:

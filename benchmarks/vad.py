@@ -98,7 +98,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dcopt  # noqa: E402
 from benchmarks import speech_common as sc  # noqa: E402
 from benchmarks import speech_data as sd  # noqa: E402
-from benchmarks.speech_common import fmt_mean_interval, mean_interval  # noqa: E402
 from dcopt.tolerance import ToleranceController  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
@@ -690,11 +689,11 @@ def issue6_across_seeds(records: list[dict], replicates: dict) -> list[str]:
     # were up to 0.7 pp val EER apart, one-off), its mean over seeds less
     means = {n: sum(g) / len(g) for n, g in per_run.items()}
     averaged = (f"; averaged over seeds, dcopt ≤ static at **{sum(m <= 0 for m in means.values())} of "
-                f"{len(means)}** budgets (" + ", ".join(f"{n} {fmt_mean_interval(per_run[n])} ({len(per_run[n])} "
+                f"{len(means)}** budgets (" + ", ".join(f"{n} {sc.fmt_mean_interval(per_run[n])} ({len(per_run[n])} "
                                                         f"seed{'s' * (len(per_run[n]) > 1)})" for n in means)
                 + "; ± : 95 % t interval over the seeds; intervals that exclude 0: "
-                + (", ".join(f"{n} ({'lower' if m < 0 else 'higher'})" for n, m in means.items()
-                             if (h := mean_interval(per_run[n])[1]) is not None and abs(m) > h) or "none") + ")")
+                + (", ".join(f"{n} ({side})" for n in means
+                             if (side := sc.sign_beyond_noise(per_run[n])) is not None) or "none") + ")")
     if unlisted:
         averaged += ("; not in issue 6's run list, so not counted: " + ", ".join(
             f"{n} {sum(g) / len(g):+.2f} pp ({len(g)} seed{'s' * (len(g) > 1)})" for n, g in unlisted.items()))
@@ -966,7 +965,7 @@ def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool,
                              + " / ".join(f"{100 * m:+.2f}" for m in means)
                              + f" pp (at least as good at **{sum(m <= 0 for m in means)} of {len(means)}**; with "
                              "95 % t intervals over the seeds: "
-                             + ", ".join(f"{t} {fmt_mean_interval([100 * d for d in ds])}" for t, ds in by_tol.items())
+                             + ", ".join(f"{t} {sc.fmt_mean_interval([100 * d for d in ds])}" for t, ds in by_tol.items())
                              + ").")
         lines.append("")
     lines += conv_notes(records, conv, fixed_info, conv_info)
