@@ -256,7 +256,7 @@ def write_markdown(records, path: Path):
              f"BatchNorm folded at export (`fold_batchnorm=True`, against the gated model, 1e-4 relative): exact on "
              f"{len(fold_ok)} of {len(with_bn)} models with BatchNorm; "
              f"{sum(r.get('batchnorms_folded', 0) for r in with_bn)} of {sum(r['batchnorms'] for r in with_bn)} "
-             "BatchNorms folded (the rest do not follow a convolution or Linear whose output only they read).", "",
+             "BatchNorms folded (the rest are pairs `dcopt.fold` leaves alone, or follow no convolution or Linear).", "",
              "| model | outcome | dynamic MACs | MACs before → after | analyze / convert / export (s) | "
              "BN folded | Torch-Pruning | TP graph (s) | note |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
