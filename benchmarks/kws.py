@@ -86,7 +86,7 @@ TARGET_DELTA_PP = 1.5
 FULL = dict(widths=(32, 64, 128), kernel=9, blocks=1, n_per_class=None, batch=32, fixed=8, optimize=10,
             settle=4, lr=2e-3, settle_lr=2e-4, size_lr=4e-3, beta=6.0, regularizer="l2",
             kappa_mins=(0.5, 0.25, 0.125), budgets=(0.5, 0.25, 0.2, 0.15), budget_kappa_min=0.125, dual_lr=0.05,
-            budget_rho=200.0, seed=0, replicate_seeds=(1, 2),
+            budget_rho=200.0, reorder=False, seed=0, replicate_seeds=(1, 2),
             replicate_runs=("kmin-0.125", "budget-0.2", "budget-0.15"))
 TINY = dict(FULL, widths=(8, 16, 16), kernel=3, batch=8, fixed=1, optimize=1, settle=1, size_lr=3e-2,
             budgets=(0.5, 0.25, 0.15), replicate_seeds=(), replicate_runs=())
@@ -339,7 +339,7 @@ def run_dcopt(run: str, p: dict, data: dict, fixed: dict, *, kappa_min: float,
     hist = dcopt.fit(dm, _train(p, data, p["fixed"]), ce, fixed_epochs=0, optimize_epochs=p["optimize"],
                      settle_epochs=p["settle"], lr=p["lr"], settle_lr=p["settle_lr"], size_lr=p["size_lr"],
                      optimizer=_adam_resuming(fixed["opt"], p["size_lr"]), val_data=_val(data),
-                     metric_fn=error_rate, progress=False)
+                     metric_fn=error_rate, progress=False, reorder=p.get("reorder", False))
     seconds = time.perf_counter() - t0 + fixed["seconds"]
     small = dcopt.export(dm)
     kept = dm.complexity(at="kept")

@@ -1,6 +1,7 @@
 """dcopt: learn layer widths while training, then export a smaller plain PyTorch model.
 
 Public API: :func:`analyze`, :func:`convert`, :func:`export`, :func:`save_exported`,
+:func:`reorder_by_importance`,
 :func:`fit` (with :class:`ToleranceController` for tolerance mode, :func:`land_on_budget` for
 budget mode in your own loop), :func:`count_macs`,
 :func:`register_rule` and the exceptions.
@@ -37,3 +38,6 @@ __all__ += ["BudgetLanding", "land_on_budget"]
 from .ordering import spread_order, spread_reach
 
 __all__ += ["spread_order", "spread_reach"]
+from .reorder import ReorderError, reorder_by_importance
+
+__all__ += ["ReorderError", "reorder_by_importance"]

@@ -28,11 +28,8 @@ def _resolve_sizes(dm: DynamicModel, sizes: Optional[dict]) -> list[int]:
     if sizes:
         names = dm.group_names
         for name, n in sizes.items():
-            if name not in names:
-                raise KeyError(f"no dynamic group named {name!r}; groups: {names}")
+            dm.check_size(name, n)
             g = dm.plan.groups[names.index(name)]
-            if not 1 <= int(n) <= g.width:
-                raise ValueError(f"size of {name} must be in [1, {g.width}], got {n}")
             kept[names.index(name)] = round_size(int(n), g.width, dm.config.round_to)
     return kept
 

@@ -14,7 +14,7 @@ from .analysis import Analysis, run_analysis
 from .complexity import Complexity, ComplexityModel
 from .config import Config
 from .errors import ConversionError
-from .gates import FeatureGate, GatedRNN, consolidated
+from .gates import FeatureGate, GatedRNN, consolidated, kept_size
 from .plan import Plan
 from .trace import trace
 
@@ -236,9 +236,26 @@ class DynamicModel(nn.Module):
             if name not in by_name:
                 raise KeyError(f"no dynamic group named {name!r}; groups: {list(by_name)}")
             g, k = by_name[name]
-            if not 1 <= int(n) <= g.width:
-                raise ValueError(f"size of {name} must be in [1, {g.width}], got {n}")
+            self.check_size(name, n)
             k.fill_(int(n) / g.width)
+
+    def size_floor(self, name: str) -> int:
+        """The smallest size group ``name`` can take: ⌈κ_min·N⌉ (κ is clamped to κ_min)."""
+        g = self.plan.groups[self.group_names.index(name)]
+        return kept_size(self.config.kappa_min * g.width, g.width)
+
+    def check_size(self, name: str, n) -> None:
+        """Raise ``ValueError`` unless ``n`` is a size group ``name`` can take. A size below
+        the κ_min floor is refused rather than clamped: the model would silently keep
+        more features than asked for."""
+        if name not in self.group_names:
+            raise KeyError(f"no dynamic group named {name!r}; groups: {self.group_names}")
+        width = self.plan.groups[self.group_names.index(name)].width
+        lo = self.size_floor(name)
+        if int(n) != n or not lo <= int(n) <= width:
+            raise ValueError(f"size of {name} must be an integer in [{lo}, {width}], got {n}"
+                             + (f" (κ_min = {self.config.kappa_min:g} keeps at least {lo}; convert with a lower "
+                                f"kappa_min to go below)" if 1 <= n < lo else ""))
 
     # -- complexity -----------------------------------------------------------------------
     def complexity(self, at: str = "current") -> Complexity:

@@ -112,6 +112,9 @@ class History:
     # the kept integer sizes when fit returned: what export keeps (``last.sizes`` are the
     # sizes that epoch ran with, before a budget landing that no settle epoch followed)
     final_sizes: dict[str, int] = field(default_factory=dict)
+    # ``fit(..., reorder=...)``: {"perms": group -> old index at each new position,
+    # "skipped": group -> why it kept its order, "max_error": the check's} (``Reordered``)
+    reordered: Optional[dict] = None
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -136,7 +139,7 @@ class History:
                 "reference_loss": self.reference_loss,
                 "budget_landing": asdict(self.budget_landing) if self.budget_landing is not None else None,
                 "epochs": [asdict(r) for r in self.epochs],
-                "kappa_trace": [asdict(p) for p in self.kappa_trace]}
+                "kappa_trace": [asdict(p) for p in self.kappa_trace], "reordered": self.reordered}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "History":
@@ -147,7 +150,7 @@ class History:
                    widths=dict(d.get("widths", {})), tolerance=d.get("tolerance"),
                    reference_loss=d.get("reference_loss"),
                    budget_landing=BudgetLanding(**landing) if landing is not None else None,
-                   final_sizes=dict(d.get("final_sizes", {})))
+                   final_sizes=dict(d.get("final_sizes", {})), reordered=d.get("reordered"))
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -263,7 +266,8 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
         grad_clip: Optional[float] = None, device: Union[str, torch.device, None] = None,
         trace_kappa: bool = False, progress: bool = True, log_every: int = 1,
         tolerance: Union[float, "ToleranceController", None] = None, cross_epochs: float = 8.0,
-        settle_lr: Optional[float] = None, checkpoint: Union[str, "os.PathLike", None] = None) -> History:
+        settle_lr: Optional[float] = None, checkpoint: Union[str, "os.PathLike", None] = None,
+        reorder: Union[bool, Iterable[str]] = False) -> History:
     """Train ``dm`` (a :class:`~dcopt.DynamicModel`) through the fixed → optimize → settle
     schedule and return the :class:`History`.
 
@@ -318,6 +322,14 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
       learning rates in force are the checkpoint's. A checkpoint of another model or
       schedule is refused (``ValueError``); delete it to start afresh. Its folder is
       created if missing.
+
+    * ``reorder``: at the start of the optimize phase, put each group's features in
+      order of magnitude, largest first (:func:`dcopt.reorder.reorder_by_importance`; the
+      same function, checked by numbers; the optimizer's moments follow), so the first
+      features the shrinking sizes cut are the least important, not the last by index.
+      ``True``: every group; a list of group names: those only (leave out groups whose
+      order means something, e.g. a filter bank in :func:`dcopt.spread_order`). What it
+      did: ``History.reordered``.
 
     Every optimize epoch also records, per group, the mean of d(task)/dκ and of
     d(complexity term)/dκ (``EpochRecord.task_grad``/``complexity_grad``): why a size stops.
@@ -391,6 +403,11 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
             if phase == "optimize" and controller is not None and not mid_phase:
                 history.reference_loss = _start_tolerance(controller, dm, history, ema, train_data, val_data,
                                                           loss_fn, device)
+            if phase == "optimize" and reorder is not False and not mid_phase:
+                from .reorder import reorder_by_importance
+                history.reordered = asdict(reorder_by_importance(
+                    dm, groups=None if reorder is True else ([reorder] if isinstance(reorder, str) else reorder),
+                    optimizer=opt))
             if ema is not None and phase == "optimize" and not mid_phase:
                 ema = _tolerance_ema(steps_per_epoch)  # the noisy optimize losses start a new average
             if phase == "settle" and settle_lr is not None:

@@ -204,7 +204,7 @@ def test_untraceable_block_becomes_opaque_leaf(case):
         assert g.status == "rejected" and any("opaque block" in r and where in r for r in g.reasons), g.reasons
     assert a.roles[block] == "FCL"
 
-    dm = dcopt.convert(model, inputs)
+    dm = dcopt.convert(model, inputs, kappa_min=1e-3)  # floor 1: every size down to 1 can be set
     names = set(dm.group_names)
     assert dynamic <= names and not (rejected & names), names
     assert all(not q.startswith(block + ".") for q in dm.plan.params)  # its parameters untouched

@@ -1,5 +1,6 @@
 """Conversion: the gated model, its phases, sizes, gradients and state."""
 import copy
+import math
 import pickle
 
 import pytest
@@ -215,3 +216,29 @@ def test_lazy_convert_settles_on_first_forward():
     assert set(dm.sizes()) == {"fc1", "fc2"}
     small = dcopt.export(dm)
     assert torch.allclose(small(*inputs), out, atol=1e-6)
+
+
+def test_sizes_below_the_kappa_min_floor_are_refused_not_silently_raised():
+    """κ is clamped to κ_min, so size 1 of a 12-wide group with κ_min 0.125 would keep 2:
+    set_sizes and export(sizes=...) refuse it and name the floor (export used to compare
+    a 1-wide export with a 2-wide gated model and blame itself)."""
+    from models import build
+    model, inputs = build("conv_bn_flatten")
+    dm = dcopt.convert(model, inputs)
+    g = dm.plan.groups[0]
+    floor = dm.size_floor(g.name)
+    assert floor == math.ceil(0.125 * g.width) > 1
+    with pytest.raises(ValueError, match="keeps at least"):
+        dm.set_sizes({g.name: floor - 1})
+    with pytest.raises(ValueError, match="keeps at least"):
+        dcopt.export(dm, {g.name: floor - 1})
+    with pytest.raises(ValueError, match="integer"):
+        dm.set_sizes({g.name: 2.5})
+    dm.set_sizes({g.name: floor})
+    assert dm.sizes()[g.name].kept == floor
+    small = dcopt.export(dm, {g.name: floor})
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.out_channels == floor for m in small.modules()) == 1
+    low = dcopt.convert(model, inputs, kappa_min=1e-3)
+    low.set_sizes({g.name: 1})
+    assert low.sizes()[g.name].kept == 1
+    dcopt.export(low, {g.name: 1})

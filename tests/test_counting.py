@@ -59,7 +59,7 @@ def test_small_vit_predicted_equals_counted_at_random_sizes():
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                                hidden_dim=32, mlp_dim=64, num_classes=10)
     x = (torch.randn(2, 3, 32, 32),)
-    dm = dcopt.convert(vit, x)
+    dm = dcopt.convert(vit, x, kappa_min=1e-3)  # floor 1: every size down to 1 can be set
     assert dm.plan.groups
     rng = random.Random(0)
     for _ in range(3):

@@ -666,7 +666,7 @@ def test_random_architectures_export_exactly(spec, data):
     snap = _snapshot(model)
 
     try:
-        dm = dcopt.convert(model, inputs)
+        dm = dcopt.convert(model, inputs, kappa_min=0.01)  # floor 1: every size can be drawn
     except dcopt.DcoptError as e:  # a clean rejection is fine
         event(f"convert rejected: {type(e).__name__}")
         _assert_unchanged(model, snap)
@@ -725,7 +725,7 @@ def test_random_architectures_export_exactly(spec, data):
 
 def _roundtrip(model, inputs, sizes):
     """convert → set_sizes → export(verify=False); the eval outputs of gated and exported model."""
-    dm = dcopt.convert(model, inputs)
+    dm = dcopt.convert(model, inputs, kappa_min=0.01)  # floor 1: sizes of 1 can be set
     dm.set_sizes(sizes)
     small = dcopt.export(dm, verify=False)
     dm.eval()
