@@ -104,6 +104,22 @@ def test_kappa_mode_resumes_exactly(tmp_path, cut_after):
     assert any(ha.final_sizes[n] < w for n, w in ha.widths.items())  # the run did learn sizes
 
 
+# cut in the 1st optimize epoch (the file ends the fixed phase: the resumed run reorders)
+# and in the 3rd (the file holds the reordered model: it must not reorder again)
+@pytest.mark.parametrize("cut_after", [6 * 2 + 1, 6 * 4 + 2])
+def test_reorder_happens_once_across_a_resume(tmp_path, cut_after):
+    x = torch.randn(4, 16)
+
+    def make():
+        torch.manual_seed(0)
+        return dcopt.convert(MLP(), (x,), kappa_min=0.25, beta=2.0)
+
+    full, hf, again, ha = _interrupted_then_resumed(make, _mlp_data, tmp_path, cut_after, reorder=True,
+                                                    **SCHEDULE)
+    _same(full, again, hf, ha)
+    assert ha.reordered == hf.reordered and any(p != sorted(p) for p in hf.reordered["perms"].values())
+
+
 def test_budget_mode_resumes_exactly_across_the_landing(tmp_path):
     x = torch.randn(4, 16)
 
