@@ -47,8 +47,8 @@ Run::
     .venv/bin/python benchmarks/kws.py --resume        # skip runs already in kws.json
     .venv/bin/python benchmarks/kws.py --only full kmin-0.25 static@kmin-0.25
     .venv/bin/python benchmarks/kws.py --tiny --out /tmp/kws   # seconds (tests)
-    # every dcopt run on the replicate seeds too (what kws.json holds; ~25 min more):
-    .venv/bin/python benchmarks/kws.py --resume --set 'replicate_runs=["kmin-0.5", "kmin-0.25", "kmin-0.125", "budget-0.5", "budget-0.25", "budget-0.2", "budget-0.15"]'
+    # every dcopt run on four replicate seeds too (what kws.json holds; ~20 min a seed more):
+    .venv/bin/python benchmarks/kws.py --resume --set 'replicate_seeds=[1, 2, 3, 4]' 'replicate_runs=["kmin-0.5", "kmin-0.25", "kmin-0.125", "budget-0.5", "budget-0.25", "budget-0.2", "budget-0.15"]'
 
 Writes ``kws.json`` (records, config, per-epoch histories), ``kws.md`` (table, error by
 SNR band, target verdicts) and ``kws.png`` (error vs MACs) to ``--out`` (default

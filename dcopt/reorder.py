@@ -28,6 +28,7 @@ from torch import nn
 from .errors import DcoptError
 from .fmap import Positions
 from .gates import GatedRNN
+from .rewrite import DynamicModel, LazyDynamicModel, _lookup
 from .rnn_noise import SigmaCache
 
 __all__ = ["Reordered", "ReorderError", "magnitude_importance", "reorder_by_importance"]
@@ -48,16 +49,10 @@ class Reordered:
 
 
 def _dm(model):
-    from .rewrite import DynamicModel, LazyDynamicModel
     dm = model.inner if isinstance(model, LazyDynamicModel) else model
     if not isinstance(dm, DynamicModel):
         raise TypeError(f"expected a DynamicModel (from dcopt.convert), got {type(model).__name__}")
     return dm
-
-
-def _owner_tensor(gm: nn.Module, qual: str) -> torch.Tensor:
-    from .rewrite import _lookup
-    return _lookup(gm, qual)
 
 
 def _layout(pos: Positions, g: int, width: int) -> Optional[torch.Tensor]:
@@ -98,7 +93,7 @@ def magnitude_importance(model) -> dict[str, torch.Tensor]:
     scores = [torch.zeros(g.width, dtype=torch.float64) for g in plan.groups]
     param_ids = {id(p) for p in dm.gm.parameters()}
     for qual, dims in plan.params.items():
-        t = _owner_tensor(dm.gm, qual)
+        t = _lookup(dm.gm, qual)
         if id(t) not in param_ids or not t.is_floating_point():
             continue
         sq = t.detach().double().pow(2)
@@ -211,7 +206,7 @@ def _apply(dm, layouts, perms, optimizer) -> None:
     """Permute every planned tensor (and the optimizer's matching state) along each dim."""
     state = optimizer.state if optimizer is not None else {}
     for (qual, d), by_group in layouts.items():
-        t = _owner_tensor(dm.gm, qual)
+        t = _lookup(dm.gm, qual)
         idx = torch.arange(t.shape[d])
         for g, table in by_group.items():
             if g not in perms or table.numel() == 0:
