@@ -3,12 +3,12 @@
 dcopt keeps the *first* ⌈s⌉ features of a group (DESIGN.md, consolidation). After the
 fixed phase the order of a group's features is whatever the initialisation gave; nothing
 in it says that feature 40 of 64 matters less than feature 3. So when the optimize phase
-starts shrinking a size, its first cuts fall on features chosen by index, and the weights
-must first move information away from them (the noise teaches that, over epochs).
-Magnitude pruning has no such handicap: it cuts the smallest features first. Reordering
-each group by magnitude once, at full width, gives dcopt the same head start and changes
-nothing else: a permutation of a group's features, applied to every tensor the group
-touches, is the same function (checked here by numbers on the example inputs).
+starts shrinking a size, its first cuts fall on features chosen by index. Magnitude
+pruning cuts the smallest features first. Reordering each group by magnitude once, at full
+width, gives dcopt the same start and changes nothing else: a permutation of a group's
+features, applied to every tensor the group touches, is the same function (checked here
+by numbers on the example inputs). Measured on the spoken-keywords benchmark it did not
+help (README, "Speech": worse at 5 of 6 paired runs), so ``fit`` leaves it off by default.
 
 The tensors to permute and along which dims are the ones :func:`dcopt.export` slices
 (``Plan.params``): the slice keeps positions ``ch < k`` of each group, the permutation
