@@ -4,6 +4,7 @@ permute."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ import dcopt
 from dcopt.export import _close
 from dcopt.reorder import ReorderError, magnitude_importance, reorder_by_importance
 from models import CASES, build
+from test_property import _assert_close, arch_spec
+from test_property import build as build_arch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -202,3 +205,35 @@ def test_random_permutations_of_a_conv_gru_model_are_exact(c1, c2, h, seed, data
     assert _close(before, _out(dm, x), 1e-9) <= 1e-9
     sizes = {g.name: data.draw(st.integers(dm.size_floor(g.name), g.width)) for g in dm.plan.groups}
     dcopt.export(dm, sizes, tol=1e-9)
+
+
+_N_ARCH = int(os.environ.get("DCOPT_REORDER_EXAMPLES", 60))
+
+
+@settings(max_examples=_N_ARCH, deadline=None, derandomize=not os.environ.get("DCOPT_PROP_RANDOM"),
+          suppress_health_check=[HealthCheck.too_slow])
+@given(spec=arch_spec(), data=st.data())
+def test_random_architectures_reorder_exactly(spec, data):
+    """The property test's random architectures (residuals, cats, flattens, RNNs, slices,
+    norms ...): any permutation leaves the full-width outputs as they were, and every size
+    still exports exactly afterwards (export checks the numbers)."""
+    model, inputs = build_arch(spec)
+    try:
+        dm = dcopt.convert(model, inputs, kappa_min=0.01)
+    except dcopt.DcoptError:
+        return
+    if not dm.plan.groups:
+        return
+    before = _out(dm, inputs)
+    importance = {g.name: torch.randn(g.width, generator=torch.Generator().manual_seed(i))
+                  for i, g in enumerate(dm.plan.groups)}
+    # compared here as the property test compares (absolute below an output scale of 1: some
+    # drawn heads, e.g. a mean over time after a LayerNorm over time, output rounding noise)
+    r = reorder_by_importance(dm, importance=importance, verify=False)
+    assert set(r.perms) | set(r.skipped) == set(dm.group_names)
+    _assert_close(before, _out(dm, inputs), f"reordered ({r.perms}) vs before")
+    sizes = {g.name: data.draw(st.integers(1, g.width), label=g.name) for g in dm.plan.groups}
+    dm.set_sizes(sizes)
+    small = dcopt.export(dm, verify=False).eval()
+    with torch.no_grad():
+        _assert_close(_out(dm, inputs), small(*inputs), f"gated vs exported after reordering, sizes {sizes}")
