@@ -49,7 +49,7 @@ class Reordered:
 
 
 def _dm(model):
-    dm = model.inner if isinstance(model, LazyDynamicModel) else model
+    dm = model._settled() if isinstance(model, LazyDynamicModel) else model
     if not isinstance(dm, DynamicModel):
         raise TypeError(f"expected a DynamicModel (from dcopt.convert), got {type(model).__name__}")
     return dm

@@ -237,3 +237,16 @@ def test_random_architectures_reorder_exactly(spec, data):
     small = dcopt.export(dm, verify=False).eval()
     with torch.no_grad():
         _assert_close(_out(dm, inputs), small(*inputs), f"gated vs exported after reordering, sizes {sizes}")
+
+
+def test_a_lazily_converted_model_reorders_after_its_first_forward():
+    model, x = build("mlp")
+    lazy = dcopt.convert(model)
+    with pytest.raises(RuntimeError, match="first forward"):
+        reorder_by_importance(lazy)
+    lazy.eval()
+    with torch.no_grad():
+        before = lazy(*x)
+        r = reorder_by_importance(lazy)
+        assert set(r.perms) == {"fc1", "fc2"}
+        assert _close(before, lazy(*x), 1e-5) <= 1e-5
