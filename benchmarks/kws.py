@@ -252,9 +252,15 @@ def fixed_phase(p: dict, data: dict, cache_dir: Optional[Path]) -> dict:
     """Train the full-width model for ``p['fixed']`` epochs (``dcopt.fit``'s fixed phase:
     identical to the original model). Returns the DynamicModel state, the Adam state and
     the history; cached under ``cache_dir`` (keyed by the configuration) when given."""
-    key = hashlib.sha256(json.dumps({k: p[k] for k in ("widths", "kernel", "blocks", "n_per_class", "batch",
-                                                       "fixed", "lr", "seed")}, sort_keys=True,
-                                    default=str).encode()).hexdigest()[:16]
+    # keyed by the training data itself too: the data depend on the *main* seed, the training
+    # on the run's (a replicate seed keeps the data; ``--set seed=3`` draws other data), and a
+    # key without the data once handed a replicate a fixed phase trained on another draw
+    h = hashlib.sha256(json.dumps({k: p[k] for k in ("widths", "kernel", "blocks", "n_per_class", "batch",
+                                                     "fixed", "lr", "seed")}, sort_keys=True,
+                                  default=str).encode())
+    for t in (data["train"]["x"], data["train"]["y"]):
+        h.update(t.contiguous().numpy().tobytes())
+    key = h.hexdigest()[:16]
     n_train = len(data["train"]["x"])
     path = None if cache_dir is None else Path(cache_dir) / f"kws-bench-fixed-{n_train}-{key}.pt"
     if path is not None and path.exists():

@@ -113,3 +113,20 @@ def test_seed_summary_counts_wins_and_averages_the_gap():
     table["static@budget-0.2"][0]["metric"] = 0.076    # -1.1 and -1.0 pp: ± 0.64, clearly lower
     line, note = kws._seed_summary(table, [0, 1])
     assert "(mean -1.05 ± 0.64 pp)" in line and "lower error than static at budget-0.2;" in note
+
+
+def test_the_fixed_phase_cache_is_keyed_by_the_data_too(tmp_path):
+    """Same configuration and seed, other training data: a cached fixed phase must not be
+    reused (a replicate seed once loaded one trained on another draw of the data)."""
+    def data(seed):
+        g = torch.Generator().manual_seed(seed)
+        split = lambda n: dict(x=torch.randn(n, kws.N_MELS, kws.N_FRAMES, generator=g),  # noqa: E731
+                               y=torch.randint(0, kws.N_CLASSES, (n,), generator=g), snr=torch.zeros(n))
+        return dict(train=split(16), val=split(8), test=split(8))
+
+    p = dict(kws.TINY)
+    a = kws.fixed_phase(p, data(0), tmp_path)
+    b = kws.fixed_phase(p, data(1), tmp_path)
+    assert len(list(tmp_path.glob("kws-bench-fixed-*.pt"))) == 2
+    assert a["history"] != b["history"]
+    assert kws.fixed_phase(p, data(0), tmp_path)["history"] == a["history"]   # and reused for the same data
