@@ -345,7 +345,7 @@ def run_dcopt(run: str, p: dict, data: dict, fixed: dict, *, kappa_min: float,
     hist = dcopt.fit(dm, _train(p, data, p["fixed"]), ce, fixed_epochs=0, optimize_epochs=p["optimize"],
                      settle_epochs=p["settle"], lr=p["lr"], settle_lr=p["settle_lr"], size_lr=p["size_lr"],
                      optimizer=_adam_resuming(fixed["opt"], p["size_lr"]), val_data=_val(data),
-                     metric_fn=error_rate, progress=False, reorder=p.get("reorder", False))
+                     metric_fn=error_rate, progress=False, reorder=p["reorder"])
     seconds = time.perf_counter() - t0 + fixed["seconds"]
     small = dcopt.export(dm)
     kept = dm.complexity(at="kept")

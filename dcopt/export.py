@@ -18,7 +18,7 @@ from .errors import ExportError
 from .fold import fold_batchnorm as fold
 from .gates import FeatureGate, GatedRNN, round_size
 from .plan import Plan, keep_index, keep_mask, size_limits
-from .rewrite import GATES, SIZES, DynamicModel, LazyDynamicModel, _lookup
+from .rewrite import GATES, SIZES, DynamicModel, _lookup, as_dynamic_model
 
 __all__ = ["export", "slice_graph_module"]
 
@@ -254,9 +254,7 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
         small = dcopt.export(dm)
         torch.save(small.state_dict(), "small.pt")
     """
-    dm = dynamic_model.inner if isinstance(dynamic_model, LazyDynamicModel) else dynamic_model
-    if not isinstance(dm, DynamicModel):
-        raise TypeError(f"export expects a DynamicModel (from dcopt.convert), got {type(dynamic_model).__name__}")
+    dm = as_dynamic_model(dynamic_model, "export")
     kept = _resolve_sizes(dm, sizes)
     sliced = slice_graph_module(dm.gm, dm.plan, kept)
     sliced.train(dm.training)

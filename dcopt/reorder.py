@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from .errors import DcoptError
+from .export import _close, _reference_output
 from .fmap import Positions
 from .gates import GatedRNN
-from .rewrite import DynamicModel, LazyDynamicModel, _lookup
+from .rewrite import _lookup, as_dynamic_model
 from .rnn_noise import SigmaCache
 
 __all__ = ["Reordered", "ReorderError", "magnitude_importance", "reorder_by_importance"]
@@ -46,13 +47,6 @@ class Reordered:
     perms: dict[str, list[int]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     max_error: float = 0.0
-
-
-def _dm(model):
-    dm = model._settled() if isinstance(model, LazyDynamicModel) else model
-    if not isinstance(dm, DynamicModel):
-        raise TypeError(f"expected a DynamicModel (from dcopt.convert), got {type(model).__name__}")
-    return dm
 
 
 def _layout(pos: Positions, g: int, width: int) -> Optional[torch.Tensor]:
@@ -88,7 +82,7 @@ def magnitude_importance(model) -> dict[str, torch.Tensor]:
     columns, an RNN's gate blocks), the squared L2 norm of the feature's slice, divided by
     that parameter's mean over the features (so a large consumer does not drown a
     BatchNorm's γ), summed. Buffers (running statistics) do not count."""
-    dm = _dm(model)
+    dm = as_dynamic_model(model, "reorder_by_importance")
     plan = dm.plan
     scores = [torch.zeros(g.width, dtype=torch.float64) for g in plan.groups]
     param_ids = {id(p) for p in dm.gm.parameters()}
@@ -114,18 +108,7 @@ def magnitude_importance(model) -> dict[str, torch.Tensor]:
 
 
 def _full_width(dm) -> list[bool]:
-    kept = dm.kept_sizes()
-    return [k >= g.width and float(kap.detach()) >= 1.0 for k, g, kap in zip(kept, dm.plan.groups, dm._kappas())]
-
-
-@torch.no_grad()
-def _outputs(dm):
-    was = dm.training
-    dm.eval()
-    try:
-        return dm(*dm.example_inputs)
-    finally:
-        dm.train(was)
+    return [float(kap.detach()) >= 1.0 for kap in dm._kappas()]
 
 
 @torch.no_grad()
@@ -147,7 +130,7 @@ def reorder_by_importance(model, *, importance: Optional[dict] = None, groups: O
       within ``tol`` (relative to their scale); otherwise the permutation is undone and
       :class:`ReorderError` raised.
     """
-    dm = _dm(model)
+    dm = as_dynamic_model(model, "reorder_by_importance")
     plan = dm.plan
     names = dm.group_names
     wanted = set(names) if groups is None else set(groups)
@@ -188,11 +171,10 @@ def reorder_by_importance(model, *, importance: Optional[dict] = None, groups: O
         if s.shape != (plan.groups[g].width,):
             raise ValueError(f"importance of {names[g]} must have {plan.groups[g].width} entries, got {tuple(s.shape)}")
         perms[g] = torch.argsort(-s, stable=True)
-    before = _outputs(dm) if verify else None
+    before = _reference_output(dm, dm.kept_sizes(), None) if verify else None
     _apply(dm, layouts, perms, optimizer)
     if verify:
-        from .export import _close
-        err = _close(before, _outputs(dm), tol)
+        err = _close(before, _reference_output(dm, dm.kept_sizes(), None), tol)
         if err is None or err > tol:
             _apply(dm, layouts, {g: torch.argsort(p) for g, p in perms.items()}, optimizer)
             raise ReorderError(f"reordering features changed the outputs (relative error {err} > {tol}); "

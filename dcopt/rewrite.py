@@ -233,10 +233,8 @@ class DynamicModel(nn.Module):
         """Set groups to integer sizes (by group name), e.g. to inspect a smaller model."""
         by_name = {g.name: (g, k) for g, k in zip(self.plan.groups, self._kappas())}
         for name, n in sizes.items():
-            if name not in by_name:
-                raise KeyError(f"no dynamic group named {name!r}; groups: {list(by_name)}")
-            g, k = by_name[name]
             self.check_size(name, n)
+            g, k = by_name[name]
             k.fill_(int(n) / g.width)
 
     def size_floor(self, name: str) -> int:
@@ -392,3 +390,13 @@ class LazyDynamicModel(nn.Module):
                 raise AttributeError(f"{name!r}: this model converts on its first forward call; "
                                      "run one batch through it first") from None
             return getattr(inner, name)
+
+
+def as_dynamic_model(model, caller: str) -> DynamicModel:
+    """The :class:`DynamicModel` behind ``model`` (a lazily converted one once it has run a
+    batch), or a ``TypeError`` naming ``caller`` for anything else. One place, so export,
+    fit and reorder accept and refuse the same things with the same words."""
+    dm = model._settled() if isinstance(model, LazyDynamicModel) else model
+    if not isinstance(dm, DynamicModel):
+        raise TypeError(f"{caller} expects a DynamicModel (from dcopt.convert), got {type(model).__name__}")
+    return dm

@@ -668,17 +668,14 @@ def _size_grads(cx, size_params) -> Optional[torch.Tensor]:
 
 def _resolve(dm, train_data, device):
     """The DynamicModel inside a lazily converted one (converting on a first batch if needed)."""
-    from .rewrite import DynamicModel, LazyDynamicModel
+    from .rewrite import LazyDynamicModel, as_dynamic_model
 
-    if isinstance(dm, LazyDynamicModel):
-        if dm.inner is None:
-            inputs, _ = _split(next(iter(train_data)))
-            args = _as_args(inputs if device is None else _to(inputs, device))
-            with torch.no_grad():
-                dm(*args)
-        dm = dm.inner
-    if not isinstance(dm, DynamicModel):
-        raise TypeError(f"fit expects a DynamicModel (from dcopt.convert), got {type(dm).__name__}")
+    if isinstance(dm, LazyDynamicModel) and dm.inner is None:
+        inputs, _ = _split(next(iter(train_data)))
+        args = _as_args(inputs if device is None else _to(inputs, device))
+        with torch.no_grad():
+            dm(*args)
+    dm = as_dynamic_model(dm, "fit")
     if device is not None:
         dm.to(device)
     return dm
