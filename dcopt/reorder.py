@@ -43,10 +43,10 @@ class ReorderError(DcoptError):
 class Reordered:
     """What :func:`reorder_by_importance` did: ``perms[group]`` lists, for each new
     position, the old index of the feature now there; ``skipped[group]`` says why a group
-    kept its order."""
+    kept its order; ``max_error`` is the check's relative error (None: not checked)."""
     perms: dict[str, list[int]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-    max_error: float = 0.0
+    max_error: Optional[float] = None
 
 
 def _layout(pos: Positions, g: int, width: int) -> Optional[torch.Tensor]:
