@@ -29,7 +29,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dcopt  # noqa: E402
-from dcopt.export import _close  # noqa: E402
+from dcopt.numcheck import max_relative_error  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 LARGE = {"vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "regnet_y_32gf", "regnet_y_16gf",
@@ -87,7 +87,7 @@ def run_dcopt(name: str, seed: int = 0) -> dict:
     with torch.no_grad():
         ref = dm(*x)
         got = small(*x)
-    err = _close(ref, got, 1e-4)
+    err = max_relative_error(ref, got)
     rec["rel_error"] = err
     predicted = dm.complexity("kept").macs.item()
     counted = dcopt.count_macs(small, x)
@@ -97,7 +97,7 @@ def run_dcopt(name: str, seed: int = 0) -> dict:
     del small
     folded = dcopt.export(dm, verify=False, keep_class=False, fold_batchnorm=True).eval()
     with torch.no_grad():
-        fold_err = _close(ref, folded(*x), 1e-4)
+        fold_err = max_relative_error(ref, folded(*x))
     rec["fold_rel_error"] = fold_err
     rec["batchnorms"] = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     rec["batchnorms_folded"] = rec["batchnorms"] - sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)

@@ -17,6 +17,7 @@ from torch import nn
 from .errors import ExportError
 from .fold import fold_batchnorm as fold
 from .gates import FeatureGate, GatedRNN, round_size
+from .numcheck import agreement, float64_copy, to_float64
 from .plan import Plan, keep_index, keep_mask, size_limits
 from .rewrite import GATES, SIZES, DynamicModel, _lookup, as_dynamic_model
 
@@ -206,24 +207,6 @@ def _as_user_class(dm: DynamicModel, sliced: torch.fx.GraphModule) -> Optional[n
     return template
 
 
-def _close(a, b, tol: float) -> Optional[float]:
-    """Max abs error relative to the output scale, or None when structures differ."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        if a.shape != b.shape:
-            return float("inf")
-        if not a.is_floating_point():
-            return 0.0 if torch.equal(a, b) else float("inf")
-        scale = max(float(a.abs().max()) if a.numel() else 0.0, 1e-12)
-        return float((a - b).abs().max()) / scale if a.numel() else 0.0
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
-        errs = [_close(x, y, tol) for x, y in zip(a, b)]
-        return max(errs) if errs else 0.0
-    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
-        errs = [_close(a[k], b[k], tol) for k in a]
-        return max(errs) if errs else 0.0
-    return 0.0 if a == b else float("inf")
-
-
 #: how far folding BatchNorm may move the outputs (relative to their scale): rounding only;
 #: the largest seen over the 58 torchvision models with BatchNorm is 3.6e-6 (benchmarks/zoo.py)
 FOLD_TOL = 1e-4
@@ -265,21 +248,26 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
             sliced.eval()
             got = sliced(*dm.example_inputs)
         reference = _reference_output(dm, kept, sizes)
-        err = _close(reference, got, tol)
-        if verify and (err is None or err > tol):
-            raise ExportError(f"exported model differs from the gated model (relative error {err} > {tol}); "
-                              "please report this model: it is a dcopt bug")
+        if verify:
+            check = agreement(reference, got, tol, lambda: (_reference_output_float64(dm, kept, sizes),
+                                                            _run_float64(sliced, dm.example_inputs)))
+            if not check.ok:
+                raise ExportError(f"exported model differs from the gated model ({check.describe(tol)}); "
+                                  "please report this model: it is a dcopt bug")
     if fold_batchnorm:
         sliced.eval()
         folded = fold(sliced, dm.example_inputs)
         if folded and verify:
             # checked apart from the slicing, against the unfolded model: folding changes
-            # the rounding (w·γ/σ instead of (w·x)·γ/σ), by up to a few 1e-6 on deep nets
+            # the rounding (w·γ/σ instead of (w·x)·γ/σ), by up to a few 1e-6 on deep nets.
+            # The float64 second opinion compares with the gated model (the unfolded
+            # export is gone by then; it equals the gated model, checked above).
             with torch.no_grad():
-                err_fold = _close(got, sliced(*dm.example_inputs), FOLD_TOL)
-            if err_fold is None or err_fold > FOLD_TOL:
-                raise ExportError(f"folding BatchNorm changed the exported model's outputs (relative error "
-                                  f"{err_fold} > {FOLD_TOL}); please report this model: it is a dcopt bug")
+                check = agreement(got, sliced(*dm.example_inputs), FOLD_TOL, lambda: (
+                    _reference_output_float64(dm, kept, sizes), _run_float64(sliced, dm.example_inputs)))
+            if not check.ok:
+                raise ExportError(f"folding BatchNorm changed the exported model's outputs "
+                                  f"({check.describe(FOLD_TOL)}); please report this model: it is a dcopt bug")
         keep_class = keep_class and not folded
     if keep_class:
         user = _as_user_class(dm, sliced)
@@ -287,10 +275,11 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
             user.eval()
             try:
                 with torch.no_grad():
-                    err_user = _close(reference, user(*dm.example_inputs), tol)
+                    same = agreement(reference, user(*dm.example_inputs), tol, lambda: (
+                        _reference_output_float64(dm, kept, sizes), _run_float64(user, dm.example_inputs))).ok
             except Exception:
-                err_user = None
-            if err_user is not None and err_user <= tol:
+                same = False
+            if same:
                 result = user
     result.train(dm.training and not folded)
     return result
@@ -309,3 +298,15 @@ def _reference_output(dm: DynamicModel, kept: list[int], sizes: Optional[dict]):
         for k, v in zip(dm._kappas(), saved):
             k.copy_(v)
         dm.train(was_training)
+
+
+def _reference_output_float64(dm: DynamicModel, kept: list[int], sizes: Optional[dict]):
+    """:func:`_reference_output` computed by a float64 copy of ``dm`` (numcheck's second opinion)."""
+    dm64 = float64_copy(dm, share=(dm._template, dm.analysis))
+    object.__setattr__(dm64, "example_inputs", to_float64(dm.example_inputs))
+    return _reference_output(dm64, kept, sizes)
+
+
+def _run_float64(model: nn.Module, inputs: tuple):
+    """``model``'s eval-mode outputs, computed by a float64 copy of it."""
+    return float64_copy(model).eval()(*to_float64(inputs))

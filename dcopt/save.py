@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import importlib.util
-import inspect
-import sys
 import textwrap
 import types
 import uuid
@@ -199,7 +197,7 @@ def save_exported(model: nn.Module, path, example_inputs: Optional[Sequence] = N
     if not (python_ok or program_ok):
         raise ExportError("could not save the model in a form that loads without dcopt: " + "; ".join(notes))
     if check and example_inputs is not None:
-        from .export import _close
+        from .numcheck import max_relative_error
 
         with torch.no_grad():
             expected = model.eval()(*example_inputs)
@@ -207,7 +205,7 @@ def save_exported(model: nn.Module, path, example_inputs: Optional[Sequence] = N
             if program_ok:
                 loaded.append(torch.export.load(folder / "model.pt2").module())
             for m in loaded:
-                err = _close(expected, m(*example_inputs), 1e-6)
+                err = max_relative_error(expected, m(*example_inputs))
                 if err is None or err > 1e-5:
                     raise ExportError(f"the saved model at {folder} does not reproduce the model (error {err})")
     return folder

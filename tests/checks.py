@@ -4,7 +4,7 @@ predicted. Shared by the export, opaque-leaf, rounding and counting tests."""
 import torch
 
 import dcopt
-from dcopt.export import _close
+from dcopt.numcheck import max_relative_error
 
 
 def assert_exact_export(dm, inputs, sizes=None, *, others=(), tol=1e-5, verify=False):
@@ -17,7 +17,7 @@ def assert_exact_export(dm, inputs, sizes=None, *, others=(), tol=1e-5, verify=F
     small.eval()
     with torch.no_grad():
         for xs in (inputs, *others):
-            err = _close(dm(*xs), small(*xs), tol)
+            err = max_relative_error(dm(*xs), small(*xs))
             assert err is not None and err <= tol, f"{sizes}: relative error {err}"
     kept = dm.complexity("kept")
     assert dcopt.count_macs(small, inputs) == round(kept.macs.item()), sizes

@@ -10,7 +10,6 @@ import torchvision
 from torch import nn
 
 import dcopt
-from dcopt.export import _close
 from checks import assert_exact_export
 from models import build, CASES
 
