@@ -47,6 +47,8 @@ Run::
     .venv/bin/python benchmarks/kws.py --resume        # skip runs already in kws.json
     .venv/bin/python benchmarks/kws.py --only full kmin-0.25 static@kmin-0.25
     .venv/bin/python benchmarks/kws.py --tiny --out /tmp/kws   # seconds (tests)
+    # --set seed=3: other initial weights, batch order and noise on the same clips;
+    # --set data_seed=3: another draw of the clips (voices, words, noise) as well
     # every dcopt run on four replicate seeds too (what kws.json holds; ~20 min a seed more):
     .venv/bin/python benchmarks/kws.py --resume --set 'replicate_seeds=[1, 2, 3, 4]' 'replicate_runs=["kmin-0.5", "kmin-0.25", "kmin-0.125", "budget-0.5", "budget-0.25", "budget-0.2", "budget-0.15"]'
 
@@ -73,7 +75,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dcopt  # noqa: E402
 from benchmarks import speech_data as sd  # noqa: E402
-from benchmarks.speech_common import fmt_mean_interval, sign_beyond_noise  # noqa: E402
+from benchmarks.speech_common import SIGN_AT, fmt_mean_interval, sign_beyond_noise  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 NAME = "kws"
@@ -86,7 +88,7 @@ TARGET_DELTA_PP = 1.5
 FULL = dict(widths=(32, 64, 128), kernel=9, blocks=1, n_per_class=None, batch=32, fixed=8, optimize=10,
             settle=4, lr=2e-3, settle_lr=2e-4, size_lr=4e-3, beta=6.0, regularizer="l2",
             kappa_mins=(0.5, 0.25, 0.125), budgets=(0.5, 0.25, 0.2, 0.15), budget_kappa_min=0.125, dual_lr=0.05,
-            budget_rho=200.0, reorder=False, seed=0, replicate_seeds=(1, 2),
+            budget_rho=200.0, reorder=False, seed=0, data_seed=0, replicate_seeds=(1, 2),
             replicate_runs=("kmin-0.125", "budget-0.2", "budget-0.15"))
 TINY = dict(FULL, widths=(8, 16, 16), kernel=3, batch=8, fixed=1, optimize=1, settle=1, size_lr=3e-2,
             budgets=(0.5, 0.25, 0.15), replicate_seeds=(), replicate_runs=())
@@ -252,8 +254,8 @@ def fixed_phase(p: dict, data: dict, cache_dir: Optional[Path]) -> dict:
     """Train the full-width model for ``p['fixed']`` epochs (``dcopt.fit``'s fixed phase:
     identical to the original model). Returns the DynamicModel state, the Adam state and
     the history; cached under ``cache_dir`` (keyed by the configuration) when given."""
-    # keyed by the training data itself too: the data depend on the *main* seed, the training
-    # on the run's (a replicate seed keeps the data; ``--set seed=3`` draws other data), and a
+    # keyed by the training data itself too: the data depend on ``data_seed``, the training
+    # on the run's seed (``--set seed=3`` keeps the data, ``--set data_seed=3`` draws others), and a
     # key without the data once handed a replicate a fixed phase trained on another draw
     h = hashlib.sha256(json.dumps({k: p[k] for k in ("widths", "kernel", "blocks", "n_per_class", "batch",
                                                      "fixed", "lr", "seed")}, sort_keys=True,
@@ -595,7 +597,7 @@ def _seed_summary(table: dict, cols: list) -> list[str]:
             if all(c in b for c in cols):
                 wins = sum(per[c]["metric"] < b[c]["metric"] for c in cols)
                 gaps = [100 * (per[c]["metric"] - b[c]["metric"]) for c in cols]
-                text += f"; lower error than {label} on {wins} of {len(cols)} (mean {fmt_mean_interval(gaps)})"
+                text += f"; lower error than {label} on {wins} of {len(cols)} (mean {fmt_mean_interval(gaps, plan=True)})"
                 side = sign_beyond_noise(gaps)
                 if side is not None:
                     clear.setdefault((label, side), []).append(run)
@@ -603,8 +605,8 @@ def _seed_summary(table: dict, cols: list) -> list[str]:
     if out and len(cols) > 1:
         parts = [f"{side} error than {label} at " + (", ".join(clear.get((label, side), [])) or "none")
                  for label in ("static", "Torch-Pruning") for side in ("lower", "higher")]
-        out.append("* ± : the 95 % Student t interval of the mean over the seeds. Intervals that exclude 0 (dcopt "
-                   "− baseline): " + "; ".join(parts) + ".")
+        out.append("* ± : the 95 % Student t interval of the mean over the seeds; " + SIGN_AT + ". Intervals that "
+                   "exclude 0 (dcopt − baseline): " + "; ".join(parts) + ".")
     return out
 
 
@@ -681,7 +683,7 @@ def main(argv=None) -> int:
         data = None
         extra = {k: json.loads(path.read_text()).get(k) for k in ("n_train", "n_val", "n_test")}
     else:
-        data = load_data(args.tiny, p["n_per_class"], p["seed"])
+        data = load_data(args.tiny, p["n_per_class"], p["data_seed"])
         extra = dict(n_train=len(data["train"]["x"]), n_val=len(data["val"]["x"]), n_test=len(data["test"]["x"]))
     records, histories = [], {}
     if (args.resume or args.only or args.report_only) and path.exists():

@@ -43,7 +43,7 @@ from benchmarks.common import json_safe
 
 __all__ = ["METHODS", "count_macs", "static_scaled", "torch_pruning_baseline", "train_plain", "eer",
            "write_results", "machine_info", "scaled_width", "mean_interval", "fmt_mean_interval",
-           "sign_beyond_noise"]
+           "sign_beyond_noise", "seeds_to_tell_sign", "SIGN_AT"]
 
 #: two-sided 95 % Student t quantiles for 1–30 degrees of freedom (beyond: the normal's 1.96)
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -75,10 +75,42 @@ def sign_beyond_noise(values: Sequence[float]) -> Optional[str]:
     return "lower" if mean < 0 else "higher"
 
 
-def fmt_mean_interval(values: Sequence[float], unit: str = " pp") -> str:
-    """``"+0.25 ± 9.53 pp"`` (``"+0.25 pp"`` for a single value)."""
+def seeds_to_tell_sign(values: Sequence[float], most: int = 1000) -> Optional[int]:
+    """How many seeds a 95 % t interval would need to exclude 0 *if* the mean and the
+    spread stayed as ``values`` show them (None: fewer than two values, or a mean of 0;
+    ``most + 1``: more than ``most``). A rough planning figure, not a test: the observed
+    mean of a few seeds is itself uncertain. Why: "not resolved with five seeds" reads
+    very differently when resolving would take eight seeds than when it would take 200."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if mean == 0:
+        return None
+    for k in range(2, most + 1):
+        t = _T95[k - 2] if k - 1 <= len(_T95) else 1.96
+        if t * sd / math.sqrt(k) < abs(mean):
+            return k
+    return most + 1
+
+
+#: the legend for ``fmt_mean_interval(..., plan=True)``
+SIGN_AT = ("“sign at ≈ N seeds”: how many seeds such an interval would need to exclude 0 if the mean and "
+           "spread stayed as observed (a rough planning figure)")
+
+
+def fmt_mean_interval(values: Sequence[float], unit: str = " pp", plan: bool = False) -> str:
+    """``"+0.25 ± 9.53 pp"`` (``"+0.25 pp"`` for a single value). With ``plan``, an
+    interval that contains 0 adds how many seeds would tell the sign at this spread
+    (:func:`seeds_to_tell_sign`): ``"+0.25 ± 0.53 pp, sign at ≈ 40 seeds"``."""
     mean, half = mean_interval(values)
-    return f"{mean:+.2f}" + ("" if half is None else f" ± {half:.2f}") + unit
+    text = f"{mean:+.2f}" + ("" if half is None else f" ± {half:.2f}") + unit
+    if plan and half is not None and abs(mean) <= half:
+        k = seeds_to_tell_sign(values)
+        if k is not None:
+            text += f", sign at ≈ {k} seeds" if k <= 1000 else ", sign at > 1000 seeds"
+    return text
 
 
 # method → (label, matplotlib marker, colour) for the plot

@@ -689,9 +689,9 @@ def issue6_across_seeds(records: list[dict], replicates: dict) -> list[str]:
     # were up to 0.7 pp val EER apart, one-off), its mean over seeds less
     means = {n: sum(g) / len(g) for n, g in per_run.items()}
     averaged = (f"; averaged over seeds, dcopt ≤ static at **{sum(m <= 0 for m in means.values())} of "
-                f"{len(means)}** budgets (" + ", ".join(f"{n} {sc.fmt_mean_interval(per_run[n])} ({len(per_run[n])} "
+                f"{len(means)}** budgets (" + ", ".join(f"{n} {sc.fmt_mean_interval(per_run[n], plan=True)} ({len(per_run[n])} "
                                                         f"seed{'s' * (len(per_run[n]) > 1)})" for n in means)
-                + "; ± : 95 % t interval over the seeds; intervals that exclude 0: "
+                + "; ± : 95 % t interval over the seeds; " + sc.SIGN_AT + "; intervals that exclude 0: "
                 + (", ".join(f"{n} ({side})" for n in means
                              if (side := sc.sign_beyond_noise(per_run[n])) is not None) or "none") + ")")
     if unlisted:
@@ -965,7 +965,7 @@ def notes(records: list[dict], p: dict, fixed_info: Optional[dict], tiny: bool,
                              + " / ".join(f"{100 * m:+.2f}" for m in means)
                              + f" pp (at least as good at **{sum(m <= 0 for m in means)} of {len(means)}**; with "
                              "95 % t intervals over the seeds: "
-                             + ", ".join(f"{t} {sc.fmt_mean_interval([100 * d for d in ds])}" for t, ds in by_tol.items())
+                             + ", ".join(f"{t} {sc.fmt_mean_interval([100 * d for d in ds], plan=True)}" for t, ds in by_tol.items())
                              + ").")
         lines.append("")
     lines += conv_notes(records, conv, fixed_info, conv_info)

@@ -105,7 +105,9 @@ def test_seed_summary_counts_wins_and_averages_the_gap():
     assert "**budget-0.2**: 80.0–80.0 % fewer MACs, Δ +0.50 / +2.00 pp (mean +1.25)" in line
     assert "target on 1 of 2 seeds" in line
     # -0.5 and +1.0: mean +0.25, sd 1.06, t(1 df) 12.706 → ± 9.53
-    assert "lower error than static on 1 of 2 (mean +0.25 ± 9.53 pp)" in line
+    # an interval containing 0 says how many seeds would tell the sign at this spread:
+    # 1.96 · 1.0607 / √k < 0.25 first at k = 70 (t beyond 30 df taken as the normal's 1.96)
+    assert "lower error than static on 1 of 2 (mean +0.25 ± 9.53 pp, sign at ≈ 70 seeds)" in line
     assert "Torch-Pruning" not in line
     assert "lower error than static at none; higher error than static at none" in note
     table["static@budget-0.2"][1]["metric"] = 0.1      # -0.5 and -1.0 pp: mean -0.75 ± 3.18, still not clear
@@ -113,6 +115,18 @@ def test_seed_summary_counts_wins_and_averages_the_gap():
     table["static@budget-0.2"][0]["metric"] = 0.076    # -1.1 and -1.0 pp: ± 0.64, clearly lower
     line, note = kws._seed_summary(table, [0, 1])
     assert "(mean -1.05 ± 0.64 pp)" in line and "lower error than static at budget-0.2;" in note
+
+
+def test_seeds_to_tell_sign_is_the_first_count_whose_interval_excludes_zero():
+    from benchmarks.speech_common import fmt_mean_interval, seeds_to_tell_sign
+    assert seeds_to_tell_sign([1.0]) is None and seeds_to_tell_sign([1.0, -1.0]) is None
+    assert seeds_to_tell_sign([1.0, 1.0]) == 2                     # no spread: any two seeds
+    # mean 0.3, sd 0.4637: 2.262 · 0.4637 / √10 = 0.332 ≥ 0.3, 2.228 · 0.4637 / √11 = 0.3115 ≥ 0.3,
+    # 2.201 · 0.4637 / √12 = 0.2946 < 0.3 (t quantiles for 9, 10, 11 degrees of freedom)
+    assert seeds_to_tell_sign([0.6, 0.1, 0.9, 0.2, -0.3]) == 12
+    assert seeds_to_tell_sign([5.0, -4.9]) == 1001 and fmt_mean_interval([5.0, -4.9], plan=True).endswith(
+        "sign at > 1000 seeds")
+    assert "sign at" not in fmt_mean_interval([1.0, 1.1], plan=True)   # already excludes 0
 
 
 def test_the_fixed_phase_cache_is_keyed_by_the_data_too(tmp_path):
@@ -130,3 +144,23 @@ def test_the_fixed_phase_cache_is_keyed_by_the_data_too(tmp_path):
     assert len(list(tmp_path.glob("kws-bench-fixed-*.pt"))) == 2
     assert a["history"] != b["history"]
     assert kws.fixed_phase(p, data(0), tmp_path)["history"] == a["history"]   # and reused for the same data
+
+
+@pytest.mark.parametrize("overrides, drawn_with", [([], 0), (["seed=3"], 0), (["data_seed=3"], 3),
+                                                   (["seed=2", "data_seed=5"], 5)])
+def test_the_training_seed_keeps_the_data_and_data_seed_draws_others(monkeypatch, tmp_path, overrides, drawn_with):
+    """``--set seed=N`` once drew other data as well; now only ``data_seed`` does."""
+    seen = []
+
+    class Drawn(Exception):
+        pass
+
+    def load_data(tiny, n_per_class=None, seed=0):
+        seen.append(seed)
+        raise Drawn
+
+    monkeypatch.setattr(kws, "load_data", load_data)
+    with pytest.raises(Drawn):
+        kws.main(["--tiny", "--out", str(tmp_path), "--set", *overrides] if overrides
+                 else ["--tiny", "--out", str(tmp_path)])
+    assert seen == [drawn_with]
