@@ -2,7 +2,7 @@
 out-of-range values fail at ``convert`` time with a ValueError, not mid-training."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 __all__ = ["Config"]

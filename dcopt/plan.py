@@ -6,11 +6,10 @@ indices (0..G-1); positions of fixed or rejected groups are already ``FIXED``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
 
 import torch
 
-from .fmap import FIXED, Positions
+from .fmap import Positions
 
 __all__ = ["GroupSpec", "GateSpec", "MacTerm", "Plan", "keep_index", "keep_mask", "size_limits"]
 

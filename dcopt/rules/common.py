@@ -1,9 +1,9 @@
 """Building blocks shared by the rule families."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
-from ..fmap import FMap, Positions
+from ..fmap import FMap
 
 __all__ = ["normalizes_last", "passthrough", "norm_dim", "norm_dims", "reject_tracked", "n_outputs"]
 

@@ -1,9 +1,6 @@
 """Rules for ``torch.nn`` layers: producers (DCL), consumers (ACL) and per-channel layers."""
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import nn
 
 from ..fmap import FMap, Positions

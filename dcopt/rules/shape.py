@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..fmap import FMap, Positions
-from .common import n_outputs, norm_dim, passthrough
+from .common import n_outputs, norm_dim
 from .registry import register_rule
 
 __all__ = ["reshape_fmap"]
