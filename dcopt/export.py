@@ -223,7 +223,10 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
     in its forward needed rewriting, and it computes the same numbers) it is an instance
     of that class with resized submodules; otherwise a ``torch.fx.GraphModule``.
     With ``verify`` (default) the result is compared with the eval-mode DynamicModel on
-    the example inputs, and an :class:`~dcopt.ExportError` is raised if they differ.
+    the example inputs, and an :class:`~dcopt.ExportError` is raised if they differ by
+    more than ``tol`` relative to the output's scale — after a float32 difference has been
+    recomputed in float64, so that an output made of rounding noise is not reported as a
+    wrong export (:mod:`dcopt.numcheck`).
 
     ``fold_batchnorm=True`` exports for inference: each BatchNorm right after a
     convolution or Linear is folded into its weights (``dcopt.fold``: only where that is

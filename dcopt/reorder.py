@@ -130,7 +130,8 @@ def reorder_by_importance(model, *, importance: Optional[dict] = None, groups: O
     * ``optimizer``: its per-parameter state (Adam's moments) is permuted alike, so
       training continues as if the features had always been in this order.
     * ``verify``: the eval-mode outputs on the example inputs before and after must agree
-      within ``tol`` (relative to their scale); otherwise the permutation is undone and
+      within ``tol`` (relative to their scale; a float32 difference is recomputed in
+      float64 first, :mod:`dcopt.numcheck`); otherwise the permutation is undone and
       :class:`ReorderError` raised.
     """
     dm = as_dynamic_model(model, "reorder_by_importance")
