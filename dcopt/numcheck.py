@@ -29,7 +29,7 @@ from torch import nn
 __all__ = ["Agreement", "agreement", "max_relative_error", "to_float64", "float64_copy"]
 
 
-def max_relative_error(a, b) -> Optional[float]:
+def max_relative_error(a, b) -> float:
     """Max abs difference relative to ``a``'s scale (per tensor, the max over a nested
     output); ``inf`` when structures, shapes or non-float values differ."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
@@ -53,6 +53,8 @@ def to_float64(obj):
     integer inputs (token ids, lengths) stay as they are."""
     if isinstance(obj, torch.Tensor):
         return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):   # a namedtuple (PackedSequence)
+        return type(obj)(*(to_float64(x) for x in obj))
     if isinstance(obj, (tuple, list)):
         return type(obj)(to_float64(x) for x in obj)
     if isinstance(obj, dict):
@@ -109,8 +111,8 @@ def agreement(reference, candidate, tol: float, rerun: Callable[[], tuple[Any, A
     """Do ``candidate``'s outputs equal ``reference``'s? ``rerun()`` computes the same two
     outputs in float64; it is called only when float32 says no."""
     err = max_relative_error(reference, candidate)
-    if err is None or err <= tol or not math.isfinite(err):
-        return Agreement(err is not None and err <= tol, err if err is not None else math.inf, "float32")
+    if err <= tol or not math.isfinite(err):
+        return Agreement(err <= tol, err, "float32")
     try:
         with torch.no_grad():
             ref64, cand64 = rerun()
@@ -120,9 +122,9 @@ def agreement(reference, candidate, tol: float, rerun: Callable[[], tuple[Any, A
     if pairs32 is None or pairs64 is None or len(pairs32) != len(pairs64):
         return Agreement(False, err, "float64")
     for (a32, b32), (a64, b64) in zip(pairs32, pairs64):
-        if not a32.is_floating_point() or (max_relative_error(a32, b32) or 0.0) <= tol:
+        if not a32.is_floating_point() or max_relative_error(a32, b32) <= tol:
             continue
-        if (max_relative_error(a64, b64) or 0.0) <= tol:
+        if max_relative_error(a64, b64) <= tol:
             continue
         if _abs_diff(a64, b64) > ROUNDING_SHRINK * _abs_diff(a32, b32):
             return Agreement(False, err, "float64")

@@ -117,3 +117,10 @@ def test_to_float64_keeps_integer_inputs():
     ids, x = torch.tensor([1, 2]), torch.randn(2)
     out = to_float64({"ids": ids, "x": [x]})
     assert out["ids"].dtype == torch.long and out["x"][0].dtype == torch.float64
+
+
+def test_to_float64_rebuilds_packed_sequences():
+    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(3, 2), torch.randn(2, 2)])
+    out = to_float64(packed)
+    assert isinstance(out, torch.nn.utils.rnn.PackedSequence)
+    assert out.data.dtype == torch.float64 and torch.equal(out.batch_sizes, packed.batch_sizes)
