@@ -58,12 +58,20 @@ def mean_interval(values: Sequence[float]) -> tuple[float, Optional[float]]:
     n = len(values)
     if n == 0:
         raise ValueError("mean_interval needs at least one value")
-    mean = sum(values) / n
+    mean, sd = _mean_sd(values)
     if n == 1:
         return mean, None
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
-    return mean, t * sd / math.sqrt(n)
+    return mean, _t95(n - 1) * sd / math.sqrt(n)
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def _t95(df: int) -> float:
+    return _T95[df - 1] if df <= len(_T95) else 1.96
 
 
 def sign_beyond_noise(values: Sequence[float]) -> Optional[str]:
@@ -81,18 +89,12 @@ def seeds_to_tell_sign(values: Sequence[float], most: int = 1000) -> Optional[in
     ``most + 1``: more than ``most``). A rough planning figure, not a test: the observed
     mean of a few seeds is itself uncertain. Why: "not resolved with five seeds" reads
     very differently when resolving would take eight seeds than when it would take 200."""
-    n = len(values)
-    if n < 2:
+    if len(values) < 2:
         return None
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    mean, sd = _mean_sd(values)
     if mean == 0:
         return None
-    for k in range(2, most + 1):
-        t = _T95[k - 2] if k - 1 <= len(_T95) else 1.96
-        if t * sd / math.sqrt(k) < abs(mean):
-            return k
-    return most + 1
+    return next((k for k in range(2, most + 1) if _t95(k - 1) * sd / math.sqrt(k) < abs(mean)), most + 1)
 
 
 #: the legend for ``fmt_mean_interval(..., plan=True)``
@@ -103,7 +105,7 @@ SIGN_AT = ("“sign at ≈ N seeds”: how many seeds such an interval would nee
 def fmt_mean_interval(values: Sequence[float], unit: str = " pp", plan: bool = False) -> str:
     """``"+0.25 ± 9.53 pp"`` (``"+0.25 pp"`` for a single value). With ``plan``, an
     interval that contains 0 adds how many seeds would tell the sign at this spread
-    (:func:`seeds_to_tell_sign`): ``"+0.25 ± 0.53 pp, sign at ≈ 40 seeds"``."""
+    (:func:`seeds_to_tell_sign`): ``"+0.25 ± 0.53 pp, sign at ≈ N seeds"``."""
     mean, half = mean_interval(values)
     text = f"{mean:+.2f}" + ("" if half is None else f" ± {half:.2f}") + unit
     if plan and half is not None and abs(mean) <= half:
