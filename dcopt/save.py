@@ -206,7 +206,7 @@ def save_exported(model: nn.Module, path, example_inputs: Optional[Sequence] = N
                 loaded.append(torch.export.load(folder / "model.pt2").module())
             for m in loaded:
                 err = max_relative_error(expected, m(*example_inputs))
-                if err is None or err > 1e-5:
+                if err > 1e-5:
                     raise ExportError(f"the saved model at {folder} does not reproduce the model (error {err})")
     return folder
 
