@@ -45,6 +45,8 @@ Run::
 
     .venv/bin/python benchmarks/kws.py                 # everything: 42 runs, ~40 min on 1 thread
     .venv/bin/python benchmarks/kws.py --resume        # skip runs already in kws.json
+    .venv/bin/python benchmarks/kws.py --report-only   # rewrite kws.md/png from kws.json
+    # (--resume and --report-only take kws.json's own configuration, then any --set)
     .venv/bin/python benchmarks/kws.py --only full kmin-0.25 static@kmin-0.25
     .venv/bin/python benchmarks/kws.py --tiny --out /tmp/kws   # seconds (tests)
     # --set seed=3: other initial weights, batch order and noise on the same clips;
@@ -663,6 +665,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     p = dict(TINY if args.tiny else FULL)
+    stored = args.out / f"{NAME}.json"
+    if (args.report_only or args.resume) and stored.exists():
+        # re-render / continue the experiment the file holds (its replicate seeds and runs
+        # were set on the command line), not this script's defaults; --set still applies
+        cfg = json.loads(stored.read_text()).get("config", {})
+        if cfg.get("tiny", False) == args.tiny:
+            p.update({k: v for k, v in cfg.items() if k in p})
     for kv in args.set:
         k, _, v = kv.partition("=")
         if k not in p:

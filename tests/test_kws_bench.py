@@ -87,6 +87,12 @@ def test_tiny_run_writes_its_files(tmp_path):
     assert kws.main(["--tiny", "--out", str(tmp_path), "--resume"]) == 0
     again = json.loads((tmp_path / "kws.json").read_text())
     assert [r["run"] for r in again["records"]] == runs
+    # --report-only re-renders with the configuration the file was made with, not the defaults
+    again["config"]["beta"] = 2.5
+    (tmp_path / "kws.json").write_text(json.dumps(again))
+    assert kws.main(["--tiny", "--out", str(tmp_path), "--report-only"]) == 0
+    assert json.loads((tmp_path / "kws.json").read_text())["config"]["beta"] == 2.5
+    assert "β 2.5" in (tmp_path / "kws.md").read_text()
 
 
 def test_seed_summary_counts_wins_and_averages_the_gap():
