@@ -303,11 +303,17 @@ def _reference_output(dm: DynamicModel, kept: list[int], sizes: Optional[dict]):
         dm.train(was_training)
 
 
-def _reference_output_float64(dm: DynamicModel, kept: list[int], sizes: Optional[dict]):
-    """:func:`_reference_output` computed by a float64 copy of ``dm`` (numcheck's second opinion)."""
+def _float64_dm(dm: DynamicModel) -> DynamicModel:
+    """A float64 copy of ``dm`` with float64 example inputs (numcheck's second opinion);
+    the user's template and the analysis are shared, not copied."""
     dm64 = float64_copy(dm, share=(dm._template, dm.analysis))
     object.__setattr__(dm64, "example_inputs", to_float64(dm.example_inputs))
-    return _reference_output(dm64, kept, sizes)
+    return dm64
+
+
+def _reference_output_float64(dm: DynamicModel, kept: list[int], sizes: Optional[dict]):
+    """:func:`_reference_output` computed by a float64 copy of ``dm``."""
+    return _reference_output(_float64_dm(dm), kept, sizes)
 
 
 def _run_float64(model: nn.Module, inputs: tuple):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import DcoptError
-from .export import _reference_output, _reference_output_float64
+from .export import _float64_dm, _reference_output
 from .numcheck import agreement
 from .fmap import Positions
 from .gates import GatedRNN
@@ -181,13 +181,10 @@ def reorder_by_importance(model, *, importance: Optional[dict] = None, groups: O
     _apply(dm, layouts, perms, optimizer)
     if verify:
         def float64_before_after():
-            # the model is permuted by now: undo on it for the "before" copy, then redo
-            _apply(dm, layouts, undo, optimizer)
-            try:
-                ref = _reference_output_float64(dm, kept, None)
-            finally:
-                _apply(dm, layouts, perms, optimizer)
-            return ref, _reference_output_float64(dm, kept, None)
+            # the model is permuted by now: the "before" copy is a copy with the permutation undone
+            after, before = _float64_dm(dm), _float64_dm(dm)
+            _apply(before, layouts, undo, None)
+            return _reference_output(before, kept, None), _reference_output(after, kept, None)
 
         check = agreement(before, _reference_output(dm, kept, None), tol, float64_before_after)
         if not check.ok:
