@@ -246,14 +246,17 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
     sliced.train(dm.training)
     result: nn.Module = sliced
     folded: list = []
+
+    def float64_pair(model):   # numcheck's second opinion: the gated model and ``model``, both in float64
+        return lambda: (_reference_output_float64(dm, kept, sizes), _run_float64(model, dm.example_inputs))
+
     if verify or keep_class:   # the unfolded export's outputs: checked here, and the fold below against them
         with torch.no_grad():
             sliced.eval()
             got = sliced(*dm.example_inputs)
         reference = _reference_output(dm, kept, sizes)
         if verify:
-            check = agreement(reference, got, tol, lambda: (_reference_output_float64(dm, kept, sizes),
-                                                            _run_float64(sliced, dm.example_inputs)))
+            check = agreement(reference, got, tol, float64_pair(sliced))
             if not check.ok:
                 raise ExportError(f"exported model differs from the gated model ({check.describe(tol)}); "
                                   "please report this model: it is a dcopt bug")
@@ -266,8 +269,7 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
             # The float64 second opinion compares with the gated model (the unfolded
             # export is gone by then; it equals the gated model, checked above).
             with torch.no_grad():
-                check = agreement(got, sliced(*dm.example_inputs), FOLD_TOL, lambda: (
-                    _reference_output_float64(dm, kept, sizes), _run_float64(sliced, dm.example_inputs)))
+                check = agreement(got, sliced(*dm.example_inputs), FOLD_TOL, float64_pair(sliced))
             if not check.ok:
                 raise ExportError(f"folding BatchNorm changed the exported model's outputs "
                                   f"({check.describe(FOLD_TOL)}); please report this model: it is a dcopt bug")
@@ -278,8 +280,7 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
             user.eval()
             try:
                 with torch.no_grad():
-                    same = agreement(reference, user(*dm.example_inputs), tol, lambda: (
-                        _reference_output_float64(dm, kept, sizes), _run_float64(user, dm.example_inputs))).ok
+                    same = agreement(reference, user(*dm.example_inputs), tol, float64_pair(user)).ok
             except Exception:
                 same = False
             if same:
