@@ -726,10 +726,10 @@ def test_random_architectures_export_exactly(spec, data):
 # -- bugs the property found, kept as regression tests --------------------------------------
 
 def _roundtrip(model, inputs, sizes):
-    """convert → set_sizes → export(verify=False); the eval outputs of gated and exported model."""
+    """convert → set_sizes → export (its own check on); the eval outputs of gated and exported model."""
     dm = dcopt.convert(model, inputs, kappa_min=0.01)  # floor 1: sizes of 1 can be set
     dm.set_sizes(sizes)
-    small = dcopt.export(dm, verify=False)
+    small = dcopt.export(dm)
     dm.eval()
     small.eval()
     with torch.no_grad():
