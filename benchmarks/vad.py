@@ -285,6 +285,9 @@ class Bench:
         self.name = results_name(p)
         # the cached fixed, full and conv phases train no sizes: rnn_noise cannot change them
         self.shared_p = {k: v for k, v in p.items() if k != "rnn_noise"}
+        # the cached phases are keyed by the training data too: the clips depend on the
+        # espeak-ng voices installed, which the configuration does not name
+        self.data_key = _data_key(self.data["train"])
         self.replicates: dict = {}
         tr = self.data["train"]
         self.example = (tr["x"][:2, :, :20].contiguous(),)   # shapes for dcopt; short: tracing a GRU is slow
@@ -331,7 +334,7 @@ class Bench:
 
     # -- the shared fixed phase --
     def fixed_model(self) -> CRNN:
-        path = self.state_dir / f"vad-fixed-{_key(self.shared_p, self.tiny)}.pt"
+        path = self._fixed_path()
         model = build(self.p)
         if path.exists() and self.fixed_info is not None:
             model.load_state_dict(torch.load(path, weights_only=True))
@@ -437,13 +440,16 @@ class Bench:
                     export_max_abs_diff=diff, export_report=_jsonable(report),
                     reference_loss=hist.reference_loss, history=compact_history(hist))
 
+    def _fixed_path(self) -> Path:
+        return self.state_dir / f"vad-fixed-{_key([self.shared_p, self.data_key], self.tiny)}.pt"
+
     # -- issue 9's study: from the converged full model --
     def _converged_path(self) -> Path:
-        return self.state_dir / f"vad-full-{_key(self.shared_p, self.tiny)}.pt"
+        return self.state_dir / f"vad-full-{_key([self.shared_p, self.data_key], self.tiny)}.pt"
 
     def converged_checkpoint(self) -> Path:
-        """Where :meth:`converged_model` caches its weights (named by the config's hash)."""
-        return self.state_dir / f"vad-conv-{_key([self.shared_p, self.conv], self.tiny)}.pt"
+        """Where :meth:`converged_model` caches its weights (named by the hash of the config and the training data)."""
+        return self.state_dir / f"vad-conv-{_key([self.shared_p, self.data_key, self.conv], self.tiny)}.pt"
 
     def converged_model(self) -> CRNN:
         """The ``full`` run's final weights trained on for ``conv['fixed']`` epochs at the
@@ -546,6 +552,14 @@ class Bench:
 def results_name(p: dict) -> str:
     """vad, vad-seed<N>, vad-no-rnn-noise, vad-no-rnn-noise-seed<N>: one results file per variant and seed."""
     return NAME + ("" if p.get("rnn_noise") else "-no-rnn-noise") + (f"-seed{p['seed']}" if p["seed"] else "")
+
+
+def _data_key(split: dict) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for t in (split["x"], split["y"]):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _key(p: dict, tiny: bool) -> str:

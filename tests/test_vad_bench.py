@@ -171,6 +171,28 @@ def test_vad_benchmark_tiny_run_writes_its_files(tmp_path):
     assert [r["run"] for r in json.loads((tmp_path / "vad.json").read_text())["records"]] == runs
 
 
+def test_cached_phases_are_keyed_by_the_training_data(tmp_path, monkeypatch):
+    """The clips depend on the espeak-ng voices installed, which no config names: a cached
+    fixed / full / converged phase must not be handed to a run on other data."""
+    from benchmarks import vad
+
+    def paths():
+        b = vad.Bench(dict(vad.TINY), tmp_path, True, tmp_path, 1)
+        return [b._fixed_path(), b._converged_path(), b.converged_checkpoint()]
+
+    same, again = paths(), paths()
+    assert same == again
+    real = vad.load_data
+
+    def other_clips(p, tiny):
+        data = real(p, tiny)
+        data["train"]["x"] = data["train"]["x"].flip(0)
+        return data
+
+    monkeypatch.setattr(vad, "load_data", other_clips)
+    assert all(a != b for a, b in zip(same, paths()))
+
+
 def test_tolerance_study_is_summed_up_over_seeds():
     from benchmarks import vad
 
