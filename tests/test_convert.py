@@ -10,7 +10,7 @@ from torch import nn
 
 import dcopt
 from dcopt.gates import FeatureGate
-from models import build, CASES
+from models import build
 
 
 def state(model):

@@ -1,9 +1,7 @@
 """One small test per op rule grown for real architectures: each is exact after export, or rejected."""
 import random
 
-import pytest
 import torch
-import torchvision
 from torch import nn
 
 import dcopt
