@@ -11,6 +11,11 @@ the top-level forward itself (then :class:`~dcopt.TraceError`). Opaque leaves ru
 black boxes: shapes come from running them on the example inputs, the analysis keeps
 their inputs and outputs at full width and never touches their parameters.
 ``strict_trace=True`` turns this off (any fx failure is a TraceError).
+
+The traced graph is made functional before anything reads it (:mod:`dcopt.inplace`):
+gates copy tensors and export drops unused nodes, so an in-place op must be an edge of
+the graph. A model with forward hooks, or one torch cannot deep-copy (``nn.utils.prune``),
+is a TraceError that says what to remove: dcopt never changes the user's model itself.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .counting import _CONVS, conv_flops, flop_counter, zero_flop_key
 from .errors import TraceError
+from .inplace import functionalize
 from .shape_only import ValueGuard, shape_only_call, shapes_only_safe, value_blind
 
 __all__ = ["DcoptTracer", "Traced", "OpaqueLeaf", "trace", "ALWAYS_LEAF"]
@@ -334,9 +340,79 @@ def _set_training(module, flags: dict[str, bool]):
             m.training = want
 
 
+def _hook_kind(hook: Any) -> Optional[str]:
+    """What a torch utility's hook is and how to undo it, for the hooks torch itself sets."""
+    from torch.nn.utils import prune
+
+    if isinstance(hook, prune.BasePruningMethod):
+        return (f"nn.utils.prune (its '{hook._tensor_name}' is recomputed from '{hook._tensor_name}_orig' and "
+                f"'{hook._tensor_name}_mask' before every call): make the pruning permanent with "
+                f"torch.nn.utils.prune.remove(module, '{hook._tensor_name}') first")
+    kind = type(hook).__module__ + "." + type(hook).__qualname__
+    if kind == "torch.nn.utils.weight_norm.WeightNorm":
+        return "the old nn.utils.weight_norm: fold it with torch.nn.utils.remove_weight_norm(module) first"
+    if kind == "torch.nn.utils.spectral_norm.SpectralNorm":
+        return "the old nn.utils.spectral_norm: remove it with torch.nn.utils.remove_spectral_norm(module) first"
+    return None
+
+
+def _refuse_hooks(model: nn.Module) -> None:
+    """TraceError when a forward hook or pre-hook is set on a module of ``model``, or a
+    global one that torch itself did not set (FlopCounterMode's module tracker only
+    watches). fx drops the hooks of every module it traces through, so the traced model
+    would compute something else than the user's even at full width; a hook on a leaf
+    dcopt resizes would see tensors of another width. dcopt never changes the user's
+    model, so it does not remove them itself."""
+    from torch.nn.modules import module as _m
+
+    hooked: list[str] = []
+    kinds: list[str] = []
+    for name, m in model.named_modules():
+        hooks = list(m._forward_pre_hooks.values()) + list(m._forward_hooks.values())
+        if hooks:
+            hooked.append(name or "<root>")
+            kinds += [f"'{name or '<root>'}' uses {k}" for k in map(_hook_kind, hooks) if k]
+    global_hooks = [h for h in list(_m._global_forward_pre_hooks.values()) + list(_m._global_forward_hooks.values())
+                    if not (getattr(h, "__module__", None) or "").startswith("torch")]
+    if not hooked and not global_hooks:
+        return
+    where = (f"on module(s) {', '.join(hooked)}" if hooked else "") + \
+        (" and " if hooked and global_hooks else "") + \
+        ("globally (nn.modules.module.register_module_forward_hook / _pre_hook)" if global_hooks else "")
+    suggestion = ("Remove the hooks before handing the model to dcopt (keep the handle that "
+                  "register_forward_hook / register_forward_pre_hook returns and call its .remove()); "
+                  "dcopt does not change your model, so it does not remove them itself")
+    if kinds:
+        suggestion = "; ".join(kinds) + ". " + suggestion
+    raise TraceError(f"forward hooks are set {where}: torch.fx drops the hooks of the modules it traces "
+                     "through, and a hook on a layer dcopt resizes would see tensors of another width",
+                     module=hooked[0] if hooked else None, suggestion=suggestion)
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, or a TraceError that says which tensor could not be copied
+    (torch deep-copies only tensors that are graph leaves: a tensor attribute computed
+    from a Parameter, as nn.utils.prune and the old nn.utils.weight_norm leave, is not)."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        computed = [f"{name + '.' if name else ''}{k}" for name, m in model.named_modules()
+                    for k, v in vars(m).items() if isinstance(v, torch.Tensor) and not v.is_leaf]
+        reason = f"{type(exc).__name__}: {_first_line(str(exc))}"
+        if computed:
+            reason = (f"{', '.join(computed)} is a tensor computed from a Parameter (not a Parameter or "
+                      f"buffer of its own), which torch cannot deep-copy ({reason})")
+        raise TraceError(f"dcopt cannot copy the model: {reason}",
+                         suggestion="nn.utils.prune leaves 'weight' computed from 'weight_orig' and "
+                                    "'weight_mask': make it permanent with torch.nn.utils.prune.remove(module, "
+                                    "'weight') first; the old nn.utils.weight_norm: remove_weight_norm(module); "
+                                    "a tensor you compute in __init__: register it as a buffer or compute it in "
+                                    "forward") from exc
+
+
 def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_modules: Iterable[Any] = (),
           concrete_args: Optional[dict] = None, copy_model: bool = True, strict_trace: bool = False,
-          lazy_code: bool = False) -> Traced:
+          lazy_code: bool = False, allow_hooks: bool = False) -> Traced:
     """Trace ``model`` (a deep copy unless ``copy_model=False``) and, with example inputs,
     attach shapes and MACs to every node.
 
@@ -345,12 +421,21 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     ``lazy_code``: the GraphModule's Python code is generated when first needed (for a
     traced module that is only analysed, never).
 
+    The traced graph is functional: in-place ops are rewritten out of place
+    (:func:`dcopt.inplace.functionalize`; one it cannot rewrite exactly is a TraceError).
+    Forward hooks and pre-hooks on any module (or global ones) are a TraceError: fx drops
+    the hooks of the modules it traces through, and a hook on a layer dcopt resizes sees
+    tensors of another width. ``allow_hooks=True`` traces anyway (for measuring shapes
+    and MACs of the model as it runs, never for conversion).
+
     Shapes are taken in eval mode under ``no_grad``: BatchNorm must not update running
     statistics of anyone's model, and eval mode makes a batch of one valid.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dcopt expects a torch.nn.Module, got {type(model).__name__}")
-    src = copy.deepcopy(model) if copy_model else model
+    if not allow_hooks:
+        _refuse_hooks(model)
+    src = _deepcopy(model) if copy_model else model
     # Trace in eval mode: fx bakes `self.training` into the graph as a constant, and the
     # gated model must compute the original's inference function exactly. Training-time
     # randomness belongs in leaf modules (nn.Dropout, StochasticDepth), which keep it.
@@ -362,6 +447,8 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     finally:
         _set_training(src, flags)
     _set_training(gm, {name: flags.get(name, src.training) for name, _ in gm.named_modules()})
+    if functionalize(gm):
+        gm.recompile()
     traced = Traced(gm=gm, example_inputs=tuple(example_inputs) if example_inputs is not None else (), source=src,
                     opaque=opaque)
     if example_inputs is not None:
@@ -404,9 +491,11 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
                     node.meta.pop("type", None)
         gm.meta["shape_propagation"] = f"real tensors ({why_real})"
         prop = _MeasuringShapeProp(gm, count_all=count_all, modules=modules)
+        # copies: a leaf that changes its input in place must not change the user's tensors
+        inputs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, example_inputs)
         try:
             with torch.no_grad():
-                prop.propagate(*example_inputs)
+                prop.propagate(*inputs)
         except Exception as exc:
             raise TraceError(f"running the model on the example inputs failed: {type(exc).__name__}: {exc}",
                              location=_user_frame(sys.exc_info()[2])) from exc

@@ -71,7 +71,7 @@ def test_small_vit_predicted_equals_counted_at_random_sizes():
 def _fast_and_full(model, inputs):
     from dcopt.trace import propagate_shapes, trace
 
-    gm = trace(model, inputs).gm
+    gm = trace(model, inputs, allow_hooks=True).gm
     return propagate_shapes(gm, inputs), propagate_shapes(gm, inputs, count_all=True)
 
 

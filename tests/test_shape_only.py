@@ -184,7 +184,7 @@ def test_values_out_of_the_dispatcher_or_in_user_code_are_never_run_shapes_only(
 def test_hooks_keep_the_real_run():
     model = _AfterConv(nn.ReLU()).eval()
     handle = model.conv.register_forward_hook(lambda m, i, o: o)
-    gm = trace(model, (torch.randn(2, 2, 9),)).gm
+    gm = trace(model, (torch.randn(2, 2, 9),), allow_hooks=True).gm
     assert "hook" in gm.meta["shape_propagation"]
     handle.remove()
 
@@ -202,7 +202,7 @@ def test_a_width_mismatch_still_raises_a_trace_error():
         trace(Wrong().eval(), (torch.randn(2, 2, 9),))
 
 
-def test_in_place_ops_do_not_change_the_users_inputs_twice():
+def test_in_place_ops_do_not_change_the_users_inputs():
     class InPlace(nn.Module):
         def __init__(self):
             super().__init__()
@@ -216,7 +216,7 @@ def test_in_place_ops_do_not_change_the_users_inputs_twice():
     x = torch.randn(2, 2, 9)
     before = x.clone()
     trace(InPlace().eval(), (x,))
-    assert torch.equal(x, before * 2)   # doubled once, by the real run
+    assert torch.equal(x, before)       # the graph is functional and the real run copies its inputs
 
 
 def test_value_blind_watches_tensors_in_size_positions():
