@@ -301,6 +301,7 @@ class _Walker:
         self.rnns: dict[str, Positions] = {}
         self.touched: dict[str, set[int]] = {}
         self.pinned: dict[str, torch.fx.Node] = {}  # parameters read by ops without a rule
+        self.derived: dict[str, torch.fx.Node] = {}  # parameters a rule read without planning them
         # blocks fx could not trace, and what they own
         self.opaque = {o.name: o for o in getattr(traced, "opaque", ())}
         self.opaque_tensors, self.opaque_modules = _opaque_owned(self.gm, self.opaque)
@@ -344,6 +345,7 @@ class _Walker:
             outs = _values_in(self.values[node.name])
             self.touched[node.name] = _gids(ins) | _gids(outs)
             self.check_macs(node)
+        self.pin_derived()
 
     def visit(self, node: torch.fx.Node) -> Any:
         if node.op == "placeholder":
@@ -353,6 +355,7 @@ class _Walker:
         if node.op == "output":
             for fm in _values_in(self.value_of_args(node)):
                 Ctx(self, node).reject(fm, "reaches the model output", kind="fixed")
+            self.pin_widths(node, None)
             return None
         ctx = Ctx(self, node)
         if node.op == "call_module":
@@ -365,11 +368,14 @@ class _Walker:
             rule = self.registry.for_method(node.target)
         else:
             rule = self.registry.for_function(node.target)
+        self.pin_widths(node, rule)
         if rule is None:
             return self.unknown(ctx)
         try:
-            return rule(ctx)
+            value = rule(ctx)
         except Exception as exc:  # a rule that cannot read this call: reject, never crash
+            if getattr(rule, "reads_widths", False):
+                self.pin_widths(node, None)
             reaching = [f for n in node.all_input_nodes for f in _values_in(self.values.get(n.name))]
             ctx.reject(reaching + list(self.produced.get(node.name, ())),
                        f"the rule for {_op_name(node, ctx.module)} cannot read this call "
@@ -378,6 +384,34 @@ class _Walker:
                 if isinstance(self.values.get(n.name), ParamRef):
                     self.pinned.setdefault(n.target, node)
             return None
+        for n in node.all_input_nodes:
+            ref = self.values.get(n.name)
+            if isinstance(ref, ParamRef) and node.name not in self.param_nodes.get(ref.target, ()):
+                self.derived.setdefault(ref.target, node)
+        return value
+
+    def pin_widths(self, node: torch.fx.Node, rule) -> None:
+        """A number read from a group's width (``h.size(1)``, ``h.shape[-1]``) is N in the gated
+        model and the kept count after export: a node that computes with it keeps the group
+        fixed, unless its rule handles widths itself (indexing a size tuple, a reshape
+        whose size is recomputed)."""
+        if getattr(rule, "reads_widths", False):
+            return
+        from .rules.common import pin_widths, widths_in
+        widths = widths_in([self.values.get(n.name) for n in node.all_input_nodes])
+        if widths:
+            module = self.modules.get(node.target) if node.op == "call_module" else None
+            pin_widths(Ctx(self, node), widths, _op_name(node, module))
+
+    def pin_derived(self) -> None:
+        """A parameter a rule read without slicing it (``e.weight.t()``, ``e.weight.T``, a view
+        of it: weight tying through a shape op) must keep its shape where another rule
+        plans to slice it: the op would see the sliced tensor."""
+        for qual, node in self.derived.items():
+            if qual in self.params:
+                Ctx(self, node).reject([d for d in self.params[qual] if d is not None],
+                                       f"{qual} is also read by {_op_name(node, None)}, which does not slice it "
+                                       "with the group (a tied or reshaped weight); it keeps its shape")
 
     def value_of_args(self, node):
         return torch.fx.node.map_arg(node.args, lambda n: self.values.get(n.name))
@@ -529,6 +563,26 @@ def _finalize(w: _Walker) -> Analysis:
         if qual in w.params:
             Ctx(w, node).reject([d for d in w.params[qual] if d is not None],
                                 f"{qual} is read by {_op_name(node, None)}, which has no rule; it keeps its shape")
+    # A tensor a rule plans or counts must be a Parameter or buffer under that very name:
+    # a computed one (a user rule on a parametrized layer) would slice nothing, and a tied
+    # one (named_parameters lists it under its first name) would be sliced twice.
+    param_numel = {n: p.numel() for n, p in w.gm.named_parameters()}
+    owned = dict(w.gm.named_buffers())
+    owned.update(w.gm.named_parameters())
+    first_name = {id(t): q for q, t in owned.items()}
+    nodes = {n.name: n for n in w.gm.graph.nodes}
+    for qual in [q for q in w.params if q not in owned]:
+        alias = first_name.get(id(_fetch(w.gm, qual)))
+        why = (f"{qual} is the same tensor as {alias} (tied weights): it keeps its shape" if alias else
+               f"{qual} is not a parameter or buffer (a parametrization or a hook computes it); it keeps its shape")
+        for q in (qual, alias):
+            if q in w.params:
+                Ctx(w, nodes[w.param_nodes[q][0]]).reject([d for d in w.params[q] if d is not None], why)
+    for node_name, (_, quals, _) in w.mac_terms.items():
+        missing = [q for q in quals if q not in param_numel]
+        if missing and w.touched.get(node_name):
+            Ctx(w, nodes[node_name]).reject(list(w.touched[node_name]),
+                                            f"its MACs scale with {', '.join(missing)}, which is not a parameter")
     roots = gt.roots()
     bad: dict[int, list[Rejection]] = {}
     for gid, rej in w.pending:
@@ -600,7 +654,6 @@ def _finalize(w: _Walker) -> Analysis:
         spec = {k: (live(v) if isinstance(v, Positions) else v) for k, v in spec.items()}
         rewrites[name] = spec
 
-    param_numel = {n: p.numel() for n, p in w.gm.named_parameters()}
     mac_terms, const_macs, dynamic_macs = [], 0, 0
     group_macs = {r: 0 for r in live_roots}
     for node_name, macs in w.traced.macs.items():
@@ -622,7 +675,8 @@ def _finalize(w: _Walker) -> Analysis:
     for node_name, (coef, quals, extra) in w.mac_terms.items():
         if node_name in w.traced.macs or coef is None:
             continue
-        macs = int(round(coef * sum(param_numel[q] for q in quals) * math.prod(len(e) for e in extra)))
+        macs = int(round(coef * sum(param_numel[q] if q in param_numel else _fetch(w.gm, q).numel()
+                                    for q in quals) * math.prod(len(e) for e in extra)))
         total_macs += macs
         touching = is_live(w.touched.get(node_name, ()))
         if touching:
@@ -693,17 +747,39 @@ def analyze(model: nn.Module, example_inputs: Sequence, *, leaf_modules: Iterabl
     """Find which layer widths of ``model`` can be learned, and why the others cannot.
 
     ``example_inputs`` is a tuple of tensors the model is called with (shapes matter,
-    values do not). The model itself is not changed: a deep copy is traced.
+    values do not). The model itself is not changed. It is traced and run as it is, not
+    copied (copying a large model costs more than analysing it; tracing and eval-mode,
+    no-grad shape propagation leave it as it was, training flags restored) — except a
+    model holding a module known to write its own weights in forward (Embedding with
+    ``max_norm``, :func:`~dcopt.rules.modules.writes_own_weights`): a copy of that is run.
+
+    Any other forward that writes a parameter or buffer in place is caught afterwards by
+    the tensors' version counters and *warned* about, naming them: the write has already
+    happened (an error could not undo it, and would withhold an analysis that is still
+    right, since shapes do not depend on weight values), it is what calling the model
+    does anyway, and the warning says how to keep the model untouched (pass a copy).
 
     Example::
 
         a = dcopt.analyze(torchvision.models.resnet18(weights=None), (torch.randn(1, 3, 224, 224),))
         a.groups[0].name, a.groups[0].width, a.groups[0].status
     """
+    import itertools
+    import warnings
+
+    from .rules.modules import writes_own_weights
+
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    # No copy: tracing and eval-mode, no-grad shape propagation leave the model as it was
-    # (training flags are restored), and copying a large model costs more than analysing it.
+    copy_model = any(writes_own_weights(m) for m in model.modules())
+    tensors = [(n, t, t._version) for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+               if not t.is_inference()]   # inference tensors keep no version counter
     traced = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                   copy_model=False, strict_trace=strict_trace, lazy_code=True)
+                   copy_model=copy_model, strict_trace=strict_trace, lazy_code=True)
+    written = [n for n, t, v in tensors if t._version != v]
+    if written:
+        warnings.warn(f"dcopt.analyze ran the model's forward on the example inputs, and the forward wrote "
+                      f"{', '.join(written[:5])}{' ...' if len(written) > 5 else ''} in place: your model has "
+                      "changed, as calling it would change it. Pass a copy (copy.deepcopy(model)) to keep it; "
+                      "and a forward that rewrites its weights may not convert exactly.", stacklevel=2)
     return run_analysis(traced, registry)

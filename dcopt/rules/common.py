@@ -1,11 +1,14 @@
 """Building blocks shared by the rule families."""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
-from ..fmap import FMap
+from ..errors import source_location
+from ..fmap import FMap, Positions
 
-__all__ = ["normalizes_last", "passthrough", "norm_dim", "norm_dims", "reject_tracked", "n_outputs"]
+__all__ = ["normalizes_last", "passthrough", "norm_dim", "norm_dims", "reject_tracked", "n_outputs", "Width",
+           "width_of", "widths_in", "reads_widths", "pin_widths"]
 
 
 def n_outputs(node) -> int:
@@ -59,3 +62,50 @@ def normalizes_last(ctx, n_dims: int, what: str):
         return None
     ctx.consumes(fm)
     return fm
+
+
+@dataclass(frozen=True, eq=False)
+class Width:
+    """A number the forward reads from a tracked dimension (``h.size(1)``, ``h.shape[-1]``,
+    ``h.numel()``). It is ``N`` in the gated model and the kept count after export, so
+    wherever the forward computes with it the two models differ: only rules that show
+    it is recomputed exactly may take it (:func:`reads_widths`); anywhere else the walk
+    keeps the groups in ``pos`` fixed. ``exact``: the number is the length of ``pos``
+    (a size), not a product with other dims (``numel``)."""
+    pos: Positions
+    node: str
+    where: Optional[str]
+    exact: bool = True
+
+
+def width_of(ctx, fm: Optional[FMap], dim: Optional[int], exact: bool = True) -> Optional[Width]:
+    """The :class:`Width` this node reads when it reads dim ``dim`` (None: the whole tensor)
+    of a tensor with map ``fm``; None where no group's width is involved (batch, time)."""
+    if fm is None or (dim is not None and dim != fm.dim) or fm.pos.is_fixed():
+        return None
+    return Width(fm.pos, ctx.node.name, source_location(ctx.node.stack_trace), exact and dim is not None)
+
+
+def widths_in(v: Any) -> list[Width]:
+    """Every :class:`Width` in an analysis value (a size tuple holds one per dim)."""
+    if isinstance(v, Width):
+        return [v]
+    if isinstance(v, (tuple, list)):
+        return [w for x in v for w in widths_in(x)]
+    return []
+
+
+def reads_widths(rule):
+    """Mark a rule that handles the :class:`Width` values among its arguments itself
+    (indexing a size tuple, a reshape that recomputes the size). Any other node given one
+    keeps those groups fixed."""
+    rule.reads_widths = True
+    return rule
+
+
+def pin_widths(ctx, widths, what: str) -> None:
+    """Keep the groups whose width these numbers are fixed: ``what`` computes with them."""
+    for w in widths:
+        at = f" at {w.where}" if w.where else ""
+        ctx.reject(w.pos, f"the forward reads the width of the features ({w.node}{at}) and {what} uses it as "
+                          "a number; removing features would change that number")

@@ -7,7 +7,7 @@ from ..fmap import FMap, Positions
 from .common import norm_dim, normalizes_last, passthrough
 from .registry import register_rule
 
-__all__: list[str] = []
+__all__ = ["writes_own_weights"]
 
 _ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
@@ -108,14 +108,19 @@ def conv_transpose(ctx):
     return _conv(ctx, transposed=True)
 
 
-def _per_channel(ctx, spatial_any: bool, params=("weight", "bias"), buffers=(), attrs=("num_features",)):
+def _per_channel(ctx, spatial_any: bool, params=("weight", "bias"), buffers=(), attrs=("num_features",),
+                 cdim=None):
+    """A layer with one parameter (and statistic) per channel. ``cdim``: the channel dim
+    of this call's input; by default 1, or 0 for a 1-D input (BatchNorm1d's (N, C),
+    PReLU's (C,)) — a layer that also takes unbatched inputs passes its own."""
     x = ctx.arg(0, "input")
     fm = ctx.fmap(x)
     if fm is None:
         return None
     nd = len(ctx.shape(x))
     m = ctx.module
-    cdim = 1 if nd > 1 else 0
+    if cdim is None:
+        cdim = 1 if nd > 1 else 0
     if fm.dim != cdim:
         ctx.reject(fm, f"{type(m).__name__} normalizes over dim {fm.dim}, where the features run")
         return None
@@ -141,7 +146,11 @@ def batchnorm(ctx):
 
 @register_rule(nn.modules.instancenorm._InstanceNorm)
 def instancenorm(ctx):
-    return _per_channel(ctx, True, buffers=("running_mean", "running_var"))
+    """InstanceNormNd takes (N, C, *spatial) or unbatched (C, *spatial): the channel dim
+    is counted from the end (an unbatched InstanceNorm1d's (C, L) has C on dim 0 and
+    normalizes over dim 1)."""
+    spatial = ctx.module._get_no_batch_dim() - 1
+    return _per_channel(ctx, True, buffers=("running_mean", "running_var"), cdim=_channel_dim(ctx, spatial))
 
 
 @register_rule(nn.GroupNorm)
@@ -170,11 +179,23 @@ def prelu(ctx):
     return _per_channel(ctx, True, params=("weight",), attrs=("num_parameters",))
 
 
+def writes_own_weights(module: nn.Module) -> bool:
+    """Modules whose forward writes their own weight in place: Embedding/EmbeddingBag
+    with ``max_norm`` renormalise the rows they look up (``analyze`` traces a copy)."""
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None
+
+
 @register_rule(nn.Embedding)
 def embedding(ctx):
     """Embedding: indices in, a new group of ``embedding_dim`` features out."""
     m = ctx.module
     out = Positions.group(ctx.new_group(m.embedding_dim), m.embedding_dim)
+    if m.max_norm is not None:
+        # each looked-up row is rescaled by its norm over embedding_dim: the kept features'
+        # values depend on the removed ones (and the forward writes the weight in place)
+        ctx.reject(out, f"Embedding with max_norm={m.max_norm} renormalizes each row by its norm over "
+                        "embedding_dim (the features): removing features changes the kept ones")
+        return FMap(len(ctx.out_shape) - 1, out)
     ctx.plan_param("weight", (None, out))
     ctx.plan_attr("embedding_dim", out)
     return FMap(len(ctx.out_shape) - 1, out)

@@ -15,20 +15,34 @@ from .registry import register_rule
 __all__: list[str] = []
 
 
+#: where ``dim`` and ``keepdim`` sit among the positional arguments, where not at 1 and 2:
+#: norm(input, p, dim, keepdim), vector_norm(x, ord, dim, keepdim), and the legacy
+#: std/var(input, dim, unbiased, keepdim) (a bool at 1 is std/var's ``unbiased``: all dims)
+_DIM_KEEPDIM = {torch.norm: (2, 3), "norm": (2, 3), torch.linalg.vector_norm: (2, 3),
+                torch.std: (1, 3), "std": (1, 3), torch.var: (1, 3), "var": (1, 3)}
+
+
 def _reduce(ctx):
     x = ctx.arg(0, "input")
     fm = ctx.fmap(x)
     if fm is None:
         return None
-    nd = len(ctx.shape(x))
-    dims = ctx.arg(1, "dim", None)
+    shape = ctx.shape(x)
+    nd = len(shape)
+    i_dim, i_keep = _DIM_KEEPDIM.get(ctx.node.target, (1, 2))
+    dims = ctx.arg(i_dim, "dim", None)
     if dims is None and "axis" in ctx.node.kwargs:
         dims = ctx.node.kwargs["axis"]
-    if not isinstance(dims, (int, tuple, list, type(None))):
+    if isinstance(dims, bool) and ctx.node.target in (torch.std, "std", torch.var, "var"):
+        dims = None
+    keepdim = ctx.arg(i_keep, "keepdim", False)
+    reduced = norm_dims(dims, nd) if _readable(dims) else None
+    # what these dims give must be the shape the op gave: a misread argument is never trusted
+    if (reduced is None or not isinstance(keepdim, bool) or any(not 0 <= d < nd for d in reduced)
+            or tuple(1 if i in reduced else s for i, s in enumerate(shape) if keepdim or i not in reduced)
+            != _first_out_shape(ctx)):
         ctx.reject(fm, "reduction over a dim dcopt cannot read")
         return None
-    keepdim = ctx.arg(2, "keepdim", False)
-    reduced = norm_dims(dims, nd)
     if fm.dim in reduced:
         ctx.reject(fm, f"{ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__} "
                        "reduces over the feature dimension (it would see the removed features)")
@@ -41,11 +55,33 @@ def _reduce(ctx):
     return out
 
 
+def _readable(dims) -> bool:
+    """An int, a non-empty sequence of ints, or None (every dim). An empty sequence means
+    every dim to some reductions and none to others: not read."""
+    if dims is None:
+        return True
+    if isinstance(dims, (tuple, list)):
+        return len(dims) > 0 and all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
+    return isinstance(dims, int) and not isinstance(dims, bool)
+
+
+def _first_out_shape(ctx):
+    """The output's shape; of the first output for (values, indices)."""
+    meta = ctx.node.meta.get("tensor_meta")
+    if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape") and meta:
+        meta = meta[0]
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
 register_rule(torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.std, torch.var,
               torch.prod, torch.logsumexp, torch.norm, torch.any, torch.all, torch.nansum, torch.nanmean,
-              torch.median,
+              torch.median, torch.linalg.vector_norm,
               "mean", "sum", "amax", "amin", "max", "min", "std", "var", "prod", "logsumexp", "norm", "any",
               "all", "nansum", "nanmean", "median", rule=_reduce)
+
+
+#: where ``dim`` sits, and its default, where not at 1 without one: normalize(input, p, dim=1)
+_ALONG_DIM = {F.normalize: (2, 1)}
 
 
 def _along_dim(ctx):
@@ -55,8 +91,9 @@ def _along_dim(ctx):
     if fm is None:
         return None
     nd = len(ctx.shape(x))
-    dim = ctx.arg(1, "dim", None)
-    if not isinstance(dim, int) or norm_dim(dim, nd) == fm.dim:
+    i_dim, default = _ALONG_DIM.get(ctx.node.target, (1, None))
+    dim = ctx.arg(i_dim, "dim", default)
+    if not isinstance(dim, int) or isinstance(dim, bool) or norm_dim(dim, nd) == fm.dim:
         name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
         ctx.reject(fm, f"{name} works along the feature dimension (it would see the removed features)")
         return None

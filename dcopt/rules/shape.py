@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..fmap import FMap, Positions
-from .common import n_outputs, norm_dim
+from .common import Width, n_outputs, norm_dim, pin_widths, reads_widths, width_of, widths_in
 from .registry import register_rule
 
 __all__ = ["reshape_fmap"]
@@ -103,22 +103,73 @@ def reshape_fmap(fm: FMap, in_shape: tuple, out_shape: tuple) -> Optional[FMap]:
     return None
 
 
-def _reshape(ctx, literal_sizes: Optional[tuple] = None):
+def _target_entries(ctx, spec: dict) -> Optional[list]:
+    """The target sizes as written: an int literal, or for a computed entry the
+    :class:`Width` it is (None: a number the analysis cannot name). None where not even
+    the list can be read (``x.view(shape)`` with ``shape`` computed elsewhere)."""
+    if "kwarg" in spec:
+        raw = ctx.node.kwargs[spec["kwarg"]]
+    else:
+        raw = ctx.node.args[spec["arg"]] if spec["nested"] else ctx.node.args[spec["arg"]:]
+        if not spec["nested"] and len(raw) == 1 and isinstance(raw[0], torch.fx.Node):
+            raw = raw[0]    # x.view(h.shape): one argument holding the whole shape
+    if isinstance(raw, torch.fx.Node):
+        raw = ctx.value(raw)
+        return list(raw) if isinstance(raw, (tuple, list)) else None
+    if not isinstance(raw, (tuple, list)):
+        return [raw] if isinstance(raw, int) else None
+    return [e if isinstance(e, int) else ctx.value(e) if isinstance(e, torch.fx.Node) else None for e in raw]
+
+
+def _same_positions(a: Positions, b: Positions) -> bool:
+    return len(a) == len(b) and torch.equal(a.gid, b.gid) and torch.equal(a.ch, b.ch)
+
+
+def _reshape(ctx, literal_sizes: Optional[dict] = None):
+    """Follow the features through a reshape. With a target shape in the call, the entry
+    that holds the features must be an int literal (export rewrites it), ``-1`` (torch
+    infers it), or the width of these very positions read from a tensor (``B, C, H, W =
+    x.shape; x.view(B, C, H * W)``: it is recomputed after export); a computed number
+    (``T * 16`` with ``T = x.size(1)``) stays what it was, so the group keeps its width."""
     x = ctx.arg(0, "input")
     fm = ctx.fmap(x)
+    widths = widths_in([ctx.value(a) for a in ctx.node.all_input_nodes])
     if fm is None:
+        pin_widths(ctx, widths, _name(ctx))
         return None
     out = reshape_fmap(fm, ctx.shape(x), ctx.out_shape)
     if out is None:
         ctx.reject(fm, f"reshapes {ctx.shape(x)} -> {ctx.out_shape}, splitting the feature dimension")
+        pin_widths(ctx, widths, _name(ctx))
         return None
-    ctx.consumes(fm)
     if literal_sizes is not None:
-        ctx.rewrite(dict(kind="shape_literal", out_dim=out.dim, pos=out.pos, **literal_sizes))
+        entries = _target_entries(ctx, literal_sizes)
+        j = out.dim - literal_sizes.get("offset", 0)
+        n = len(ctx.out_shape) - (len(ctx.shape(x)) - 1 if "offset" in literal_sizes else 0)
+        entry = entries[j] if entries is not None and len(entries) == n and 0 <= j < n else None
+        if entries is not None and len(entries) == n and not 0 <= j < n:
+            pass    # unflatten of other dims: no entry holds the features
+        elif isinstance(entry, int) and not isinstance(entry, bool):
+            ctx.rewrite(dict(kind="shape_literal", out_dim=out.dim, pos=out.pos, **literal_sizes))
+        elif isinstance(entry, Width) and entry.exact and _same_positions(entry.pos, out.pos):
+            widths = [w for w in widths if w is not entry]
+        else:
+            ctx.reject(fm, f"{_name(ctx)} computes the size of the feature dimension (target {ctx.out_shape}); "
+                           "only a literal, -1 or the width read from these features can be rewritten")
+            pin_widths(ctx, widths, _name(ctx))
+            return None
+    pin_widths(ctx, widths, _name(ctx))
+    ctx.consumes(fm)
     return out
 
 
+def _name(ctx) -> str:
+    target = ctx.node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
 @register_rule("view", "reshape")
+@reads_widths
 def view(ctx):
     """``x.view(B, C*H*W)``: a literal width in the call is rewritten at export."""
     args = ctx.node.args[1:]
@@ -132,21 +183,41 @@ def view(ctx):
 
 
 @register_rule(torch.reshape)
+@reads_widths
 def torch_reshape(ctx):
     spec = dict(arg=1, nested=True) if len(ctx.node.args) > 1 else dict(kwarg="shape")
     return _reshape(ctx, spec)
 
 
 @register_rule(torch.flatten, "flatten", nn.Flatten, torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze",
-               torch.ravel, "ravel", "view_as", "reshape_as")
+               torch.ravel, "ravel")
 def flatten(ctx):
     return _reshape(ctx)
 
 
+@register_rule("view_as", "reshape_as")
+def view_as(ctx):
+    """``x.view_as(other)`` takes its target from ``other``: exact only where ``other``'s
+    features are these very positions on the same dim (both lose the same ones)."""
+    out = _reshape(ctx)
+    other = ctx.fmap(ctx.arg(1, "other"))
+    if out is not None and (other is None or other.dim != out.dim or not _same_positions(other.pos, out.pos)):
+        ctx.reject(out, f"{ctx.node.target} takes its shape from a tensor whose features are not these")
+        return None
+    return out
+
+
 @register_rule("unflatten", torch.unflatten, nn.Unflatten)
+@reads_widths
 def unflatten(ctx):
     if ctx.node.op == "call_module":
-        return _reshape(ctx)
+        spec = dict(offset=norm_dim(ctx.module.dim, len(ctx.shape(ctx.arg(0, "input")))))
+        out = _reshape(ctx)
+        if out is not None and 0 <= out.dim - spec["offset"] < len(ctx.module.unflattened_size):
+            ctx.reject(out, "nn.Unflatten's unflattened_size attribute holds the width of the features, "
+                            "which dcopt does not rewrite")
+            return None
+        return out
     spec = dict(arg=2, nested=True) if len(ctx.node.args) > 2 else dict(kwarg="sizes")
     spec["offset"] = norm_dim(ctx.arg(1, "dim"), len(ctx.shape(ctx.arg(0, "input"))))
     return _reshape(ctx, spec)
@@ -170,13 +241,21 @@ def expand(ctx):
 # -- indexing -------------------------------------------------------------------------------
 
 @register_rule(operator.getitem)
+@reads_widths
 def getitem(ctx):
-    """Containers (RNN outputs, split results) pick an element; tensors are indexed."""
+    """Containers (RNN outputs, split results, a size tuple) pick an element or a slice of
+    them; tensors are indexed. A width used in the index (``y[:, :h.size(1)]``) pins it."""
     src = ctx.arg(0)
     val = ctx.value(src)
     index = ctx.arg(1)
+    used = [ctx.value(a) for a in ctx.node.all_input_nodes if a is not src]
+    pin_widths(ctx, widths_in(used), "an index")
     if isinstance(val, (tuple, list)):
-        return val[index] if isinstance(index, int) else None
+        if isinstance(index, (int, slice)) and not isinstance(index, bool) and not widths_in(used):
+            return val[index] if isinstance(index, int) else type(val)(val[index])
+        tracked = [v for v in val if isinstance(v, FMap)] + [w.pos for w in widths_in(val)]
+        ctx.reject(tracked, "picks from a tuple of tracked tensors by an index dcopt cannot read")
+        return None
     if not isinstance(val, FMap):
         return None
     return _index_tensor(ctx, val, ctx.shape(src), index)
@@ -233,14 +312,26 @@ def _index_tensor(ctx, fm: FMap, shape: tuple, index):
 
 # -- joins and splits -----------------------------------------------------------------------
 
+def _tensor_list(ctx, tensors) -> tuple[list, list]:
+    """Shapes and maps of cat's or stack's tensors: a list of nodes, or one node holding a
+    tuple (``torch.cat(parts[1:])`` of a split)."""
+    if isinstance(tensors, torch.fx.Node):
+        meta = tensors.meta.get("tensor_meta")
+        val = ctx.value(tensors)
+        if not isinstance(meta, (tuple, list)) or any(not hasattr(m, "shape") for m in meta):
+            raise TypeError(f"cannot read the tensors of {tensors.name}")
+        fms = list(val) if isinstance(val, (tuple, list)) and len(val) == len(meta) else [None] * len(meta)
+        return [tuple(m.shape) for m in meta], [f if isinstance(f, FMap) else None for f in fms]
+    return [ctx.shape(t) for t in tensors], [ctx.fmap(t) for t in tensors]
+
+
 @register_rule(torch.cat, torch.concat, torch.concatenate)
 def cat(ctx):
     """cat on the feature dim concatenates the maps (offsets); on another dim the inputs'
     features must be the same features, so they are coupled."""
     tensors = ctx.arg(0, "tensors")
     dim = ctx.arg(1, "dim", 0)
-    shapes = [ctx.shape(t) for t in tensors]
-    fms = [ctx.fmap(t) for t in tensors]
+    shapes, fms = _tensor_list(ctx, tensors)
     if all(f is None for f in fms):
         return None
     nd = len(shapes[0])
@@ -266,8 +357,7 @@ def cat(ctx):
 def stack(ctx):
     tensors = ctx.arg(0, "tensors")
     dim = ctx.arg(1, "dim", 0)
-    shapes = [ctx.shape(t) for t in tensors]
-    fms = [ctx.fmap(t) for t in tensors]
+    shapes, fms = _tensor_list(ctx, tensors)
     if all(f is None for f in fms):
         return None
     dims = {f.dim for f in fms if f is not None}
@@ -306,9 +396,79 @@ def split(ctx):
     return tuple(out for _ in range(n_out))
 
 
+# -- reading sizes and attributes ---------------------------------------------------------
+
 def _non_tensor(ctx):
-    """size(), dim(), numel(), shape: no tensor, no features."""
+    """dim(), element_size(), get_device(): no tensor, and nothing that depends on a width."""
     return None
 
 
-register_rule("size", "dim", "numel", "nelement", "element_size", "get_device", getattr, len, rule=_non_tensor)
+register_rule("dim", "element_size", "get_device", rule=_non_tensor)
+
+
+@register_rule("size")
+def size(ctx):
+    """``x.size(d)`` is a :class:`Width` where ``d`` is the feature dim (None for batch or
+    time); ``x.size()`` a tuple of them, one per dim."""
+    x = ctx.arg(0, "input")
+    fm, shape = ctx.fmap(x), ctx.shape(x)
+    d = ctx.arg(1, "dim")
+    if d is None:
+        return tuple(width_of(ctx, fm, i) for i in range(len(shape))) if shape is not None else None
+    return width_of(ctx, fm, norm_dim(d, len(shape)) if isinstance(d, int) and shape is not None else fm and fm.dim)
+
+
+@register_rule("numel", "nelement")
+def numel(ctx):
+    return width_of(ctx, ctx.fmap(ctx.arg(0, "input")), None)
+
+
+@register_rule(len)
+def _len(ctx):
+    """``len(x)`` is the size of dim 0."""
+    return width_of(ctx, ctx.fmap(ctx.arg(0)), 0)
+
+
+#: attributes that hold a transposed view of the tensor: where dim ``d`` of ``nd`` goes
+_TRANSPOSED = {
+    "T": lambda d, nd: nd - 1 - d, "H": lambda d, nd: nd - 1 - d,
+    "mT": lambda d, nd: {nd - 1: nd - 2, nd - 2: nd - 1}.get(d, d),
+    "mH": lambda d, nd: {nd - 1: nd - 2, nd - 2: nd - 1}.get(d, d),
+}
+#: attributes that depend on no width (``x.shape`` and ``x.data`` are handled below)
+_NO_WIDTH = frozenset({"ndim", "dtype", "device", "layout", "requires_grad", "is_cuda", "is_leaf", "is_sparse",
+                       "is_quantized", "is_meta", "is_nested", "itemsize", "names"})
+#: fields of the (values, indices) named tuples that max/min/median over a dim return
+_FIELDS = {"values": 0, "indices": 1}
+
+
+@register_rule(getattr)
+def tensor_attr(ctx):
+    """``x.shape`` (a tuple with a :class:`Width` at the feature dim), ``x.data`` (the same
+    tensor), ``x.T``/``x.mT`` (transposes), ``.values``/``.indices`` of a max over a dim.
+    Any other attribute of a tracked tensor is unknown: the group keeps its width, rather
+    than the features being lost from view."""
+    src, attr = ctx.arg(0), ctx.arg(1)
+    val = ctx.value(src)
+    if isinstance(val, (tuple, list)) and _values_tracked(val):
+        if attr in _FIELDS and len(val) == 2:
+            return val[_FIELDS[attr]]
+        ctx.reject(_values_tracked(val), f"reads .{attr} of a tuple of tracked tensors; no rule for it")
+        return None
+    if not isinstance(val, FMap) or attr in _NO_WIDTH:
+        return None
+    shape = ctx.shape(src)
+    if attr == "shape":
+        return tuple(width_of(ctx, val, i) for i in range(len(shape)))
+    if attr == "data":
+        ctx.consumes(val)
+        return val
+    if attr in _TRANSPOSED:
+        ctx.consumes(val)
+        return val.moved(_TRANSPOSED[attr](val.dim, len(shape)))
+    ctx.reject(val, f"reads the attribute .{attr} of a tracked tensor; no rule for it")
+    return None
+
+
+def _values_tracked(val) -> list:
+    return [v for v in val if isinstance(v, FMap)]

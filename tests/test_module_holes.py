@@ -1,0 +1,288 @@
+"""Modules and reductions whose meaning a rule misread: each is rejected with a reason
+(and the rest still exports exactly), or accepted and exact."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dcopt
+from checks import assert_exact_export
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def smallest(dm):
+    return {g.name: dm.size_floor(g.name) for g in dm.plan.groups}
+
+
+def check_rejected(model, inputs, group, word, others=()):
+    """``group`` is rejected with ``word`` in a reason; convert → smallest sizes → export is
+    exact on ``inputs`` and ``others``. Returns the analysis."""
+    a = dcopt.analyze(model, inputs)
+    g = a.group(group)
+    assert g.status == "rejected", (g.status, g.reasons)
+    assert any(word in r for r in g.reasons), g.reasons
+    dm = dcopt.convert(model, inputs)
+    assert group not in dm.group_names
+    assert_exact_export(dm, inputs, smallest(dm), others=others)
+    return a
+
+
+def check_dynamic(model, inputs, group, others=()):
+    dm = dcopt.convert(model, inputs)
+    assert group in dm.group_names, [(g.name, g.status, g.reasons) for g in dm.analysis.groups]
+    assert_exact_export(dm, inputs, smallest(dm), others=others)
+    return dm
+
+
+# -- 3: Embedding(max_norm) --------------------------------------------------------------
+
+class MaxNormEmbed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(20, 16, max_norm=1.0)
+        self.fc = nn.Linear(16, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, t):
+        return self.head(torch.relu(self.fc(self.e(t))))
+
+
+def test_embedding_max_norm_is_rejected_and_the_rest_exports_exactly():
+    torch.manual_seed(0)
+    check_rejected(MaxNormEmbed(), (torch.tensor([[0, 1, 2]]),), "e", "max_norm",
+                   others=((torch.arange(20).view(2, 10),),))
+    assert "fc" in dcopt.convert(MaxNormEmbed(), (torch.tensor([[0, 1, 2]]),)).group_names
+
+
+def test_analyze_leaves_a_max_norm_embedding_weight_untouched():
+    torch.manual_seed(0)
+    m = MaxNormEmbed()
+    w0, v0 = m.e.weight.detach().clone(), m.e.weight._version
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # and no warning: nothing of the user's was written
+        dcopt.analyze(m, (torch.arange(20).view(2, 10),))
+    assert torch.equal(m.e.weight, w0) and m.e.weight._version == v0
+
+
+class WritesBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.fc(x)
+
+
+def test_analyze_warns_when_the_forward_writes_a_buffer():
+    with pytest.warns(UserWarning, match="calls"):
+        dcopt.analyze(WritesBuffer(), (torch.randn(2, 4),))
+
+
+# -- 9: parametrized / pruned weights ------------------------------------------------------
+
+def chain_with(layer):
+    """l0 (dynamic) → l1 → layer (16 out) → head: l1's group reaches ``layer``."""
+    return nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), layer, nn.ReLU(),
+                         nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("wrap", [nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm])
+def test_parametrized_layer_is_kept_fixed_and_the_rest_exports_exactly(wrap):
+    torch.manual_seed(0)
+    model = chain_with(wrap(nn.Linear(8, 16))).eval()
+    x = (torch.randn(3, 8),)
+    a = check_rejected(model, x, "2", "parametrization", others=((torch.randn(5, 8),),))
+    assert a.group("0").status == "dynamic"
+
+
+def _pruned():
+    import torch.nn.utils.prune as prune
+    layer = nn.Linear(8, 16)
+    prune.l1_unstructured(layer, "weight", amount=0.3)
+    return layer
+
+
+def _old_weight_norm():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return nn.utils.weight_norm(nn.Linear(8, 16))
+
+
+@pytest.mark.parametrize("make,word", [(_pruned, "prune.remove"), (_old_weight_norm, "remove_weight_norm")])
+def test_hook_computed_weight_is_refused_with_the_way_out(make, word):
+    """A typed error from tracing (the forward pre-hook), or a rejection of the layer: never a
+    KeyError, and the message says how to make the weight a Parameter again."""
+    try:
+        a = dcopt.analyze(chain_with(make()), (torch.randn(3, 8),))
+    except dcopt.DcoptError as e:
+        assert word in str(e)
+        return
+    g = a.group("2")
+    assert g.status == "rejected" and any(word in r for r in g.reasons), g.reasons
+    assert a.group("0").status == "dynamic"
+
+
+@pytest.mark.parametrize("make,word", [(_pruned, "prune.remove"), (_old_weight_norm, "remove_weight_norm"),
+                                       (lambda: nn.utils.parametrizations.weight_norm(nn.Linear(8, 16)),
+                                        "parametrization")])
+def test_registry_keeps_a_layer_with_computed_weights_fixed(make, word):
+    from dcopt.rules import REGISTRY
+    from dcopt.rules.registry import computed_tensors
+
+    layer = make()
+    assert word in computed_tensors(layer)
+    assert REGISTRY.for_module(layer) is not REGISTRY.for_module(nn.Linear(8, 16))
+    assert computed_tensors(nn.Linear(8, 16)) is None
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        self.c = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_weight_tied_across_modules_is_rejected_not_a_key_error():
+    torch.manual_seed(0)
+    check_rejected(Tied(), (torch.randn(3, 8),), "a", "tied", others=((torch.randn(5, 8),),))
+
+
+# -- 10: reductions whose dim is not argument 1 ---------------------------------------------
+
+class Reduce(nn.Module):
+    def __init__(self, fn, d_in=8):
+        super().__init__()
+        self.a = nn.Linear(d_in, 16)
+        self.b = nn.Linear(16, 4)
+        self.fn = fn
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h / self.fn(h))
+
+
+@pytest.mark.parametrize("fn,word", [
+    (lambda h: h.norm(2, 1, keepdim=True), "feature"),
+    (lambda h: torch.norm(h, 2, 1, True), "feature"),
+    (lambda h: h.std(False), "feature"),
+    (lambda h: torch.var(h, 1, True, True), "feature"),
+    (lambda h: torch.linalg.vector_norm(h, 2, 1, True), "feature"),
+    (lambda h: F.normalize(h, 2, 1), "feature"),
+    (lambda h: F.normalize(h), "feature"),
+], ids=["norm-method", "torch.norm", "std-unbiased", "var-legacy", "vector_norm", "normalize-p-dim", "normalize"])
+def test_reduction_over_features_with_positional_p_is_rejected(fn, word):
+    torch.manual_seed(0)
+    check_rejected(Reduce(fn), (torch.randn(3, 8),), "a", word, others=((torch.randn(5, 8),),))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda h: h.norm(2, 1, keepdim=True),
+    lambda h: torch.linalg.vector_norm(h, 2, 1, True),
+    lambda h: h.std(1, True, False).unsqueeze(1),    # keepdim is argument 3, not 2 (unbiased)
+    lambda h: torch.var(h, 1, True, False).unsqueeze(1),
+    lambda h: F.normalize(h, 2, 1),
+], ids=["norm-method", "vector_norm", "std-legacy", "var-legacy", "normalize"])
+def test_reduction_over_a_non_feature_dim_with_positional_p_is_exact(fn):
+    torch.manual_seed(0)
+    check_dynamic(Reduce(fn), (torch.randn(2, 5, 8),), "a", others=((torch.randn(3, 5, 8),),))
+
+
+# -- 11: subclasses that change what the base computes --------------------------------------
+
+class WSConv2d(nn.Conv2d):
+    def _conv_forward(self, input, weight, bias):
+        w = weight - weight.mean((1, 2, 3), keepdim=True)
+        return super()._conv_forward(input, w / (w.std((1, 2, 3), keepdim=True) + 1e-5), bias)
+
+
+class InitOnlyConv2d(nn.Conv2d):
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout, 3, padding=1)
+
+    def extra_repr(self):
+        return "mine"
+
+
+class Convs(nn.Module):
+    def __init__(self, last):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c2 = last
+        self.o = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.o(F.relu(self.c2(F.relu(self.c1(F.relu(self.c0(x)))))))
+
+
+def test_conv_subclass_overriding_conv_forward_is_not_a_conv():
+    torch.manual_seed(0)
+    model = Convs(WSConv2d(8, 8, 3, padding=1))
+    x = (torch.randn(2, 3, 6, 6),)
+    a = check_rejected(model, x, "c1", "conv2d", others=((torch.randn(3, 3, 6, 6),),))
+    assert a.group("c0").status == "dynamic"
+
+
+def test_conv_subclass_changing_only_init_keeps_the_conv_rule():
+    torch.manual_seed(0)
+    dm = check_dynamic(Convs(InitOnlyConv2d(8, 8)), (torch.randn(2, 3, 6, 6),), "c2",
+                       others=((torch.randn(3, 3, 6, 6),),))
+    assert "c1" in dm.group_names
+
+
+# -- 12: unbatched inputs -------------------------------------------------------------------
+
+class UnbatchedInstanceNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.inn = nn.InstanceNorm1d(4)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):            # x: (4, 6) is an unbatched (C=4, L=8) for the norm
+        return self.b(self.inn(self.a(x)))
+
+
+def test_unbatched_instance_norm_over_the_features_is_rejected():
+    torch.manual_seed(0)
+    check_rejected(UnbatchedInstanceNorm(), (torch.randn(4, 6),), "a", "normalizes over dim 1",
+                   others=((torch.randn(4, 6) * 3,),))
+
+
+class UnbatchedConvNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(3, 8, 3)
+        self.inn = nn.InstanceNorm1d(8, affine=True)
+        self.o = nn.Conv1d(8, 2, 1)
+
+    def forward(self, x):            # x: (C=3, L)
+        return self.o(torch.relu(self.inn(self.c(x))))
+
+
+def test_unbatched_conv_and_instance_norm_per_channel_are_exact():
+    torch.manual_seed(0)
+    model = UnbatchedConvNorm()
+    with torch.no_grad():
+        model.inn.weight.uniform_(0.5, 2)
+        model.inn.bias.uniform_(-1, 1)
+    check_dynamic(model, (torch.randn(3, 10),), "c", others=((torch.randn(3, 7),),))
+
+
+def test_batchnorm1d_on_batched_2d_input_stays_per_channel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    check_dynamic(model, (torch.randn(4, 6),), "0", others=((torch.randn(7, 6),),))

@@ -1,0 +1,279 @@
+"""Holes where a rule said "not a tracked tensor" for something that is one, or for a number
+read from a group's width: each is now followed exactly, or the group is kept with a reason."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dcopt
+from checks import assert_exact_export
+
+
+def smallest(dm):
+    return {g.name: dm.size_floor(g.name) for g in dm.plan.groups}
+
+
+def exact_at_small_sizes(model, inputs, others):
+    """convert → smallest sizes and half sizes → export, exact on ``inputs`` and ``others``."""
+    dm = dcopt.convert(model, inputs)
+    assert_exact_export(dm, inputs, smallest(dm), others=others)
+    assert_exact_export(dm, inputs, {g.name: max(dm.size_floor(g.name), g.width // 2) for g in dm.plan.groups},
+                        others=others)
+    return dm
+
+
+def assert_kept(model, inputs, others, group, word):
+    """``group`` keeps its width, with a reason containing ``word``; the rest still exports exactly."""
+    a = dcopt.analyze(model, inputs)
+    g = a.group(group)
+    assert g.status != "dynamic", g
+    assert any(word in r for r in g.reasons), g.reasons
+    exact_at_small_sizes(model, inputs, others)
+    return g
+
+
+# -- bug 4: attributes of a tracked tensor -----------------------------------------------
+
+class Attr(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c = nn.Conv1d(4, 12, 3, padding=1)
+        # only the head this variant calls (an unused module would be counted apart)
+        self.head = nn.Conv1d(12, 3, 1) if how == "mT_mT" else nn.Linear(12, 3)
+
+    def forward(self, x):               # x: (B, 4, T)
+        h = F.relu(self.c(x))           # (B, 12, T): features on dim 1
+        if self.how == "values":        # global max-pool over time
+            return self.head(h.max(dim=2).values)
+        if self.how == "torch_max_values":
+            return self.head(torch.max(h, 2).values)
+        if self.how == "data":
+            return self.head(h.data.mean(2))
+        if self.how == "T":             # (B, 12) -> (12, B) -> (B, 12)
+            return self.head(h.mean(2).T.T)
+        if self.how == "mT":            # (B, 12, T) -> (B, T, 12)
+            return self.head(h.mT)
+        if self.how == "mT_mT":
+            return self.head(h.mT.mT)
+        if self.how == "real":          # an attribute dcopt has no rule for
+            return self.head(h.mean(2).real)
+        raise AssertionError(self.how)
+
+
+X4 = (torch.randn(2, 4, 7),)
+O4 = ((torch.randn(5, 4, 7),),)
+
+
+@pytest.mark.parametrize("how", ["values", "torch_max_values", "data", "T", "mT", "mT_mT"])
+def test_tensor_attributes_are_followed(how):
+    dm = exact_at_small_sizes(Attr(how).eval(), X4, O4)
+    assert dm.group_names == ["c"]
+
+
+def test_unknown_tensor_attribute_keeps_the_group():
+    assert_kept(Attr("real").eval(), X4, O4, "c", ".real")
+
+
+# -- bug 5: a slice of split results -----------------------------------------------------
+
+class TupleSlice(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x):
+        parts = torch.relu(self.a(x)).split(1, 0)
+        if self.how == "tail":
+            return self.b(torch.cat(parts[1:], 0))
+        if self.how == "step":
+            return self.b(torch.stack(parts[::2], 0))
+        if self.how == "computed":      # an index that is not a literal
+            return self.b(parts[x.size(0) - 2])
+        raise AssertionError(self.how)
+
+
+X5 = (torch.randn(3, 8),)
+O5 = ((torch.randn(3, 8),),)
+
+
+@pytest.mark.parametrize("how", ["tail", "step"])
+def test_slice_of_split_results_is_followed(how):
+    dm = exact_at_small_sizes(TupleSlice(how), X5, O5)
+    assert dm.group_names == ["a"]
+
+
+def test_computed_tuple_index_keeps_the_group():
+    assert_kept(TupleSlice("computed"), X5, O5, "a", "index")
+
+
+# -- bug 6: a reshape whose feature size is computed -------------------------------------
+
+class Reshape(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16 * 3, 4) if how in ("computed", "minus_one") else nn.Linear(16, 4)
+
+    def forward(self, x):               # x: (B, 3, 8)
+        h = torch.relu(self.a(x))       # (B, 3, 16)
+        B, T = x.size(0), x.size(1)
+        if self.how == "computed":
+            return self.b(h.reshape(B, T * 16))
+        if self.how == "minus_one":     # reading batch and time stays allowed
+            return self.b(h.reshape(B, -1))
+        if self.how == "own_width":     # the width read from these features is recomputed
+            b, t, c = h.shape
+            return self.b(h.reshape(b * t, c).view(b, t, c))
+        if self.how == "restore_shape":
+            return self.b(torch.tanh(h.flatten(0, 1)).view(h.shape))
+        if self.how == "view_as":
+            return self.b(torch.tanh(h.flatten(0, 1)).view_as(h))
+        if self.how == "view_as_other":  # the target is a tensor of another width
+            return self.b(h.flatten(0, 1).view_as(x.repeat(1, 1, 2)))
+        raise AssertionError(self.how)
+
+
+X6 = (torch.randn(2, 3, 8),)
+O6 = ((torch.randn(4, 3, 8),),)
+
+
+def test_computed_reshape_size_keeps_the_group():
+    assert_kept(Reshape("computed"), X6, O6, "a", "computes the size of the feature dimension")
+
+
+@pytest.mark.parametrize("how", ["minus_one", "own_width", "restore_shape", "view_as"])
+def test_reshape_to_read_or_inferred_sizes_is_followed(how):
+    dm = exact_at_small_sizes(Reshape(how), X6, O6)
+    assert dm.group_names == ["a"]
+
+
+def test_view_as_a_tensor_of_another_width_keeps_the_group():
+    assert_kept(Reshape("view_as_other"), X6, O6, "a", "view_as")
+
+
+class Unflatten(nn.Module):
+    """unflatten of the time dim, not of the features: nothing to rewrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(4, 6, 1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):               # (B, 4, 12)
+        return self.head(self.c(x).unflatten(2, (3, 4)))
+
+
+def test_unflatten_of_another_dim_is_not_rewritten():
+    dm = exact_at_small_sizes(Unflatten(), (torch.randn(2, 4, 12),), ((torch.randn(3, 4, 12),),))
+    assert dm.group_names == ["c"]
+
+
+# -- bug 7: a number read from the feature width -----------------------------------------
+
+class ShapeScalar(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 4)
+        if how == "index":
+            self.c = nn.Linear(16, 4)
+
+    def forward(self, x):               # x: (B, 16)
+        h = torch.relu(self.a(x[:, :8]))
+        if self.how == "shape_scale":   # attention-like 1/sqrt(d)
+            return self.b(h * h.shape[-1] ** -0.5)
+        if self.how == "size_div":
+            return self.b(h) / h.size(1)
+        if self.how == "numel":
+            return self.b(h) / h.numel()
+        if self.how == "unpacked":
+            n, d = h.size()
+            return self.b(h) * d
+        if self.how == "index":         # slices another tensor by the width
+            return self.b(h) + self.c(x[:, :h.size(1)])
+        if self.how == "arange":
+            return self.b(h + torch.arange(h.size(-1)))
+        if self.how == "batch":         # reading the batch size stays allowed
+            return self.b(h.view(h.size(0), -1)) / h.shape[0]
+        if self.how == "unpacked_unused":
+            n, d = h.size()
+            return self.b(h.view(n, d))
+        raise AssertionError(self.how)
+
+
+X7 = (torch.randn(3, 16),)
+O7 = ((torch.randn(5, 16),),)
+
+
+@pytest.mark.parametrize("how", ["shape_scale", "size_div", "numel", "unpacked", "index", "arange"])
+def test_reading_the_feature_width_keeps_the_group(how):
+    g = assert_kept(ShapeScalar(how), X7, O7, "a", "reads the width of the features")
+    assert any("test_shape_holes.py:" in r for r in g.reasons), g.reasons
+
+
+@pytest.mark.parametrize("how", ["batch", "unpacked_unused"])
+def test_reading_other_dims_or_recomputed_width_is_followed(how):
+    dm = exact_at_small_sizes(ShapeScalar(how), X7, O7)
+    assert dm.group_names == ["a"]
+
+
+# -- bug 8: a tied weight read through a shape op ----------------------------------------
+
+class Tied(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.e = nn.Embedding(20, 16)
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, t):
+        h = torch.tanh(self.lin(self.e(t)))
+        w = self.e.weight
+        if self.how == "t":
+            return h @ w.t()
+        if self.how == "T":
+            return h @ w.T
+        if self.how == "mT":
+            return torch.matmul(h, w.mT)
+        if self.how == "transpose":
+            return h @ w.transpose(0, 1)
+        if self.how == "data_t":
+            return h @ w.data.t()
+        if self.how == "view":
+            return h @ w.view(20, 16).permute(1, 0)
+        if self.how == "linear":        # rejected before: the reference behaviour
+            return F.linear(h, w)
+        raise AssertionError(self.how)
+
+
+XT = (torch.randint(0, 20, (2, 5)),)
+OT = ((torch.randint(0, 20, (3, 4)),),)
+
+
+@pytest.mark.parametrize("how", ["t", "T", "mT", "transpose", "data_t", "view", "linear"])
+def test_tied_weight_through_a_shape_op_keeps_its_group(how):
+    assert_kept(Tied(how), XT, OT, "e", "e.weight")
+
+
+class UnflattenModule(nn.Module):
+    """nn.Unflatten holds the feature width in an attribute export does not rewrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.u = nn.Unflatten(1, (16, 1))
+        self.b = nn.Conv1d(16, 4, 1)
+        self.c = nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.b(self.u(torch.relu(self.a(x)))) + self.c(x).sum()
+
+
+def test_unflatten_module_holding_the_width_keeps_the_group():
+    x = torch.randn(3, 8)
+    assert_kept(UnflattenModule(), (x,), ((torch.randn(5, 8),),), "a", "unflattened_size")
