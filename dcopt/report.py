@@ -87,7 +87,9 @@ def count_macs(model: torch.nn.Module, example_inputs) -> int:
     torch does not count, :mod:`dcopt.counting`), with every LSTM by formula,
     4·H·(I+H) per step, direction and layer: the counter misses the fused float32 LSTM
     kernel but does see the matmuls of the float64 fallback, so whatever it saw inside
-    an LSTM is replaced by the formula."""
+    an LSTM is replaced by the formula. The model runs in eval mode (a train-mode run would
+    move BatchNorm's running statistics: counting must not change the model) and gets its
+    per-module train/eval flags back."""
     fc = flop_counter()
     starts: list[int] = []
     correction = [0]
@@ -105,12 +107,16 @@ def count_macs(model: torch.nn.Module, example_inputs) -> int:
 
     lstms = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
     handles = [m.register_forward_pre_hook(pre) for m in lstms] + [m.register_forward_hook(post) for m in lstms]
+    modes = [(m, m.training) for m in model.modules()]
     try:
+        model.eval()
         with torch.no_grad(), fc:
             model(*example_inputs)
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes:
+            m.training = training
     return (fc.get_total_flops() + correction[0]) // 2
 
 
@@ -120,7 +126,7 @@ def export_report(dynamic_model, exported: torch.nn.Module) -> dict:
     inputs = dm.example_inputs
     kept = dm.kept_sizes()
     groups = [dict(name=g.name, width=g.width, kept=k) for g, k in zip(dm.plan.groups, kept)]
-    macs_after = count_macs(exported.eval(), inputs)
+    macs_after = count_macs(exported, inputs)
     params_after = sum(p.numel() for p in exported.parameters())
     return dict(groups=groups, macs_before=dm.plan.total_macs, macs_after=macs_after,
                 params_before=sum(dm.plan.param_numel.values()), params_after=params_after)

@@ -1,7 +1,6 @@
 """Rewrite: insert gates and RNN masks into the traced graph; the DynamicModel users train."""
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
@@ -196,6 +195,15 @@ class DynamicModel(nn.Module):
         return result
 
     # -- forward --------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.double()``, ``.to(device)`` ... reach the example inputs as they
+        reach buffers: export and reorder run the model on them, and float32 inputs into a
+        float64 model raised a dtype error."""
+        result = super()._apply(fn, recurse)
+        object.__setattr__(self, "example_inputs", torch.utils._pytree.tree_map_only(
+            torch.Tensor, fn, self.example_inputs))
+        return result
+
     def forward(self, *args, **kwargs):
         self._project()
         return self.gm(*args, **kwargs)
@@ -354,8 +362,17 @@ class LazyDynamicModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: Config):
         super().__init__()
-        object.__setattr__(self, "_pending", (copy.deepcopy(model), config))
+        from .trace import _deepcopy
+
+        object.__setattr__(self, "_pending", (_deepcopy(model), config))
         self.inner: Optional[DynamicModel] = None
+
+    def _apply(self, fn, recurse=True):
+        """Before the first batch, ``.to(dtype)`` / ``.to(device)`` reach the (private copy of
+        the) model waiting to be converted, as torch's Lazy modules honour them."""
+        if self.inner is None:
+            self._pending[0]._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     def forward(self, *args, **kwargs):
         if self.inner is None:

@@ -152,7 +152,13 @@ def _python_source(model: nn.Module, class_name: str) -> tuple[str, dict]:
     text = _TEMPLATE.format(imports="\n".join(_imports(python_code.globals)), name=class_name,
                             body="\n".join(body or ["        pass"]),
                             forward=textwrap.indent(textwrap.dedent(gm.code).strip("\n"), "    "))
-    return text, gm.state_dict()
+    state = gm.state_dict()
+    # a non-persistent buffer is not in the state dict, but the forward reads its value: the
+    # standalone code registers every buffer it places (persistent), so weights.pt carries it
+    for qual, t in gm.named_buffers():
+        if qual.rpartition(".")[0] not in targets and qual not in state:
+            state[qual] = t
+    return text, state
 
 
 def save_exported(model: nn.Module, path, example_inputs: Optional[Sequence] = None, *,
@@ -217,7 +223,10 @@ def _write(model: nn.Module, folder: Path, example_inputs: Optional[tuple], clas
     if not (python_ok or program_ok):
         raise ExportError("could not save the model in a form that loads without dcopt: " + "; ".join(notes))
     if check and example_inputs is not None:
-        failure = _check_saved(model.eval(), folder, example_inputs, python_ok, program_ok)
+        try:
+            failure = _check_saved(model.eval(), folder, example_inputs, python_ok, program_ok)
+        except Exception as exc:  # noqa: BLE001 - what was written does not even load back
+            failure = f"loading it back failed: {type(exc).__name__}: {exc}"
         if failure is not None:
             # a saved model that does not reproduce the model must not stay where it would be loaded
             for name in _WRITTEN:

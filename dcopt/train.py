@@ -671,10 +671,21 @@ def _resolve(dm, train_data, device):
     from .rewrite import LazyDynamicModel, as_dynamic_model
 
     if isinstance(dm, LazyDynamicModel) and dm.inner is None:
-        inputs, _ = _split(next(iter(train_data)))
+        first = next(iter(train_data), None)
+        if first is None:
+            raise ValueError("train_data yielded no batches: the lazily converted model needs one to convert on")
+        inputs, _ = _split(first)
         args = _as_args(inputs if device is None else _to(inputs, device))
-        with torch.no_grad():
-            dm(*args)
+        # converting runs the batch once: in eval mode, so that BatchNorm does not count it
+        # as a training step before the first real one (lazy must train as eager does)
+        modes = [(m, m.training) for m in dm.modules()]
+        dm.eval()
+        try:
+            with torch.no_grad():
+                dm(*args)
+        finally:
+            for m, training in modes:
+                m.training = training
     dm = as_dynamic_model(dm, "fit")
     if device is not None:
         dm.to(device)
