@@ -418,6 +418,8 @@ def cmd_export(args) -> int:
     from .targets import TargetError
     if not os.path.isfile(args.checkpoint):
         raise TargetError(f"checkpoint not found: {args.checkpoint}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise TargetError(f"-o {args.out} is a file; the exported model is written as a folder")
     target = _load(args, args.target)
     kwargs = dict(leaf_modules=tuple(args.leaf_modules)) if args.leaf_modules else {}
     try:

@@ -12,7 +12,7 @@ from torch import nn
 from .analysis import Analysis, run_analysis
 from .complexity import Complexity, ComplexityModel
 from .config import Config
-from .errors import ConversionError
+from .errors import ConversionError, TraceError
 from .gates import FeatureGate, GatedRNN, consolidated, kept_size
 from .plan import Plan
 from .trace import trace
@@ -354,7 +354,52 @@ def convert(model: nn.Module, example_inputs: Optional[Sequence] = None, config:
         raise ConversionError(f"{len(analysis.unsupported)} layer(s) must stay fixed: {lines}",
                               analysis.unsupported)
     gm = build_gated(traced.gm, analysis.plan)
-    return DynamicModel(gm, analysis, cfg, traced.source, example_inputs)
+    dm = DynamicModel(gm, analysis, cfg, traced.source, example_inputs)
+    _check_traced_equals_model(model, dm)
+    return dm
+
+
+#: the converted model at full width runs the same ops as the user's: rounding only
+FIDELITY_TOL = 1e-5
+
+
+def _check_traced_equals_model(model: nn.Module, dm: "DynamicModel") -> None:
+    """At full width the eval-mode DynamicModel must compute what ``model`` computes, or
+    every later check (export against the gated model) compares with the wrong function.
+
+    Why a check by numbers: torch.fx records some Python it cannot see differently from
+    eager PyTorch, and nothing in the graph shows it — ``identity = x; x += y`` becomes
+    ``x = x + y`` (``identity`` keeps the old value, unlike eager), a value read from
+    an attribute that changes between calls is frozen. Both runs draw the same random
+    numbers (one seed, forked RNG), on fresh copies of the example inputs, with a copy of
+    the user's model (its forward may write its own state), in eval mode."""
+    from .export import _float64_dm, _fresh
+    from .numcheck import agreement, float64_copy, to_float64
+    from .trace import _deepcopy
+
+    def run(m, inputs):
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            return m(*_fresh(inputs))
+
+    reference = _deepcopy(model).eval()
+    modes = [(m, m.training) for m in dm.modules()]
+    dm.eval()
+    try:
+        want, got = run(reference, dm.example_inputs), run(dm, dm.example_inputs)
+        verdict = agreement(want, got, FIDELITY_TOL, lambda: (
+            run(float64_copy(reference), to_float64(dm.example_inputs)),
+            run(_float64_dm(dm).eval(), to_float64(dm.example_inputs))))
+    finally:
+        for m, training in modes:
+            m.training = training
+    if not verdict.ok:
+        raise TraceError(
+            f"the traced model does not compute what the model computes on the example inputs "
+            f"({verdict.describe(FIDELITY_TOL)}), before dcopt changed any width. torch.fx records some "
+            f"Python differently from eager PyTorch: `x += y` while another name still refers to x "
+            f"(write x = x + y, or x.add_(y)), values read from attributes that change between calls, "
+            f"control flow on tensor values. Mark the block as a leaf (leaf_modules=[...]) or rewrite it")
 
 
 class LazyDynamicModel(nn.Module):

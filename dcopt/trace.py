@@ -440,6 +440,10 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     # gated model must compute the original's inference function exactly. Training-time
     # randomness belongs in leaf modules (nn.Dropout, StochasticDepth), which keep it.
     flags = {name: m.training for name, m in src.named_modules()}
+    missing = sorted(n for n in leaf_modules if isinstance(n, str) and n not in flags)
+    if missing:   # a misspelt leaf would otherwise be traced through without a word
+        raise TraceError(f"leaf_modules names no submodule of the model: {', '.join(map(repr, missing))} "
+                         f"(submodule names are as in model.named_modules(), e.g. 'encoder.rnn')")
     if any(flags.values()):
         src.eval()
     try:

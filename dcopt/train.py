@@ -374,6 +374,10 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
     widths = {name: info.width for name, info in dm.sizes().items()}
     history = History(widths=widths, tolerance=controller.tolerance if controller is not None else None)
     plan = [(p, n) for p, n in zip(PHASES, (fixed_epochs, optimize_epochs, settle_epochs)) if n > 0]
+    if dm.config.target_macs is not None and not optimize_epochs:
+        warnings.warn(f"budget mode (target_macs={dm.config.target_macs:g}) with optimize_epochs=0: the sizes "
+                      "do not move and no landing on the budget happens; the model keeps its current widths",
+                      stacklevel=2)
     total_epochs = sum(n for _, n in plan)
     # the training-loss EMA: tolerance mode's loss estimate without val_data
     ema = _tolerance_ema(steps_per_epoch) if controller is not None and val_data is None else None

@@ -348,6 +348,11 @@ def test_export_checkpoint_errors(capsys, tmp_path, files):
     assert code == EXIT_ERROR and "weights_only=True" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    code, _, err = run_main(capsys, "export", files["small_cnn.py"], "-c", str(wrong), "-o", str(a_file))
+    assert code == EXIT_ERROR and "is a file" in err and "internal error" not in err
+
 
 def test_export_takes_the_file_fit_checkpoints_to(capsys, tmp_path, files):
     """The file ``fit(..., checkpoint=FILE)`` writes holds the DynamicModel under "model";

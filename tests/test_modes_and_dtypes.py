@@ -92,3 +92,50 @@ def test_save_keeps_a_non_persistent_buffer_and_removes_what_does_not_load(tmp_p
     with pytest.raises(dcopt.ExportError, match="loading it back failed"):
         dcopt.save_exported(small, tmp_path / "n", example_inputs=(x,))
     assert {p.name for p in (tmp_path / "n").iterdir()} == {"WHY.txt"}
+
+
+def test_a_leaf_name_that_names_no_submodule_is_an_error():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(dcopt.TraceError, match="'nope'"):
+        dcopt.convert(model, (torch.randn(2, 4),), leaf_modules=["nope"])
+    assert dcopt.convert(model, (torch.randn(2, 4),), leaf_modules=["1"]) is not None
+
+
+def test_budget_mode_without_an_optimize_phase_warns():
+    data = _data()
+    dm = dcopt.convert(_bn_net(), (data[0][0],), target_macs=0.3)
+    with pytest.warns(UserWarning, match="optimize_epochs=0"):
+        dcopt.fit(dm, data, nn.functional.mse_loss, fixed_epochs=1, optimize_epochs=0, progress=False)
+
+
+class _AugmentedAlias(nn.Module):
+    """``identity = h; h += ...``: eager PyTorch changes ``identity`` too, torch.fx's graph
+    does not (it records ``h = h + ...``) — invisible in the graph, visible in the numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        identity = h
+        h += self.b(torch.relu(h))
+        return self.c(identity)
+
+
+def test_a_traced_graph_that_differs_from_the_model_is_refused_before_any_rewrite():
+    with pytest.raises(dcopt.TraceError, match="does not compute what the model computes"):
+        dcopt.convert(_AugmentedAlias(), (torch.randn(3, 4),))
+
+
+def test_the_full_width_check_draws_the_same_random_numbers():
+    class Noisy(nn.Module):          # randomness in eval mode: both runs share one seed
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h + torch.rand_like(h))
+
+    assert dcopt.convert(Noisy(), (torch.randn(3, 4),)) is not None   # no false TraceError
