@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .counting import flop_counter
+from .modes import eval_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis import Analysis
@@ -107,16 +108,12 @@ def count_macs(model: torch.nn.Module, example_inputs) -> int:
 
     lstms = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
     handles = [m.register_forward_pre_hook(pre) for m in lstms] + [m.register_forward_hook(post) for m in lstms]
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad(), fc:
+        with eval_mode(model), torch.no_grad(), fc:
             model(*example_inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes:
-            m.training = training
     return (fc.get_total_flops() + correction[0]) // 2
 
 

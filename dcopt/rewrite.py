@@ -14,6 +14,7 @@ from .complexity import Complexity, ComplexityModel
 from .config import Config
 from .errors import ConversionError, TraceError
 from .gates import FeatureGate, GatedRNN, consolidated, kept_size
+from .modes import eval_mode
 from .plan import Plan
 from .trace import trace
 
@@ -373,26 +374,21 @@ def _check_traced_equals_model(model: nn.Module, dm: "DynamicModel") -> None:
     an attribute that changes between calls is frozen. Both runs draw the same random
     numbers (one seed, forked RNG), on fresh copies of the example inputs, with a copy of
     the user's model (its forward may write its own state), in eval mode."""
-    from .export import _float64_dm, _fresh
-    from .numcheck import agreement, float64_copy, to_float64
+    from .export import _float64_dm
+    from .numcheck import agreement, float64_copy, fresh_copies, to_float64
     from .trace import _deepcopy
 
     def run(m, inputs):
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(0)
-            return m(*_fresh(inputs))
+            return m(*fresh_copies(inputs))
 
     reference = _deepcopy(model).eval()
-    modes = [(m, m.training) for m in dm.modules()]
-    dm.eval()
-    try:
+    with eval_mode(dm):
         want, got = run(reference, dm.example_inputs), run(dm, dm.example_inputs)
         verdict = agreement(want, got, FIDELITY_TOL, lambda: (
             run(float64_copy(reference), to_float64(dm.example_inputs)),
             run(_float64_dm(dm).eval(), to_float64(dm.example_inputs))))
-    finally:
-        for m, training in modes:
-            m.training = training
     if not verdict.ok:
         raise TraceError(
             f"the traced model does not compute what the model computes on the example inputs "

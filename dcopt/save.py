@@ -26,6 +26,7 @@ import torch.fx
 from torch import nn
 
 from .errors import ExportError
+from .modes import eval_mode
 from .trace import DcoptTracer
 
 __all__ = ["save_exported", "load_exported"]
@@ -186,12 +187,8 @@ def save_exported(model: nn.Module, path, example_inputs: Optional[Sequence] = N
         example_inputs = (example_inputs,)
     for name in _WRITTEN + ("WHY.txt",):
         (folder / name).unlink(missing_ok=True)
-    modes = [(m, m.training) for m in model.modules()]
-    try:
+    with eval_mode(model):
         _write(model, folder, None if example_inputs is None else tuple(example_inputs), class_name, check)
-    finally:
-        for m, training in modes:
-            m.training = training
     return folder
 
 
@@ -205,7 +202,7 @@ def _write(model: nn.Module, folder: Path, example_inputs: Optional[tuple], clas
     program_ok = False
     if example_inputs is not None:
         try:
-            program = torch.export.export(model.eval(), example_inputs)
+            program = torch.export.export(model, example_inputs)
             torch.export.save(program, folder / "model.pt2")
             program_ok = True
         except Exception as exc:  # some models cannot be torch.export-ed
@@ -224,7 +221,7 @@ def _write(model: nn.Module, folder: Path, example_inputs: Optional[tuple], clas
         raise ExportError("could not save the model in a form that loads without dcopt: " + "; ".join(notes))
     if check and example_inputs is not None:
         try:
-            failure = _check_saved(model.eval(), folder, example_inputs, python_ok, program_ok)
+            failure = _check_saved(model, folder, example_inputs, python_ok, program_ok)
         except Exception as exc:  # noqa: BLE001 - what was written does not even load back
             failure = f"loading it back failed: {type(exc).__name__}: {exc}"
         if failure is not None:

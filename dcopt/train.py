@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from .budget import BudgetLanding, land_on_budget
+from .modes import eval_mode
 from .tolerance import balance_beta
 
 __all__ = ["fit", "History", "EpochRecord"]
@@ -682,14 +683,8 @@ def _resolve(dm, train_data, device):
         args = _as_args(inputs if device is None else _to(inputs, device))
         # converting runs the batch once: in eval mode, so that BatchNorm does not count it
         # as a training step before the first real one (lazy must train as eager does)
-        modes = [(m, m.training) for m in dm.modules()]
-        dm.eval()
-        try:
-            with torch.no_grad():
-                dm(*args)
-        finally:
-            for m, training in modes:
-                m.training = training
+        with eval_mode(dm), torch.no_grad():
+            dm(*args)
     dm = as_dynamic_model(dm, "fit")
     if device is not None:
         dm.to(device)
