@@ -17,7 +17,7 @@ from torch import nn
 from .errors import ExportError
 from .fold import fold_batchnorm as fold
 from .gates import FeatureGate, GatedRNN, round_size
-from .numcheck import agreement, float64_copy, to_float64
+from .numcheck import agreement, float64_copy, fresh_copies, to_float64
 from .plan import Plan, keep_index, keep_mask, size_limits
 from .rewrite import GATES, SIZES, DynamicModel, _lookup, as_dynamic_model
 
@@ -253,7 +253,7 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
     if verify or keep_class:   # the unfolded export's outputs: checked here, and the fold below against them
         with torch.no_grad():
             sliced.eval()
-            got = sliced(*_fresh(dm.example_inputs))
+            got = sliced(*fresh_copies(dm.example_inputs))
         reference = _reference_output(dm, kept, sizes)
         if verify:
             check = agreement(reference, got, tol, float64_pair(sliced))
@@ -262,14 +262,14 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
                                   "please report this model: it is a dcopt bug")
     if fold_batchnorm:
         sliced.eval()
-        folded = fold(sliced, _fresh(dm.example_inputs))
+        folded = fold(sliced, fresh_copies(dm.example_inputs))
         if folded and verify:
             # checked apart from the slicing, against the unfolded model: folding changes
             # the rounding (w·γ/σ instead of (w·x)·γ/σ), by up to a few 1e-6 on deep nets.
             # The float64 second opinion compares with the gated model (the unfolded
             # export is gone by then; it equals the gated model, checked above).
             with torch.no_grad():
-                check = agreement(got, sliced(*_fresh(dm.example_inputs)), FOLD_TOL, float64_pair(sliced))
+                check = agreement(got, sliced(*fresh_copies(dm.example_inputs)), FOLD_TOL, float64_pair(sliced))
             if not check.ok:
                 raise ExportError(f"folding BatchNorm changed the exported model's outputs "
                                   f"({check.describe(FOLD_TOL)}); please report this model: it is a dcopt bug")
@@ -280,20 +280,13 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
             user.eval()
             try:
                 with torch.no_grad():
-                    same = agreement(reference, user(*_fresh(dm.example_inputs)), tol, float64_pair(user)).ok
+                    same = agreement(reference, user(*fresh_copies(dm.example_inputs)), tol, float64_pair(user)).ok
             except Exception:
                 same = False
             if same:
                 result = user
     result.train(dm.training and not folded)
     return result
-
-
-def _fresh(inputs: tuple) -> tuple:
-    """Copies of the example inputs for one run: a model that changes its input in place
-    (the user's own class keeps doing so) must not hand the next run other values, nor
-    change the user's tensors."""
-    return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, inputs)
 
 
 @torch.no_grad()
@@ -304,7 +297,7 @@ def _reference_output(dm: DynamicModel, kept: list[int], sizes: Optional[dict]):
         if sizes:
             dm.set_sizes({g.name: n for g, n in zip(dm.plan.groups, kept)})
         dm.eval()
-        return dm(*_fresh(dm.example_inputs))
+        return dm(*fresh_copies(dm.example_inputs))
     finally:
         for k, v in zip(dm._kappas(), saved):
             k.copy_(v)
@@ -326,4 +319,4 @@ def _reference_output_float64(dm: DynamicModel, kept: list[int], sizes: Optional
 
 def _run_float64(model: nn.Module, inputs: tuple):
     """``model``'s eval-mode outputs, computed by a float64 copy of it."""
-    return float64_copy(model).eval()(*to_float64(_fresh(inputs)))
+    return float64_copy(model).eval()(*to_float64(fresh_copies(inputs)))

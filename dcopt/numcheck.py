@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ["Agreement", "agreement", "max_relative_error", "to_float64", "float64_copy"]
+__all__ = ["Agreement", "agreement", "max_relative_error", "to_float64", "float64_copy", "fresh_copies"]
 
 
 def max_relative_error(a, b) -> float:
@@ -60,6 +60,13 @@ def to_float64(obj):
     if isinstance(obj, dict):
         return {k: to_float64(v) for k, v in obj.items()}
     return obj
+
+
+def fresh_copies(inputs):
+    """Copies of the tensors in ``inputs`` (nested) for one run: a model that changes its
+    input in place (the user's own class keeps doing so) must neither hand the next run of
+    a check other values nor change the user's tensors."""
+    return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, inputs)
 
 
 def float64_copy(module: nn.Module, share: tuple = ()) -> nn.Module:

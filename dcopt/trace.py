@@ -35,6 +35,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from .counting import _CONVS, conv_flops, flop_counter, zero_flop_key
 from .errors import TraceError
 from .inplace import functionalize
+from .numcheck import fresh_copies
 from .shape_only import ValueGuard, shape_only_call, shapes_only_safe, value_blind
 
 __all__ = ["DcoptTracer", "Traced", "OpaqueLeaf", "trace", "ALWAYS_LEAF"]
@@ -480,7 +481,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
         if why_real is None:
             prop = _MeasuringShapeProp(gm, modules=modules, shapes_only=True)
             # copies: an in-place op on an input must not leave the fallback run other values
-            inputs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, example_inputs)
+            inputs = fresh_copies(example_inputs)
             try:
                 with torch.no_grad():
                     prop.propagate(*inputs)
@@ -496,7 +497,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
         gm.meta["shape_propagation"] = f"real tensors ({why_real})"
         prop = _MeasuringShapeProp(gm, count_all=count_all, modules=modules)
         # copies: a leaf that changes its input in place must not change the user's tensors
-        inputs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, example_inputs)
+        inputs = fresh_copies(example_inputs)
         try:
             with torch.no_grad():
                 prop.propagate(*inputs)
