@@ -128,7 +128,9 @@ def reorder_by_importance(model, *, importance: Optional[dict] = None, groups: O
       order was given a meaning on purpose, such as a filter bank initialised in
       :func:`dcopt.spread_order`.
     * ``optimizer``: its per-parameter state (Adam's moments) is permuted alike, so
-      training continues as if the features had always been in this order.
+      training continues as if the features had always been in this order. State of
+      another shape than its parameter (Adafactor's factored statistics) cannot follow:
+      ``ValueError`` before anything moves.
     * ``verify``: the eval-mode outputs on the example inputs before and after must agree
       within ``tol`` (relative to their scale; a float32 difference is recomputed in
       float64 first, :mod:`dcopt.numcheck`); otherwise the permutation is undone and
@@ -178,6 +180,7 @@ def reorder_by_importance(model, *, importance: Optional[dict] = None, groups: O
     kept = dm.kept_sizes()
     before = _reference_output(dm, kept, None) if verify else None
     undo = {g: torch.argsort(p) for g, p in perms.items()}
+    _check_optimizer_state(dm, layouts, perms, optimizer)
     _apply(dm, layouts, perms, optimizer)
     if verify:
         def float64_before_after():
@@ -194,6 +197,26 @@ def reorder_by_importance(model, *, importance: Optional[dict] = None, groups: O
         result.max_error = float(check.error)
     result.perms = {names[g]: p.tolist() for g, p in perms.items()}
     return result
+
+
+def _check_optimizer_state(dm, layouts, perms, optimizer) -> None:
+    """Refuse, before anything moves, an optimizer whose state for a permuted parameter
+    has another shape than the parameter (Adafactor's factored row/column statistics):
+    :func:`_apply` permutes state of the parameter's shape and leaves scalars (``step``);
+    anything else would silently pair features with another feature's statistics."""
+    if optimizer is None:
+        return
+    for (qual, d), by_group in layouts.items():
+        if not any(g in perms and table.numel() for g, table in by_group.items()):
+            continue
+        t = _lookup(dm.gm, qual)
+        for key, v in (optimizer.state.get(t, {}) if isinstance(t, nn.Parameter) else {}).items():
+            if isinstance(v, torch.Tensor) and v.numel() > 1 and v.shape != t.shape:
+                raise ValueError(
+                    f"{type(optimizer).__name__}'s state {key!r} of {qual} has shape {tuple(v.shape)}, not the "
+                    f"parameter's {tuple(t.shape)}: reorder_by_importance cannot permute it with the features "
+                    "(a factored optimizer such as Adafactor). Reorder before the optimizer has taken a step, or "
+                    "pass optimizer=None and build a fresh optimizer afterwards")
 
 
 def _apply(dm, layouts, perms, optimizer) -> None:

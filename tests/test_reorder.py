@@ -251,3 +251,26 @@ def test_a_lazily_converted_model_reorders_after_its_first_forward():
         r = reorder_by_importance(lazy)
         assert set(r.perms) == {"fc1", "fc2"}
         assert max_relative_error(before, lazy(*x)) <= 1e-5
+
+
+def test_a_factored_optimizer_state_is_refused_before_anything_moves():
+    """Adafactor keeps row and column statistics, not one entry per weight: permuting the
+    features would pair them with another feature's statistics. reorder refuses, naming
+    the state, and leaves the model and the optimizer as they were."""
+    model, x = build(sorted(CASES)[0])
+    dm = dcopt.convert(model, x)
+    with torch.no_grad():
+        y = torch.randn_like(_out(dm, x))
+    opt = torch.optim.Adafactor(dm.weight_parameters(), lr=1e-2)
+    _step(dm, opt, x, y)
+    before = {n: p.detach().clone() for n, p in dm.named_parameters()}
+    state_before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
+    importance = {g.name: torch.randn(g.width) for g in dm.plan.groups}
+    with pytest.raises(ValueError, match="Adafactor.*cannot permute"):
+        reorder_by_importance(dm, importance=importance, optimizer=opt)
+    for n, p in dm.named_parameters():
+        assert torch.equal(p, before[n]), n
+    for p, s in opt.state.items():
+        for k, v in state_before[id(p)].items():
+            assert torch.equal(s[k], v), k
+    reorder_by_importance(dm, importance=importance)   # without the optimizer it still reorders
