@@ -80,6 +80,18 @@ def _op_name(node: torch.fx.Node, module: Optional[nn.Module]) -> str:
     return node.op
 
 
+def _inside(node: torch.fx.Node) -> str:
+    """`` in module 'enc.conv' (WSConv2d)`` for an op fx traced inside a submodule's
+    forward: a subclass of a known layer that overrides its computation is traced through,
+    and "no rule for conv2d" alone would not say which of the user's layers it was."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, cls = list(stack.values())[-1]
+    name = getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1]
+    return f" in module {path!r} ({name})"
+
+
 class Ctx:
     """What a rule sees of the analysis: its node, the maps of its inputs, and verbs."""
 
@@ -432,7 +444,7 @@ class _Walker:
             return None
         reaching = [f for n in ctx.node.all_input_nodes for f in _values_in(self.values.get(n.name))]
         if reaching:
-            ctx.reject(reaching, f"no rule for {_op_name(ctx.node, ctx.module)}; "
+            ctx.reject(reaching, f"no rule for {_op_name(ctx.node, ctx.module)}{_inside(ctx.node)}; "
                        "dcopt does not assume an unknown op keeps features apart")
         return None
 
@@ -562,7 +574,8 @@ def _finalize(w: _Walker) -> Analysis:
     for qual, node in w.pinned.items():
         if qual in w.params:
             Ctx(w, node).reject([d for d in w.params[qual] if d is not None],
-                                f"{qual} is read by {_op_name(node, None)}, which has no rule; it keeps its shape")
+                                f"{qual} is read by {_op_name(node, None)}{_inside(node)}, which has no rule; "
+                                "it keeps its shape")
     # A tensor a rule plans or counts must be a Parameter or buffer under that very name:
     # a computed one (a user rule on a parametrized layer) would slice nothing, and a tied
     # one (named_parameters lists it under its first name) would be sliced twice.

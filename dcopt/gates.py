@@ -66,9 +66,15 @@ class FeatureGate(nn.Module):
     in a removed feature cannot leak through ``0·x``).
     """
 
-    def __init__(self, dim: int, group: torch.Tensor, ch: torch.Tensor, widths: Sequence[int]):
+    def __init__(self, dim: int, group: torch.Tensor, ch: torch.Tensor, widths: Sequence[int],
+                 rank: int | None = None, where: str | None = None):
         super().__init__()
         self.dim = dim
+        # the rank of the gated tensor on the example inputs, and the user's line that made
+        # it: a model whose ranks depend on its input's shape (``h.squeeze()`` on a batch of
+        # 1) would otherwise gate another dim of the same length without a word
+        self.rank = rank
+        self.where = where
         self.widths = list(widths)
         self.noise = False
         self.round_to = 1   # kept sizes are multiples of this (set by DynamicModel from its Config)
@@ -89,7 +95,21 @@ class FeatureGate(nn.Module):
         idx = torch.where(self.group >= 0, self.group, torch.full_like(self.group, len(self.widths)))
         return padded[idx]
 
+    def _check_shape(self, x: torch.Tensor) -> None:
+        rank = getattr(self, "rank", None)
+        if rank is None or (x.dim() == rank and x.shape[self.dim] == self.ch.numel()):
+            return
+        from .errors import TraceError
+        raise TraceError(
+            f"a gated tensor of shape {tuple(x.shape)} where the example inputs gave rank {rank} with "
+            f"{self.ch.numel()} features on dim {self.dim}: the model's ranks or feature layout depend on its "
+            "input's shape (a squeeze() or flatten over a size-1 dim of the example, such as a batch of 1?)",
+            location=getattr(self, "where", None),
+            suggestion="Convert with example inputs shaped like your data (a batch of at least 2), "
+                       "or give squeeze() its dim")
+
     def forward(self, x: torch.Tensor, *kappas: torch.Tensor) -> torch.Tensor:
+        self._check_shape(x)
         if self.training and self.noise:
             return self._noisy(x, kappas)
         keep = [consolidated(k, n, self.round_to) for k, n in zip(kappas, self.widths)]

@@ -118,15 +118,25 @@ def count_macs(model: torch.nn.Module, example_inputs) -> int:
 
 
 def export_report(dynamic_model, exported: torch.nn.Module) -> dict:
-    """Per group N → kept, and MACs/params before and after *measured* on the models."""
+    """Per group N → kept, and MACs/params before and after *measured* on the models.
+
+    Parameters count as dcopt counts them everywhere (``Analysis.params``,
+    ``complexity()``): those the forward uses. A submodule the forward never calls is
+    traced away, but an export that is an instance of the user's class keeps it as it
+    was; its parameters are reported apart (``params_unused``) rather than added to the
+    model's, where they made "after" larger than "before"."""
     dm = dynamic_model
     inputs = dm.example_inputs
     kept = dm.kept_sizes()
     groups = [dict(name=g.name, width=g.width, kept=k) for g, k in zip(dm.plan.groups, kept)]
     macs_after = count_macs(exported, inputs)
-    params_after = sum(p.numel() for p in exported.parameters())
+    used = set(dm.plan.param_numel)
+    named = dict(exported.named_parameters())
+    params_after = sum(p.numel() for n, p in named.items() if n in used)
+    params_unused = sum(p.numel() for n, p in named.items() if n not in used)
     return dict(groups=groups, macs_before=dm.plan.total_macs, macs_after=macs_after,
-                params_before=sum(dm.plan.param_numel.values()), params_after=params_after)
+                params_before=sum(dm.plan.param_numel.values()), params_after=params_after,
+                params_unused=params_unused)
 
 
 def render_export_report(report: dict):
@@ -138,6 +148,8 @@ def render_export_report(report: dict):
         t.add_row(g["name"], str(g["width"]), str(g["kept"]))
     mb, ma = report["macs_before"], report["macs_after"]
     pb, pa = report["params_before"], report["params_after"]
+    unused = report.get("params_unused", 0)
     summary = Text(f"MACs {_human(mb)} → {_human(ma)} ({ma / mb:.1%})   params {_human(pb)} → {_human(pa)} "
-                   f"({pa / pb:.1%})", style="bold")
+                   f"({pa / pb:.1%})" + (f"   (+{_human(unused)} params of submodules the forward never calls)"
+                                         if unused else ""), style="bold")
     return RichGroup(t, summary)

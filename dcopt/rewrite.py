@@ -12,7 +12,7 @@ from torch import nn
 from .analysis import Analysis, run_analysis
 from .complexity import Complexity, ComplexityModel
 from .config import Config
-from .errors import ConversionError, TraceError
+from .errors import ConversionError, TraceError, source_location
 from .gates import FeatureGate, GatedRNN, consolidated, kept_size
 from .modes import eval_mode
 from .plan import Plan
@@ -54,7 +54,10 @@ def build_gated(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         local_t = torch.tensor(local, dtype=torch.long)
         group = torch.where(spec.pos.gid >= 0, torch.searchsorted(local_t, spec.pos.gid.clamp(min=0)),
                             spec.pos.gid)
-        gate = FeatureGate(spec.dim, group, spec.pos.ch, [plan.groups[g].width for g in local])
+        meta = src.meta.get("tensor_meta")
+        gate = FeatureGate(spec.dim, group, spec.pos.ch, [plan.groups[g].width for g in local],
+                           rank=len(meta.shape) if hasattr(meta, "shape") else None,
+                           where=source_location(src.stack_trace))
         name = f"g{i}_{spec.source}"
         getattr(gm, GATES).add_module(name, gate)
         with graph.inserting_after(src):

@@ -139,8 +139,10 @@ def parse_shape(text: str) -> tuple[tuple[int, ...], Optional[torch.dtype]]:
         shape = tuple(int(p) for p in parts)
     except ValueError:
         raise ValueError(f"bad input shape {text!r}: expected integers like 1,3,224,224") from None
-    if not shape or any(d < 0 for d in shape):
-        raise ValueError(f"bad input shape {text!r}: expected non-negative integers like 1,3,224,224")
+    if not shape or any(d <= 0 for d in shape):
+        # a zero-size example runs no arithmetic: every count would read 0 MACs and every
+        # numeric check would compare empty tensors, so "convertible" would mean nothing
+        raise ValueError(f"bad input shape {text!r}: expected positive integers like 1,3,224,224")
     return shape, dtype
 
 

@@ -23,6 +23,7 @@ import copy
 import linecache
 import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
@@ -201,10 +202,33 @@ def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace:
                 if opaque:
                     suggestion += ("; submodules already made opaque leaves: "
                                    + ", ".join(o.name for o in opaque))
+            known = _known_cause(sys.exc_info()[2])
+            if known:
+                suggestion = f"{known}. {suggestion}"
             raise TraceError(f"torch.fx cannot trace the model: {reason}",
                              module=module, location=location, suggestion=suggestion) from exc
         name = type(model).__name__
         return _graph_module_class(lazy_code)(tracer.root, graph, name), opaque
+
+
+#: torch functions fx cannot trace through, by the file they live in, with what to do: fx's
+#: own error from inside them (``__cuda_array_interface__ must be a dict``) names neither
+_UNTRACEABLE = {
+    os.path.join("nn", "utils", "rnn.py"):
+        "packed sequences (pack_padded_sequence / pad_packed_sequence) cannot be traced by torch.fx: put "
+        "pack → RNN → unpack in one submodule, which dcopt keeps as an opaque leaf (its widths fixed), "
+        "or run the RNN on the padded tensor",
+}
+
+
+def _known_cause(tb) -> Optional[str]:
+    for frame, _ in traceback.walk_tb(tb):
+        fname = frame.f_code.co_filename
+        if fname.startswith(_TORCH_DIR):
+            for tail, hint in _UNTRACEABLE.items():
+                if fname.endswith(tail):
+                    return hint
+    return None
 
 
 def _graph_module_class(lazy_code: bool) -> type:
@@ -411,6 +435,18 @@ def _deepcopy(model: nn.Module) -> nn.Module:
                                     "forward") from exc
 
 
+def _refuse_converted(model: nn.Module) -> None:
+    """A model dcopt has already converted cannot be traced again (its gates read their
+    sizes as Python numbers); say so instead of fx's error about a Proxy."""
+    from .rewrite import DynamicModel, LazyDynamicModel
+    for name, m in model.named_modules():
+        if isinstance(m, (DynamicModel, LazyDynamicModel)):
+            raise TraceError(f"{'the model' if not name else repr(name)} is a dcopt {type(m).__name__}, already "
+                             "converted", suggestion="Pass the original nn.Module to analyze/convert; a "
+                             "DynamicModel's analysis is dm.analysis, its sizes dm.sizes(), and dcopt.export(dm) "
+                             "gives the plain model")
+
+
 def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_modules: Iterable[Any] = (),
           concrete_args: Optional[dict] = None, copy_model: bool = True, strict_trace: bool = False,
           lazy_code: bool = False, allow_hooks: bool = False) -> Traced:
@@ -434,6 +470,7 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dcopt expects a torch.nn.Module, got {type(model).__name__}")
+    _refuse_converted(model)
     if not allow_hooks:
         _refuse_hooks(model)
     src = _deepcopy(model) if copy_model else model

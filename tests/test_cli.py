@@ -278,6 +278,7 @@ def test_gh_escape():
 @pytest.mark.parametrize("argv, needle", [
     (["check"], "required: TARGET"),
     (["analyze", "x.py", "--input-shape", "1,a"], "bad input shape"),
+    (["analyze", "x.py", "--input-shape", "0,16"], "positive integers"),
     (["analyze", "x.py", "--dtype", "float8"], "unknown dtype"),
     (["check", "--format", "xml", "x.py"], "invalid choice"),
     (["frobnicate"], "invalid choice"),

@@ -137,6 +137,30 @@ def test_export_report_measures_the_models():
     assert rep["macs_after"] == round(dm.complexity("kept").macs.item()) < rep["macs_before"]
     assert rep["params_after"] == sum(p.numel() for p in small.parameters())
     assert {g["name"]: g["kept"] for g in rep["groups"]} == {"fc1": 8, "fc2": 24}
+    assert rep["params_unused"] == 0
+
+
+class _WithSpare(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.spare = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(100, 100)
+
+    def forward(self, x):
+        return self.b(self.a(x).relu())
+
+
+def test_export_report_counts_params_as_complexity_does_and_the_unused_apart():
+    """A submodule the forward never calls: complexity() does not count it, the export (an
+    instance of the user's class) keeps it. The report measured every parameter of the
+    export, so "after" (10 130) came out larger than "before" (212)."""
+    dm = dcopt.convert(_WithSpare(), (torch.randn(2, 8),))
+    dm.set_sizes({"a": 4})
+    small = dcopt.export(dm)
+    assert isinstance(small, _WithSpare)
+    rep = dcopt.export_report(dm, small)
+    assert rep["params_before"] == round(dm.complexity("full").params.item())
+    assert rep["params_after"] == round(dm.complexity("kept").params.item()) < rep["params_before"]
+    assert rep["params_unused"] == 100 * 100 + 100
 
 
 class _RowLoop(nn.Module):

@@ -229,7 +229,7 @@ def test_conv_subclass_overriding_conv_forward_is_not_a_conv():
     torch.manual_seed(0)
     model = Convs(WSConv2d(8, 8, 3, padding=1))
     x = (torch.randn(2, 3, 6, 6),)
-    a = check_rejected(model, x, "c1", "conv2d", others=((torch.randn(3, 3, 6, 6),),))
+    a = check_rejected(model, x, "c1", "module 'c2' (WSConv2d)", others=((torch.randn(3, 3, 6, 6),),))
     assert a.group("c0").status == "dynamic"
 
 
@@ -286,3 +286,35 @@ def test_batchnorm1d_on_batched_2d_input_stays_per_channel():
         model[1].running_mean.uniform_(-1, 1)
         model[1].running_var.uniform_(0.5, 2)
     check_dynamic(model, (torch.randn(4, 6),), "0", others=((torch.randn(7, 6),),))
+
+
+# -- a model that is already converted ------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["analyze", "convert", "inside", "lazy"])
+def test_an_already_converted_model_is_refused_by_name(how):
+    """fx's own error on a DynamicModel speaks of a Proxy in float(); dcopt says what it is."""
+    x = torch.randn(2, 8)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    dm = dcopt.convert(model) if how == "lazy" else dcopt.convert(model, (x,))
+    target = nn.Sequential(dm, nn.ReLU()) if how == "inside" else dm
+    call = dcopt.analyze if how == "analyze" else dcopt.convert
+    with pytest.raises(dcopt.TraceError, match="already converted.*dcopt.export"):
+        call(target, (x,))
+
+
+class PackedTopLevel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.rnn, self.c = nn.Linear(8, 16), nn.GRU(16, 12, batch_first=True), nn.Linear(12, 4)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(self.a(x), lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        return self.c(nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0])
+
+
+def test_packed_sequences_in_the_top_level_forward_say_what_to_do():
+    """fx's own error from inside pack_padded_sequence speaks of __cuda_array_interface__."""
+    with pytest.raises(dcopt.TraceError, match="packed sequences.*one submodule") as err:
+        dcopt.analyze(PackedTopLevel(), (torch.randn(2, 5, 8), torch.tensor([5, 3])))
+    assert "test_module_holes.py" in str(err.value)

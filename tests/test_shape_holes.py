@@ -277,3 +277,83 @@ class UnflattenModule(nn.Module):
 def test_unflatten_module_holding_the_width_keeps_the_group():
     x = torch.randn(3, 8)
     assert_kept(UnflattenModule(), (x,), ((torch.randn(5, 8),),), "a", "unflattened_size")
+
+
+# -- a rank that depends on the input's shape ---------------------------------------------
+
+class SqueezeAll(nn.Module):
+    """``h.squeeze()`` removes the batch dim of a batch of 1 and keeps it otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.a(x).relu().squeeze()
+        return self.c(self.b(h).relu())
+
+
+@pytest.mark.parametrize("batch", [3, 16])
+def test_a_gate_traced_on_a_squeezed_batch_of_one_refuses_other_batches(batch):
+    """Converted on a batch of 1, the gate after ``squeeze()`` sits on dim 0 of a rank-1
+    tensor. A batch of 16 has 16 rows on dim 0 as well: without the rank check the gate
+    zeroed batch rows instead of features, silently (the export slices features, so the
+    two differed). Now any batch but 1 stops with a TraceError naming the line."""
+    dm = dcopt.convert(SqueezeAll(), (torch.randn(1, 8),))
+    dm.set_sizes(smallest(dm))
+    dm.eval()
+    with pytest.raises(dcopt.TraceError, match="rank 1.*batch of 1") as err:
+        dm(torch.randn(batch, 8))
+    assert "test_shape_holes.py" in str(err.value)
+    # converted on data-shaped inputs the same model trains and exports exactly
+    exact_at_small_sizes(SqueezeAll(), (torch.randn(4, 8),), [(torch.randn(16, 8),)])
+
+
+# -- expand with the feature dim's size written in the call --------------------------------
+
+class ExpandGate(nn.Module):
+    """A per-channel gate from a Linear, broadcast over time by expand."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b, self.p = nn.Conv1d(4, 16, 1), nn.Conv1d(16, 4, 1), nn.Linear(4, 16)
+        if how == "expand_as_fixed":
+            self.fixed = nn.Conv1d(4, 16, 1)
+
+    def forward(self, x):
+        h = self.a(x)                                   # B, 16, T
+        g = self.p(x.mean(2)).unsqueeze(2)              # B, 16, 1
+        B, T = x.shape[0], x.shape[2]
+        if self.how == "literal":
+            g = g.expand(B, 16, T)
+        elif self.how == "tuple":
+            g = g.expand((B, 16, T))
+        elif self.how == "minus_one":
+            g = g.expand(-1, -1, T)
+        elif self.how == "read":
+            g = g.expand(B, g.size(1), T)
+        elif self.how == "broadcast_to":
+            g = torch.broadcast_to(g, (B, 16, T))
+        elif self.how == "computed":
+            g = g.expand(B, 4 * x.size(1), T)
+        elif self.how == "expand_as":
+            g = g.expand_as(g.repeat(1, 1, T))
+        elif self.how == "expand_as_fixed":
+            g = g.expand_as(self.fixed(x))
+        return self.b(torch.sigmoid(g) * h)
+
+
+@pytest.mark.parametrize("how", ["literal", "tuple", "minus_one", "read", "broadcast_to", "expand_as"])
+def test_expand_follows_the_kept_width(how):
+    """A literal 16 in expand was left as it was: the export asked a sliced gate for 16
+    channels and crashed ("The expanded size of the tensor (16) must match ... (8)")."""
+    torch.manual_seed(0)
+    dm = exact_at_small_sizes(ExpandGate(how), (torch.randn(2, 4, 10),), [(torch.randn(3, 4, 7),)])
+    assert dm.plan.groups[0].width == 16
+
+
+@pytest.mark.parametrize("how, word", [("computed", "computes the size"), ("expand_as_fixed", "expand_as")])
+def test_expand_to_a_size_it_cannot_follow_keeps_the_group(how, word):
+    torch.manual_seed(0)
+    assert_kept(ExpandGate(how), (torch.randn(2, 4, 10),), [(torch.randn(3, 4, 7),)], "p", word)

@@ -60,7 +60,7 @@ def test_parse_shape(text, shape, dtype):
     assert parse_shape(text) == (shape, dtype)
 
 
-@pytest.mark.parametrize("text", ["", "a", "1,x", "1,,3", "-1,2", "1,2:complex999"])
+@pytest.mark.parametrize("text", ["", "a", "1,x", "1,,3", "-1,2", "0,16", "1,3,0", "1,2:complex999"])
 def test_parse_shape_rejects(text):
     with pytest.raises(ValueError):
         parse_shape(text)

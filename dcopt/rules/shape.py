@@ -197,14 +197,23 @@ def flatten(ctx):
 
 @register_rule("view_as", "reshape_as")
 def view_as(ctx):
-    """``x.view_as(other)`` takes its target from ``other``: exact only where ``other``'s
-    features are these very positions on the same dim (both lose the same ones)."""
-    out = _reshape(ctx)
+    """``x.view_as(other)`` takes its target from ``other``."""
+    return _sized_like_other(ctx, _reshape(ctx))
+
+
+def _sized_like_other(ctx, out: Optional[FMap]) -> Optional[FMap]:
+    """``x.view_as(other)`` / ``x.expand_as(other)`` read ``other``'s shape, width
+    included: exact only where ``other``'s features are these very positions on the same
+    dim (both keep the same ones). Otherwise both sides keep their width: ``other``'s is
+    a number here, and it sizes a tensor whose features are not its own."""
     other = ctx.fmap(ctx.arg(1, "other"))
-    if out is not None and (other is None or other.dim != out.dim or not _same_positions(other.pos, out.pos)):
-        ctx.reject(out, f"{ctx.node.target} takes its shape from a tensor whose features are not these")
+    if out is None and other is None:
         return None
-    return out
+    if out is not None and other is not None and other.dim == out.dim and _same_positions(other.pos, out.pos):
+        return out
+    ctx.reject([m for m in (out, other) if m is not None],
+               f"{ctx.node.target} takes its shape from a tensor whose features are not these")
+    return None
 
 
 @register_rule("unflatten", torch.unflatten, nn.Unflatten)
@@ -223,9 +232,9 @@ def unflatten(ctx):
     return _reshape(ctx, spec)
 
 
-@register_rule("expand", "expand_as", "broadcast_to", torch.broadcast_to, "repeat", "tile", torch.tile)
-def expand(ctx):
-    """expand/repeat may add leading dims and grow size-1 dims; the feature dim must keep its length."""
+@register_rule("repeat", "tile", torch.tile)
+def repeat(ctx):
+    """repeat/tile may add leading dims and repeat others; the feature dim must be repeated once."""
     x = ctx.arg(0, "input")
     fm = ctx.fmap(x)
     if fm is None:
@@ -236,6 +245,52 @@ def expand(ctx):
         return None
     ctx.consumes(fm)
     return fm.moved(d)
+
+
+@register_rule("expand", "broadcast_to", torch.broadcast_to)
+@reads_widths
+def expand(ctx):
+    """``g.expand(B, C, T)`` may add leading dims and grow size-1 dims. The features keep
+    their dim; its entry in the target sizes must follow the kept width: ``-1`` does, a
+    literal is rewritten at export, the width read from these very features is recomputed.
+    A literal left as it was would ask a sliced tensor for the old width (an export crash)."""
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    widths = widths_in([ctx.value(a) for a in ctx.node.all_input_nodes])
+    if fm is None:
+        pin_widths(ctx, widths, _name(ctx))
+        return None
+    d = fm.dim + len(ctx.out_shape) - len(ctx.shape(x))
+    if ctx.out_shape[d] != len(fm.pos):
+        ctx.reject(fm, "repeats along the feature dimension")
+        pin_widths(ctx, widths, _name(ctx))
+        return None
+    if ctx.node.target == "expand":
+        args = ctx.node.args[1:]
+        spec = (dict(arg=1, nested=True) if len(args) == 1 and isinstance(args[0], (tuple, list))
+                else dict(arg=1, nested=False) if args else dict(kwarg="size"))
+    else:
+        spec = dict(arg=1, nested=True) if len(ctx.node.args) > 1 else dict(kwarg="size")
+    entries = _target_entries(ctx, spec)
+    entry = entries[d] if entries is not None and len(entries) == len(ctx.out_shape) else None
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        if entry != -1:
+            ctx.rewrite(dict(kind="shape_literal", out_dim=d, pos=fm.pos, **spec))
+    elif isinstance(entry, Width) and entry.exact and _same_positions(entry.pos, fm.pos):
+        widths = [w for w in widths if w is not entry]
+    else:
+        ctx.reject(fm, f"{_name(ctx)} computes the size of the feature dimension (target {ctx.out_shape}); "
+                       "only a literal, -1 or the width read from these features can be rewritten")
+        pin_widths(ctx, widths, _name(ctx))
+        return None
+    pin_widths(ctx, widths, _name(ctx))
+    ctx.consumes(fm)
+    return fm.moved(d)
+
+
+@register_rule("expand_as")
+def expand_as(ctx):
+    return _sized_like_other(ctx, repeat(ctx))
 
 
 # -- indexing -------------------------------------------------------------------------------
