@@ -9,9 +9,12 @@ kernels, so it silently counts 0 for them:
   ``F.scaled_dot_product_attention`` runs on CPU (its CUDA siblings are registered);
 * ``aten._native_multi_head_attention`` -- the fused fast path ``nn.MultiheadAttention``
   takes in eval mode without grad (ViT's encoder blocks, for one): in-projection,
-  attention and out-projection all disappear from the count.
+  attention and out-projection all disappear from the count;
+* ``aten._transformer_encoder_layer_fwd`` -- the fused fast path of a whole
+  ``nn.TransformerEncoderLayer(batch_first=True)`` in eval without grad: attention and
+  feed-forward.
 
-Both are added here through ``FlopCounterMode(custom_mapping=...)`` (the library's own
+All three are added here through ``FlopCounterMode(custom_mapping=...)`` (the library's own
 extension point), with the same conventions as torch's formulas (2 FLOPs per MAC, bias
 additions not counted), so the fast path counts exactly what the slow path does. The
 fused float32 LSTM kernel is handled separately, per module, in
@@ -54,10 +57,21 @@ def _native_mha_flop(query_shape, key_shape, value_shape, embed_dim, num_head, q
     return 2 * (in_proj + attention + out_proj)
 
 
+def _encoder_layer_flop(src_shape, embed_dim, num_heads, qkv_weight_shape, qkv_bias_shape, proj_weight_shape,
+                        proj_bias_shape, use_gelu, norm_first, eps, norm_weight_1, norm_bias_1, norm_weight_2,
+                        norm_bias_2, ffn_weight_1_shape, *args, out_shape=None, **kwargs) -> int:
+    """The fused ``nn.TransformerEncoderLayer`` (eval, no grad, ``batch_first``): its
+    self-attention as :func:`_native_mha_flop` plus the two feed-forward matmuls."""
+    b, length = (1, src_shape[0]) if len(src_shape) == 2 else (src_shape[0], src_shape[1])
+    ffn = 2 * b * length * int(embed_dim) * int(ffn_weight_1_shape[0])
+    return _native_mha_flop(src_shape, src_shape, src_shape, embed_dim, num_heads, qkv_weight_shape) + 2 * ffn
+
+
 #: op → FLOP formula (shapes in, like torch's registry) for the kernels torch does not count.
 EXTRA_FLOP_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop,
     aten._native_multi_head_attention: _native_mha_flop,
+    aten._transformer_encoder_layer_fwd: _encoder_layer_flop,
 }
 
 

@@ -39,6 +39,22 @@ def test_mha_fast_path_counts_what_the_slow_path_does(batched, cross):
     assert dcopt.count_macs(m.train(), (q, kv)) == expected         # in_proj / sdpa / out_proj path
 
 
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("norm_first, activation", [(False, "relu"), (True, "gelu")])
+def test_fused_encoder_layer_counts_what_the_slow_path_does(batched, norm_first, activation):
+    """In eval without grad a batch_first TransformerEncoderLayer runs as one fused kernel
+    (aten._transformer_encoder_layer_fwd) that torch's counter gives 0: a speech encoder's
+    whole attention stack vanished from the totals, and with it every MACs fraction."""
+    torch.manual_seed(0)
+    m = nn.TransformerEncoderLayer(32, 4, 48, batch_first=True, norm_first=norm_first, activation=activation)
+    x = torch.randn(3, 7, 32) if batched else torch.randn(7, 32)
+    b = 3 if batched else 1
+    expected = _mha_formula(b, 7, 7, 32) + 2 * b * 7 * 32 * 48
+    assert dcopt.count_macs(m.eval(), (x,)) == expected              # fused fast path
+    assert dcopt.count_macs(m.train(), (x,)) == expected             # module by module
+    assert dcopt.analyze(nn.Sequential(m).eval(), (x,)).macs == expected   # as an opaque leaf
+
+
 def test_sdpa_on_cpu_is_counted():
     q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 5)
     with dcopt.counting.flop_counter() as fc:
