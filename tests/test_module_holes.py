@@ -318,3 +318,27 @@ def test_packed_sequences_in_the_top_level_forward_say_what_to_do():
     with pytest.raises(dcopt.TraceError, match="packed sequences.*one submodule") as err:
         dcopt.analyze(PackedTopLevel(), (torch.randn(2, 5, 8), torch.tensor([5, 3])))
     assert "test_module_holes.py" in str(err.value)
+
+
+class EncoderDecoderLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.LSTM(12, 20, batch_first=True), nn.LSTM(8, 20, batch_first=True)
+        self.out = nn.Linear(20, 4)
+
+    def forward(self, x, y):
+        _, state = self.enc(x)       # (h_n, c_n), one value
+        o, _ = self.dec(y, state)    # passed on whole
+        return self.out(o)
+
+
+def test_an_lstm_state_passed_on_whole_couples_encoder_and_decoder():
+    """The decoder's rule read ``hx`` only as a tuple written in the call; one node holding
+    the encoder's (h_n, c_n) left the encoder dynamic and the decoder full: torch's own
+    "Expected hidden[0] size" at export."""
+    torch.manual_seed(0)
+    ex = (torch.randn(3, 7, 12), torch.randn(3, 5, 8))
+    dm = dcopt.convert(EncoderDecoderLSTM(), ex)
+    assert [(g.name, g.width) for g in dm.plan.groups] == [("enc", 20)]
+    small = assert_exact_export(dm, ex, {"enc": 10}, others=((torch.randn(2, 4, 12), torch.randn(2, 9, 8)),))
+    assert small.enc.hidden_size == small.dec.hidden_size == 10

@@ -251,9 +251,15 @@ def rnn(ctx):
     ctx.macs(weights, coef=float(steps * batch))  # per step and direction: G*H*(I+H)
     h0 = ctx.arg(1, "hx")
     if h0 is not None:
-        states = h0 if isinstance(h0, (tuple, list)) else (h0,)
-        for s in states:
-            sfm = ctx.fmap(s)
+        # ``(h0, c0)`` written in the call is a tuple of nodes; an encoder's whole state
+        # passed on (``_, state = enc(x); dec(y, state)``) is one node holding a tuple
+        if isinstance(h0, (tuple, list)):
+            states = [ctx.value(s) for s in h0]
+        else:
+            value = ctx.value(h0)
+            states = list(value) if isinstance(value, (tuple, list)) else [value]
+        for sfm in states:
+            sfm = sfm if isinstance(sfm, FMap) else None
             ctx.unify([hpos, sfm.pos if sfm is not None else Positions.fixed(H)], " (initial hidden state)")
     out = FMap(nd - 1, Positions.cat([hpos] * D))
     hn = FMap(1 if nd == 2 else 2, hpos)
