@@ -186,9 +186,10 @@ def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace:
             module = next((q for q in reversed(stack) if q not in tracer.leaf_seen), "")
             location = _user_frame(sys.exc_info()[2])
             reason = f"{type(exc).__name__}: {exc}".strip()
+            known = _known_cause(sys.exc_info()[2])
             if module and not strict_trace and module not in {o.name for o in opaque}:
                 opaque.append(OpaqueLeaf(name=module, type=type(model.get_submodule(module)).__name__,
-                                         reason=_first_line(reason), location=location))
+                                         reason=known[0] if known else _first_line(reason), location=location))
                 continue
             if module:
                 suggestion = (f"Make '{module}' (or its type {type(model.get_submodule(module)).__name__}) a "
@@ -202,32 +203,33 @@ def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace:
                 if opaque:
                     suggestion += ("; submodules already made opaque leaves: "
                                    + ", ".join(o.name for o in opaque))
-            known = _known_cause(sys.exc_info()[2])
             if known:
-                suggestion = f"{known}. {suggestion}"
+                suggestion = f"{known[0]}: {known[1]}. {suggestion}"
             raise TraceError(f"torch.fx cannot trace the model: {reason}",
                              module=module, location=location, suggestion=suggestion) from exc
         name = type(model).__name__
         return _graph_module_class(lazy_code)(tracer.root, graph, name), opaque
 
 
-#: torch functions fx cannot trace through, by the file they live in, with what to do: fx's
-#: own error from inside them (``__cuda_array_interface__ must be a dict``) names neither
+#: torch functions fx cannot trace through, by the file they live in: what they are, and
+#: what to do about it at the top level. fx's own error from inside them
+#: (``__cuda_array_interface__ must be a dict``) names neither.
 _UNTRACEABLE = {
-    os.path.join("nn", "utils", "rnn.py"):
-        "packed sequences (pack_padded_sequence / pad_packed_sequence) cannot be traced by torch.fx: put "
-        "pack → RNN → unpack in one submodule, which dcopt keeps as an opaque leaf (its widths fixed), "
-        "or run the RNN on the padded tensor",
+    os.path.join("nn", "utils", "rnn.py"): (
+        "packed sequences (pack_padded_sequence / pad_packed_sequence) cannot be traced by torch.fx",
+        "put pack → RNN → unpack in one submodule, which dcopt keeps as an opaque leaf (its widths fixed), "
+        "or run the RNN on the padded tensor"),
 }
 
 
-def _known_cause(tb) -> Optional[str]:
+def _known_cause(tb) -> Optional[tuple[str, str]]:
+    """(what, way out) when the failure happened inside one of :data:`_UNTRACEABLE`."""
     for frame, _ in traceback.walk_tb(tb):
         fname = frame.f_code.co_filename
         if fname.startswith(_TORCH_DIR):
-            for tail, hint in _UNTRACEABLE.items():
+            for tail, known in _UNTRACEABLE.items():
                 if fname.endswith(tail):
-                    return hint
+                    return known
     return None
 
 

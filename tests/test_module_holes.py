@@ -342,3 +342,59 @@ def test_an_lstm_state_passed_on_whole_couples_encoder_and_decoder():
     assert [(g.name, g.width) for g in dm.plan.groups] == [("enc", 20)]
     small = assert_exact_export(dm, ex, {"enc": 10}, others=((torch.randn(2, 4, 12), torch.randn(2, 9, 8)),))
     assert small.enc.hidden_size == small.dec.hidden_size == 10
+
+
+class DepthwiseTransposed(nn.Module):
+    def __init__(self, dims, mult, stride, bias):
+        super().__init__()
+        conv, tconv = (nn.Conv1d, nn.ConvTranspose1d) if dims == 1 else (nn.Conv2d, nn.ConvTranspose2d)
+        self.a = conv(3, 8, 3)
+        self.t = tconv(8, 8 * mult, 4, stride=stride, groups=8, padding=1, output_padding=stride - 1, bias=bias)
+        self.b = conv(8 * mult, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.t(self.a(x))))
+
+
+@pytest.mark.parametrize("dims, mult, stride, bias", [(1, 1, 2, True), (1, 3, 1, False), (2, 2, 2, True)])
+def test_depthwise_transposed_conv_follows_its_input_channels(dims, mult, stride, bias):
+    """A depthwise transposed conv's weight is (in, multiplier, k...), not (out, 1, k...):
+    it was refused as a "grouped" conv "in blocks of 1"; now it is sliced along its input
+    channels, exactly, with MACs and parameters as counted."""
+    torch.manual_seed(0)
+    shape = (2, 3, 10) if dims == 1 else (2, 3, 9, 9)
+    other = (3, 3, 13) if dims == 1 else (1, 3, 12, 11)
+    dm = dcopt.convert(DepthwiseTransposed(dims, mult, stride, bias), (torch.randn(shape),))
+    assert dm.group_names == ["a"]
+    for k in (2, 5):
+        small = assert_exact_export(dm, (torch.randn(shape),), {"a": k}, others=((torch.randn(other),),))
+        assert (small.t.in_channels, small.t.out_channels, small.t.groups) == (k, k * mult, k)
+
+
+class PackedInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(12, 20, batch_first=True)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        y, _ = self.rnn(packed)
+        return nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=x.shape[1])[0]
+
+
+class PackedInSubmodule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.enc, self.out = nn.Linear(12, 12), PackedInside(), nn.Linear(20, 4)
+
+    def forward(self, x, lengths):
+        return self.out(self.enc(self.inp(x), lengths))
+
+
+def test_an_opaque_block_of_packed_sequences_says_so():
+    """The documented way out (pack → RNN → unpack in one submodule) becomes an opaque
+    block; its reason was fx's "__cuda_array_interface__ must be a dict"."""
+    a = dcopt.analyze(PackedInSubmodule(), (torch.randn(3, 6, 12), torch.tensor([6, 3, 2])))
+    reasons = [r.reason for r in a.rejections if r.kind == "unsupported"]
+    assert any("opaque block enc" in r and "packed sequences" in r for r in reasons), reasons
+    assert not any("cuda_array_interface" in r for r in reasons), reasons

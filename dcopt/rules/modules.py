@@ -80,12 +80,13 @@ def _conv(ctx, transposed: bool):
         return FMap(cdim, out)
     if fm is None:
         return None
-    if not transposed and m.groups == m.in_channels:
-        # depthwise: output channel o reads input channel o // multiplier only
+    if m.groups == m.in_channels:
+        # depthwise: output channel o reads input channel o // multiplier only. The weight
+        # is (out, 1, k...) for a conv and (in, multiplier, k...) for a transposed one.
         mult = m.out_channels // m.in_channels
         out = fm.pos.tile(1, mult)
         ctx.consumes(fm)
-        ctx.plan_param("weight", (out,) + (None,) * (spatial + 1))
+        ctx.plan_param("weight", ((fm.pos,) if transposed else (out,)) + (None,) * (spatial + 1))
         if m.bias is not None:
             ctx.plan_param("bias", (out,))
         ctx.plan_attr("in_channels", fm.pos)
@@ -94,7 +95,8 @@ def _conv(ctx, transposed: bool):
         ctx.macs(["weight"])
         return FMap(cdim, out)
     ctx.reject(fm, f"grouped {type(m).__name__} (groups={m.groups}) ties channels in blocks of "
-                   f"{m.in_channels // m.groups}; removing single channels would break the blocks")
+                   f"{m.in_channels // m.groups} (and {m.out_channels // m.groups} out); removing single "
+                   "channels would break the blocks")
     return None
 
 
