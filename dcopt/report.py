@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 from rich.console import Group as RichGroup
 from rich.table import Table
 from rich.text import Text
@@ -86,7 +87,7 @@ def render_analysis(a: "Analysis", *, show_layers: bool = True):
 def count_macs(model: torch.nn.Module, example_inputs) -> int:
     """MACs as ``FlopCounterMode`` counts them (÷2; with the fused CPU attention kernels
     torch does not count, :mod:`dcopt.counting`), with every LSTM by formula,
-    4·H·(I+H) per step, direction and layer: the counter misses the fused float32 LSTM
+    4·H·(I+H) per step, direction and layer (for a packed sequence, per real step): the counter misses the fused float32 LSTM
     kernel but does see the matmuls of the float64 fallback, so whatever it saw inside
     an LSTM is replaced by the formula. The model runs in eval mode (a train-mode run would
     move BatchNorm's running statistics: counting must not change the model) and gets its
@@ -101,10 +102,12 @@ def count_macs(model: torch.nn.Module, example_inputs) -> int:
     def post(m, args, out):
         seen = fc.get_total_flops() - starts.pop()
         x = args[0]
-        steps, batch = (x.shape[0], 1) if x.dim() == 2 else ((x.shape[1], x.shape[0]) if m.batch_first else
-                                                             (x.shape[0], x.shape[1]))
+        if isinstance(x, PackedSequence):   # only the real (unpadded) steps run: one row each
+            rows = x.data.shape[0]
+        else:
+            rows = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1]
         w = sum(p.numel() for n, p in m.named_parameters() if n.startswith("weight"))
-        correction[0] += 2 * steps * batch * w - seen
+        correction[0] += 2 * rows * w - seen
 
     lstms = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
     handles = [m.register_forward_pre_hook(pre) for m in lstms] + [m.register_forward_hook(post) for m in lstms]
@@ -117,19 +120,31 @@ def count_macs(model: torch.nn.Module, example_inputs) -> int:
     return (fc.get_total_flops() + correction[0]) // 2
 
 
-def export_report(dynamic_model, exported: torch.nn.Module) -> dict:
+def export_report(dynamic_model, exported: torch.nn.Module, sizes: dict | None = None) -> dict:
     """Per group N → kept, and MACs/params before and after *measured* on the models.
+
+    ``sizes``: as given to ``export(dm, sizes=...)`` (default: the DynamicModel's kept
+    sizes). The measured MACs must be those predicted at these sizes; a model exported
+    at other sizes is a ``ValueError`` rather than a report whose widths contradict its
+    MACs.
 
     Parameters count as dcopt counts them everywhere (``Analysis.params``,
     ``complexity()``): those the forward uses. A submodule the forward never calls is
     traced away, but an export that is an instance of the user's class keeps it as it
     was; its parameters are reported apart (``params_unused``) rather than added to the
     model's, where they made "after" larger than "before"."""
+    from .export import _resolve_sizes
     dm = dynamic_model
     inputs = dm.example_inputs
-    kept = dm.kept_sizes()
+    kept = _resolve_sizes(dm, sizes)
     groups = [dict(name=g.name, width=g.width, kept=k) for g, k in zip(dm.plan.groups, kept)]
     macs_after = count_macs(exported, inputs)
+    predicted = round(float(dm._cx([torch.tensor(float(n)) for n in kept]).macs))
+    if macs_after != predicted:
+        raise ValueError(f"the exported model costs {macs_after} MACs, but the DynamicModel at "
+                         f"{'the sizes given' if sizes else 'its kept sizes'} {dict(zip(dm.group_names, kept))} "
+                         f"costs {predicted}: report on the model exported at these sizes (pass the sizes given "
+                         "to export as sizes=)")
     used = set(dm.plan.param_numel)
     named = dict(exported.named_parameters())
     params_after = sum(p.numel() for n, p in named.items() if n in used)

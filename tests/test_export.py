@@ -211,3 +211,17 @@ def test_count_macs_counts_lstm_once_in_any_dtype():
     expected = 2 * 5 * 4 * 4 * (3 + 4)  # batch · steps · 4 gates · H · (I + H)
     assert dcopt.count_macs(m, (x,)) == expected
     assert dcopt.count_macs(m.double(), (x.double(),)) == expected
+
+
+def test_export_report_of_a_model_exported_at_other_sizes():
+    """export(dm, sizes=...) leaves dm's own sizes alone: the report read dm's widths and
+    put them beside the export's MACs. Now it takes the sizes, and refuses a mismatch."""
+    model, inputs = build("mlp")
+    dm = dcopt.convert(model, inputs)
+    small = dcopt.export(dm, sizes={"fc1": 8, "fc2": 6})
+    with pytest.raises(ValueError, match="pass the sizes given to export"):
+        dcopt.export_report(dm, small)
+    rep = dcopt.export_report(dm, small, sizes={"fc1": 8, "fc2": 6})
+    assert {g["name"]: g["kept"] for g in rep["groups"]} == {"fc1": 8, "fc2": 6}
+    dm.set_sizes({"fc1": 8, "fc2": 6})
+    assert rep["macs_after"] == round(dm.complexity("kept").macs.item())
