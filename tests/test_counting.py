@@ -217,3 +217,24 @@ def test_propagated_metadata_matches_fx_shape_prop():
             n.meta.pop("type", None)
         propagate_shapes(gm, inputs)
         assert {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes} == theirs, name
+
+
+class _PackedLSTM(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.lstm, self.out = nn.LSTM(8, 16, batch_first=batch_first, bidirectional=True), nn.Linear(32, 2)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=self.batch_first, enforce_sorted=False)
+        y, _ = self.lstm(packed)
+        return self.out(nn.utils.rnn.pad_packed_sequence(y, batch_first=self.batch_first)[0])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_an_lstm_on_a_packed_sequence_counts_its_real_steps(batch_first):
+    """count_macs read .dim() of the PackedSequence (AttributeError)."""
+    x = torch.randn(3, 5, 8) if batch_first else torch.randn(5, 3, 8)
+    lengths = torch.tensor([5, 3, 2])
+    lstm = 2 * 4 * 16 * (8 + 16) * int(lengths.sum())          # two directions, real steps only
+    assert dcopt.count_macs(_PackedLSTM(batch_first), (x, lengths)) == lstm + 3 * 5 * 32 * 2
