@@ -2,10 +2,23 @@
 out-of-range values fail at ``convert`` time with a ValueError, not mid-training."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 __all__ = ["Config"]
+
+
+def _require_finite(name: str, value: Any) -> None:
+    """A float option must be a finite number: NaN passes every ``x < 0`` check and inf
+    every lower bound, and either shows up only as a non-finite loss once the optimize
+    phase starts, after the fixed phase has spent its epochs."""
+    try:
+        ok = math.isfinite(value)
+    except (TypeError, ValueError, RuntimeError):  # not a number (RuntimeError: a tensor of many)
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 @dataclass
@@ -50,6 +63,10 @@ class Config:
     rnn_noise: bool = True
 
     def __post_init__(self):
+        for name in ("kappa_min", "beta", "dual_lr", "budget_rho"):
+            _require_finite(name, getattr(self, name))
+        if self.target_macs is not None:
+            _require_finite("target_macs", self.target_macs)
         if not 0.0 < self.kappa_min <= 1.0:
             raise ValueError(f"kappa_min must be in (0, 1], got {self.kappa_min}")
         if self.regularizer not in ("l2", "macs"):

@@ -29,12 +29,14 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
 from .budget import BudgetLanding, land_on_budget
+from .config import _require_finite
 from .modes import eval_mode
 from .tolerance import balance_beta
 
@@ -177,12 +179,58 @@ def _batch_size(target, args) -> int:
     return 1
 
 
+_BATCH_FORM = "each batch must be a pair (inputs, target); inputs a tensor or a tuple of tensors"
+
+
+def _is_inputs(inputs) -> bool:
+    return isinstance(inputs, torch.Tensor) or (isinstance(inputs, (tuple, list))
+                                                and all(_is_inputs(x) for x in inputs))
+
+
+def _kind(obj) -> str:
+    if isinstance(obj, (tuple, list)):
+        return f"a {type(obj).__name__} of ({', '.join(type(x).__name__ for x in obj)})"
+    return f"a {type(obj).__name__}"
+
+
 def _split(batch):
+    """``(inputs, target)`` of one batch, or a TypeError that says what the batch was.
+    Unpacking alone is not a check: a two-key dict unpacks into its key strings and a
+    tensor of 2 rows into its rows, and the model then fails deep inside (or, for the
+    rows, trains on the wrong thing)."""
+    if isinstance(batch, Mapping):
+        raise TypeError(f"{_BATCH_FORM}, got a {type(batch).__name__} with keys {list(batch)} (unpacking it "
+                        "gives the keys): make each batch a pair, e.g. (b['x'], b['y'])")
+    if isinstance(batch, torch.Tensor):
+        raise TypeError(f"{_BATCH_FORM}, got a single tensor of shape {tuple(batch.shape)}")
     try:
         inputs, target = batch
     except (TypeError, ValueError):
-        raise TypeError("each batch must be a pair (inputs, target); inputs a tensor or a tuple of tensors") from None
+        raise TypeError(f"{_BATCH_FORM}, got {_kind(batch)}") from None
+    if not _is_inputs(inputs):
+        raise TypeError(f"{_BATCH_FORM}, got inputs {_kind(inputs)}")
     return inputs, target
+
+
+def _epoch_count(name: str, n) -> int:
+    """An epoch count as an int (``2.0`` is 2 epochs; ``range`` takes ints only)."""
+    try:
+        ok = int(n) == n and n >= 0
+    except (TypeError, ValueError, OverflowError):  # not a number, NaN, inf
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
+    return int(n)
+
+
+def _require_reiterable(name: str, data) -> None:
+    """fit reads ``train_data`` every epoch and ``val_data`` after every epoch: a generator
+    (any one-shot iterator) is spent after the first pass, and the epochs after it would
+    see no batches. Checked by type, without calling ``iter`` (a DataLoader would start
+    its workers)."""
+    if isinstance(data, Iterator):
+        raise ValueError(f"{name} must be re-iterable every epoch, e.g. a DataLoader or a list, not a generator "
+                         f"or other one-shot iterator (got {type(data).__name__})")
 
 
 def _batches(data: Iterable, device):
@@ -275,8 +323,10 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
     * ``train_data`` / ``val_data``: any re-iterable of ``(inputs, target)`` batches (a
       DataLoader, a list); ``inputs`` a tensor or a tuple of tensors (passed as
       positional arguments). Batches are moved to ``device`` (default: the model's).
-    * ``loss_fn(output, target)`` → scalar task loss. ``metric_fn(output, target)`` →
-      a number, averaged over ``val_data`` (weighted by batch size); lower or higher
+      A generator (one pass only), data that yields no batches, or a batch of another
+      form (a dict, a single tensor) is an error, not a missing value.
+    * ``loss_fn(output, target)`` → scalar task loss (a one-element tensor).
+      ``metric_fn(output, target)`` → a number, averaged over ``val_data`` (weighted by batch size); lower or higher
       is yours to interpret.
     * ``fixed_epochs``: weights only, full width, no noise. ``optimize_epochs``: sizes
       and weights, loss = task + ``dm.complexity_loss()`` (in budget mode that call also
@@ -338,10 +388,15 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
     At the end the model is left with its sizes fixed (``dm.fix_sizes()``, noise off),
     in train mode; the learned sizes are what :func:`dcopt.export` keeps.
     """
-    for name, n in (("fixed_epochs", fixed_epochs), ("optimize_epochs", optimize_epochs),
-                    ("settle_epochs", 0 if settle_epochs is None else settle_epochs)):
-        if int(n) != n or n < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
+    fixed_epochs = _epoch_count("fixed_epochs", fixed_epochs)
+    optimize_epochs = _epoch_count("optimize_epochs", optimize_epochs)
+    if settle_epochs is not None:
+        settle_epochs = _epoch_count("settle_epochs", settle_epochs)
+    _require_reiterable("train_data", train_data)
+    _require_reiterable("val_data", val_data)
+    for name, value in (("lr", lr), ("size_lr", size_lr), ("settle_lr", settle_lr), ("cross_epochs", cross_epochs)):
+        if value is not None:
+            _require_finite(name, value)
     dm = _resolve(dm, train_data, device)
     try:
         steps_per_epoch = len(train_data)  # type: ignore[arg-type]
@@ -350,8 +405,6 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
     controller = _tolerance_controller(dm, tolerance)
     if settle_epochs is None:
         settle_epochs = optimize_epochs // 4 if controller is not None else 0
-    if int(settle_epochs) != settle_epochs or settle_epochs < 0:
-        raise ValueError(f"settle_epochs must be a non-negative integer, got {settle_epochs!r}")
     if size_lr is None:
         size_lr = _auto_size_lr(dm, steps_per_epoch, cross_epochs) if controller is not None else 3e-4
     if lr <= 0 or size_lr < 0:
@@ -437,6 +490,10 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
                 for args, target in _batches(train_data, device):
                     out = dm(*args)
                     task = loss_fn(out, target)
+                    if not (isinstance(task, torch.Tensor) and task.numel() == 1):  # backward needs one number
+                        raise TypeError("loss_fn must return the batch's loss as a scalar tensor (reduce it, e.g. "
+                                        "reduction='mean'), got " + (f"a tensor of shape {tuple(task.shape)}"
+                                                                     if isinstance(task, torch.Tensor) else _kind(task)))
                     if phase == "optimize":
                         cx = dm.complexity_loss()
                         cx = cx.to(task.dtype).to(task.device) if isinstance(cx, torch.Tensor) else cx
@@ -555,7 +612,11 @@ def _resume(checkpoint, dm, opt, controller, ema, schedule):
 def _land(dm, grow: bool, bar) -> BudgetLanding:
     """Budget mode's end of the optimize phase: integer sizes within the budget."""
     landing = land_on_budget(dm, grow=grow)
-    if not landing.met:
+    if not landing.met and not landing.before:
+        warnings.warn(f"budget mode: the model has no dynamic group (every width stays fixed; dcopt.analyze says "
+                      f"why), so nothing can be sized to target_macs={landing.target:g}: it keeps "
+                      f"{landing.macs_after:.1%} of the MACs", RuntimeWarning, stacklevel=3)
+    elif not landing.met:
         warnings.warn(f"budget mode: even every group at its kappa_min floor keeps {landing.macs_after:.1%} of the "
                       f"MACs, above target_macs={landing.target:g}; lower kappa_min or raise the budget",
                       RuntimeWarning, stacklevel=3)
@@ -611,9 +672,7 @@ def _start_tolerance(controller, dm, history, ema, train_data, val_data, loss_fn
         else:
             losses = [r.train_loss for r in fixed]
             ref = ema.value if (fixed and ema.value is not None) else \
-                _evaluate(dm, train_data, loss_fn, None, device)[0]
-        if ref is None:
-            raise ValueError("tolerance mode needs a reference loss, but val_data yielded no batches")
+                _evaluate(dm, train_data, loss_fn, None, device, name="train_data")[0]
         _warn_unconverged(losses, controller.tolerance)
         controller.set_reference(ref)
     elif controller.beta is None:
@@ -692,7 +751,10 @@ def _resolve(dm, train_data, device):
 
 
 @torch.no_grad()
-def _evaluate(dm, data, loss_fn, metric_fn, device):
+def _evaluate(dm, data, loss_fn, metric_fn, device, name: str = "val_data"):
+    """Mean loss (and metric) over ``data`` in eval mode; (None, None) without data. Data
+    that yields no batches is an error, not a missing value: a None loss in the history
+    reads as "no val_data" and breaks tolerance mode's reference."""
     if data is None:
         return None, None
     was_training = dm.training
@@ -710,7 +772,7 @@ def _evaluate(dm, data, loss_fn, metric_fn, device):
     finally:
         dm.train(was_training)
     if seen == 0:
-        return None, None
+        raise ValueError(f"{name} yielded no batches")
     return total_loss / seen, (total_metric / seen if metric_fn is not None else None)
 
 
