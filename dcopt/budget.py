@@ -23,16 +23,16 @@ model without a single step of training at their final sizes), and for the cuts 
 in the second half of the optimize phase, where the sizes keep training afterwards.
 
 When even every group at its κ_min floor exceeds t, the floors are kept and the landing
-says ``met=False`` (fit warns): lower ``kappa_min`` or raise the budget.
+says ``met=False`` (fit warns): lower ``kappa_min`` or raise the budget. A model with no
+dynamic group has nothing to size: the landing changes nothing, and ``met`` says whether
+the model already fits (fit warns that it has no dynamic group when it does not).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
-from .gates import consolidated, kept_size, round_size
+from .gates import kept_size, round_size
 
 __all__ = ["BudgetLanding", "land_on_budget"]
 
@@ -77,7 +77,7 @@ def land_on_budget(dm, target: Optional[float] = None, *, grow: bool = True) -> 
     learned = [max(info[n].s, 1e-9) for n in names]
     before = [info[n].kept for n in names]
     r = cfg.round_to
-    floors = [consolidated(torch.tensor(cfg.kappa_min), w, r) for w in widths]
+    floors = [round_size(dm.size_floor(n), w, r) for n, w in zip(names, widths)]   # what set_sizes accepts
     ceilings = before if not grow else widths
     bound = target * (1 + _REL_TOL)
 

@@ -14,11 +14,14 @@ from torch.func import functional_call
 
 from .rnn_noise import SigmaCache, step_noise_forward
 
-__all__ = ["FeatureGate", "GatedRNN", "consolidated", "kept_size", "round_size", "LAMBDA_EPS", "INT_TOL"]
+__all__ = ["FeatureGate", "GatedRNN", "consolidated", "kept_size", "round_size", "kappa_for", "floor_size",
+           "LAMBDA_EPS", "INT_TOL"]
 
 #: λ is mapped affinely into [ε, 1-ε]: sqrt(λ) and sqrt(1-λ) keep finite derivatives.
 LAMBDA_EPS = 1e-3
-#: a size within this distance above an integer counts as that integer (κ is float32).
+#: a size within this distance above an integer counts as that integer (κ is float32). An
+#: absolute tolerance: float32 κ = n/N can miss n by up to N·2⁻²⁵ features, more than this
+#: on groups wider than ~33.5k, so sizes are *set* through :func:`kappa_for` instead.
 INT_TOL = 1e-3
 
 
@@ -32,6 +35,41 @@ def kept_size(s: float, width: int, round_to: int = 1) -> int:
     """:func:`consolidated` for a size s itself (the landing in dcopt/budget.py searches
     over scaled sizes with the same rule eval and export keep)."""
     return round_size(int(max(1, math.ceil(s - INT_TOL))), width, round_to)
+
+
+def kappa_for(n: int, width: int, dtype: torch.dtype = torch.float32, kappa_min: float = 0.0) -> torch.Tensor:
+    """The κ (a scalar of ``dtype``, at least ``kappa_min`` as ``clamp`` rounds it) at which
+    :func:`consolidated` keeps exactly ``n`` of ``width`` features (before ``round_to``).
+
+    Not simply ``n / width``: rounded to float32 that is off by up to width·2⁻²⁵ features,
+    more than :data:`INT_TOL` once width > ~33.5k, and ⌈s⌉ then kept n+1 while export
+    sliced to n. The neighbouring float32 values are width·2⁻²⁴ features apart at most
+    (< 1 for width ≤ 2²⁴), so stepping by one ulp towards ``n`` lands in (n−1+tol, n+tol]
+    within a step or two. Raises ``ValueError`` where no value of ``dtype`` keeps ``n``
+    (a half-precision κ on a wide group)."""
+    lo = float(kappa_min)
+    k = torch.tensor(n / width, dtype=torch.float64).to(dtype).clamp(lo, 1.0)
+    have = consolidated(k, width)
+    for _ in range(64):
+        if have == n:
+            return k
+        nxt = torch.nextafter(k, k.new_tensor(0.0 if have > n else 2.0)).clamp(lo, 1.0)
+        got = consolidated(nxt, width)
+        if nxt == k or (got - n) * (have - n) < 0:   # stuck at a bound, or stepped over n
+            break
+        k, have = nxt, got
+    raise ValueError(f"no {dtype} κ keeps exactly {n} of {width} features (κ_min = {kappa_min:g}); "
+                     "keep the sizes in float32 or float64")
+
+
+def floor_size(kappa_min: float, width: int, dtype: torch.dtype = torch.float32) -> int:
+    """The smallest size a group of ``width`` can keep: ⌈κ_min·N⌉, or one more where κ_min
+    rounded to ``dtype`` (the value κ is clamped to) keeps one more (κ_min = 0.1 in float32
+    is 0.1 + 1.5e-9: above ~670k features that is more than :data:`INT_TOL`). The larger
+    of the two, so a size the float32 model accepts its float64 copy (export's second
+    opinion) accepts too."""
+    at_min = torch.tensor(kappa_min, dtype=dtype).clamp(kappa_min, 1.0)
+    return max(kept_size(kappa_min * width, width), consolidated(at_min, width))
 
 
 def round_size(n: int, width: int, round_to: int = 1) -> int:

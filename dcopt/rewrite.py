@@ -13,7 +13,7 @@ from .analysis import Analysis, run_analysis
 from .complexity import Complexity, ComplexityModel
 from .config import Config
 from .errors import ConversionError, TraceError, source_location
-from .gates import FeatureGate, GatedRNN, consolidated, kept_size
+from .gates import FeatureGate, GatedRNN, consolidated, floor_size, kappa_for
 from .modes import eval_mode
 from .plan import Plan
 from .trace import trace
@@ -242,17 +242,28 @@ class DynamicModel(nn.Module):
 
     @torch.no_grad()
     def set_sizes(self, sizes: dict[str, int]) -> None:
-        """Set groups to integer sizes (by group name), e.g. to inspect a smaller model."""
+        """Set groups to integer sizes (by group name), e.g. to inspect a smaller model.
+
+        Every entry is checked (and its κ found) before any group changes, so a refused
+        call leaves the model as it was. Each κ is the value of κ's dtype that keeps
+        exactly that size (:func:`dcopt.gates.kappa_for`), not ``n/N`` rounded: on a wide
+        group that kept n+1."""
         by_name = {g.name: (g, k) for g, k in zip(self.plan.groups, self._kappas())}
+        values = []
         for name, n in sizes.items():
             self.check_size(name, n)
             g, k = by_name[name]
-            k.fill_(int(n) / g.width)
+            values.append((k, kappa_for(int(n), g.width, k.dtype, self.config.kappa_min)))
+        for k, v in values:
+            k.copy_(v)
 
     def size_floor(self, name: str) -> int:
-        """The smallest size group ``name`` can take: ⌈κ_min·N⌉ (κ is clamped to κ_min)."""
-        g = self.plan.groups[self.group_names.index(name)]
-        return kept_size(self.config.kappa_min * g.width, g.width)
+        """The smallest size group ``name`` can take: ⌈κ_min·N⌉ (κ is clamped to κ_min), or
+        one more where κ_min rounded to κ's dtype keeps one more (:func:`dcopt.gates.floor_size`)."""
+        if name not in self.group_names:
+            raise KeyError(f"no dynamic group named {name!r}; groups: {self.group_names}")
+        i = self.group_names.index(name)
+        return floor_size(self.config.kappa_min, self.plan.groups[i].width, self._kappas()[i].dtype)
 
     def check_size(self, name: str, n) -> None:
         """Raise ``ValueError`` unless ``n`` is a size group ``name`` can take. A size below
