@@ -168,6 +168,10 @@ class ToleranceController:
         if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) \
                 or not 0.0 < self.tolerance < 10.0:
             raise ValueError(f"tolerance is a relative loss increase in (0, 10), e.g. 0.02; got {self.tolerance!r}")
+        from .config import _require_finite
+        for name in ("backoff", "start_boost", "calibration_noise", "rate", "max_violation", "beta_init", "hold",
+                     "backtrack_slack"):
+            _require_finite(name, getattr(self, name))
         if not 0 < self.backoff <= 1:
             raise ValueError(f"backoff must be in (0, 1], got {self.backoff}")
         if not self.start_boost >= 1:

@@ -398,6 +398,11 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
         if value is not None:
             _require_finite(name, value)
     dm = _resolve(dm, train_data, device)
+    if reorder is not False and reorder is not True:   # a name missing would only show after the fixed phase
+        reorder = [reorder] if isinstance(reorder, str) else list(reorder)
+        unknown = sorted(set(reorder) - set(dm.group_names))
+        if unknown:
+            raise KeyError(f"reorder names no dynamic group {unknown}; groups: {dm.group_names}")
     try:
         steps_per_epoch = len(train_data)  # type: ignore[arg-type]
     except TypeError:

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 import dcopt
 from dcopt.train import fit
@@ -143,3 +144,22 @@ def test_budget_mode_without_dynamic_groups_says_so():
     assert not any("kappa_min floor" in t for t in texts), texts
     assert hist.budget_landing is not None and not hist.budget_landing.met
     assert hist.final_sizes == {}
+
+
+def test_a_reorder_name_that_names_no_group_fails_before_training():
+    """It raised from reorder_by_importance, after the whole fixed phase had run."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    dm = dcopt.convert(model, (torch.randn(2, 4),))
+    data = [(torch.randn(4, 4), torch.randn(4, 2))]
+    seen = []
+    with pytest.raises(KeyError, match="nope"):
+        dcopt.fit(dm, data, lambda out, y: seen.append(1) or F.mse_loss(out, y), fixed_epochs=1,
+                  optimize_epochs=1, reorder=["nope"])
+    assert not seen
+
+
+def test_tolerance_controller_options_must_be_finite():
+    from dcopt.tolerance import ToleranceController
+    for name in ("rate", "calibration_noise", "max_violation", "beta_init"):
+        with pytest.raises(ValueError, match=name):
+            ToleranceController(0.02, **{name: float("inf")})
