@@ -312,6 +312,7 @@ class _Walker:
         self.rewrites: dict[str, dict] = {}
         self.rnns: dict[str, Positions] = {}
         self.touched: dict[str, set[int]] = {}
+        self.rejected_at: dict[str, set[int]] = {}   # node -> groups rejected there
         self.pinned: dict[str, torch.fx.Node] = {}  # parameters read by ops without a rule
         self.derived: dict[str, torch.fx.Node] = {}  # parameters a rule read without planning them
         # blocks fx could not trace, and what they own
@@ -324,6 +325,7 @@ class _Walker:
                 and type(self.modules[node.target]) not in self.registry.modules)
 
     def reject(self, gid: int, node: torch.fx.Node, reason: str, kind: str) -> None:
+        self.rejected_at.setdefault(node.name, set()).add(gid)
         module = self.modules.get(node.target) if node.op == "call_module" else None
         self.pending.append((gid, Rejection(node=node.name, op=_op_name(node, module), reason=reason,
                                             location=source_location(node.stack_trace), kind=kind)))
@@ -400,7 +402,27 @@ class _Walker:
             ref = self.values.get(n.name)
             if isinstance(ref, ParamRef) and node.name not in self.param_nodes.get(ref.target, ()):
                 self.derived.setdefault(ref.target, node)
+        if node.op == "call_module":
+            self.account(ctx, value)
         return value
+
+    def account(self, ctx: Ctx, value: Any) -> None:
+        """A layer's rule must say what becomes of every tracked feature that reaches the
+        layer: it passes them on, consumes them (slices a weight, gates them), ties them
+        to another group, or rejects them. Features it says nothing of are an argument the
+        rule does not read (an LSTM's ``hx`` held in one value was one): their group would
+        shrink while the layer still expects the full width. They keep their width."""
+        node = ctx.node
+        reaching = _gids([f for n in node.all_input_nodes for f in _values_in(self.values.get(n.name))])
+        if not reaching:
+            return
+        find = self.groups.find
+        said = {find(g) for g in (_gids(_values_in(value)) | self.consumed.get(node.name, set())
+                                  | self.rejected_at.get(node.name, set()))}
+        lost = sorted(g for g in reaching if find(g) not in said)
+        if lost:
+            ctx.reject(lost, f"reaches {type(ctx.module).__name__} in an argument its rule does not read; "
+                             "the layer would still expect the full width")
 
     def pin_widths(self, node: torch.fx.Node, rule) -> None:
         """A number read from a group's width (``h.size(1)``, ``h.shape[-1]``) is N in the gated

@@ -178,6 +178,37 @@ def test_register_rule_extends_registry():
     assert a.group("0").status == "dynamic" and a.roles["1"] == "ACL"
 
 
+class _AddTo(nn.Module):
+    """``x + y`` whose (careless) user rule only reads ``x``."""
+
+    def forward(self, x, y):
+        return x + y
+
+
+class _TwoBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.add, self.head = nn.Linear(4, 6), nn.Linear(4, 6), _AddTo(), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.add(self.a(x), self.b(x)))
+
+
+def test_features_a_layer_rule_says_nothing_of_keep_their_width():
+    """A module rule that ignores an argument (as the LSTM rule once ignored an ``hx``
+    held in one value) would let that argument's group shrink while the layer still
+    expects the full width. The walk keeps such features fixed, with the layer named."""
+    registry = dcopt.rules.RuleRegistry()
+    registry.modules.update(dcopt.rules.REGISTRY.modules)
+    registry.functions.update(dcopt.rules.REGISTRY.functions)
+    registry.methods.update(dcopt.rules.REGISTRY.methods)
+    registry.register(_AddTo, rule=lambda ctx: ctx.fmap(ctx.arg(0)))
+    model, x = _TwoBranches(), (torch.randn(3, 4),)
+    a = dcopt.analyze(model, x, leaf_modules=[_AddTo], registry=registry)
+    b = a.group("b")
+    assert b.status == "rejected" and any("_AddTo in an argument its rule does not read" in r for r in b.reasons)
+
+
 def test_data_dependent_control_flow_raises_trace_error_with_line():
     with pytest.raises(dcopt.TraceError) as info:
         dcopt.analyze(DataDependent(), (torch.randn(2, 4),))
