@@ -21,6 +21,8 @@ How, for an in-place op ``I`` on tensor ``a`` (nodes in graph order):
   torchvision's convention) stays as it is: it returns ``a`` itself, so the rewiring
   below is exact without changing the module (which ``analyze`` shares with the user).
 * every use of ``a`` *after* ``I`` (graph order) reads ``I`` instead.
+* a twin whose result has another dtype than ``a`` (type promotion, which the in-place
+  op does not do) is cast back once shapes are known (:func:`restore_dtypes`).
 
 That is exact as long as nothing else shares ``a``'s memory. :func:`functionalize`
 raises :class:`~dcopt.TraceError` (naming the op and the user's line) when it cannot
@@ -52,7 +54,10 @@ from torch import nn
 
 from .errors import TraceError, source_location
 
-__all__ = ["functionalize", "VIEW_METHODS", "VIEW_FUNCTIONS"]
+__all__ = ["functionalize", "restore_dtypes", "VIEW_METHODS", "VIEW_FUNCTIONS"]
+
+#: node.meta key: the name of the tensor an out-of-place twin's in-place op wrote into
+_TWIN_OF = "dcopt_inplace_twin_of"
 
 #: Tensor methods whose result may share memory with ``self`` (views, and the
 #: conversions that return ``self`` when there is nothing to convert).
@@ -298,6 +303,7 @@ def functionalize(gm: torch.fx.GraphModule) -> int:
         _check_exact(node, a, order, modules)
         if how.kind in ("method", "function"):
             node.target = how.twin
+            node.meta[_TWIN_OF] = a.name   # its dtype may be promoted: see restore_dtypes
         elif how.kind == "kwarg":
             # the tensor positionally, everything else by keyword, inplace=False
             arguments = dict(how.bound.arguments)
@@ -314,5 +320,31 @@ def functionalize(gm: torch.fx.GraphModule) -> int:
         for user in list(a.users):
             if user is not node and order.get(user, -1) > order[node]:
                 user.replace_input_with(a, node)
+        done += 1
+    return done
+
+
+def restore_dtypes(gm: torch.fx.GraphModule) -> int:
+    """Cast back an out-of-place twin whose result has another dtype than the tensor its
+    in-place op wrote into, after shape propagation (``node.meta["tensor_meta"]``).
+
+    Why: an in-place op keeps its tensor's dtype, its twin follows type promotion
+    (float16 ``h.add_(float32)`` stays float16, ``h.add(float32)`` is float32), so the
+    traced model would compute and return in another precision than the user's. Returns
+    how many casts were inserted; the caller recompiles and propagates shapes again."""
+    graph = gm.graph
+    by_name = {n.name: n for n in graph.nodes}
+    done = 0
+    for node in list(graph.nodes):
+        a = by_name.get(node.meta.get(_TWIN_OF))
+        if a is None:
+            continue
+        want, got = a.meta.get("tensor_meta"), node.meta.get("tensor_meta")
+        if not hasattr(want, "dtype") or not hasattr(got, "dtype") or want.dtype == got.dtype:
+            continue
+        with graph.inserting_after(node):
+            cast = graph.call_method("to", (node, want.dtype))
+        cast.stack_trace = node.stack_trace
+        node.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
         done += 1
     return done

@@ -35,7 +35,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .counting import _CONVS, conv_flops, flop_counter, zero_flop_key
 from .errors import TraceError
-from .inplace import functionalize
+from .inplace import functionalize, restore_dtypes
 from .numcheck import fresh_copies
 from .shape_only import ValueGuard, shape_only_call, shapes_only_safe, value_blind
 
@@ -497,6 +497,9 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
                     opaque=opaque)
     if example_inputs is not None:
         traced.macs = propagate_shapes(gm, traced.example_inputs)
+        if restore_dtypes(gm):   # rare: a promoted twin of an in-place op, cast back
+            gm.recompile()
+            traced.macs = propagate_shapes(gm, traced.example_inputs)
     return traced
 
 

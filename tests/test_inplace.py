@@ -351,3 +351,31 @@ def test_a_model_torch_cannot_deepcopy_is_a_trace_error():
 
     with pytest.raises(dcopt.TraceError, match="scaled"):
         dcopt.convert(Computed(), (X,))
+
+
+class HalfAddsFloat(nn.Module):
+    """``h.add_(bias32)`` keeps h float16; its out-of-place twin would promote to float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16).half(), nn.Linear(16, 4).half()
+        self.register_buffer("bias32", torch.randn(16))
+
+    def forward(self, x):
+        h = self.a(x)
+        h.add_(self.bias32)
+        return self.b(h.relu())
+
+
+def test_an_in_place_op_keeps_its_dtype_after_functionalization():
+    torch.manual_seed(0)
+    model, x = HalfAddsFloat(), torch.randn(3, 8).half()
+    dm = dcopt.convert(model, (x,))
+    dm.eval()
+    with torch.no_grad():
+        assert dm(x).dtype == model(x).dtype == torch.float16
+        torch.testing.assert_close(dm(x), model(x))
+        dm.set_sizes({g: dm.size_floor(g) for g in dm.group_names})
+        small = dcopt.export(dm)
+        assert small(x).dtype == torch.float16
+        torch.testing.assert_close(small(x), dm(x))
