@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAIL", "EXIT_ERROR"]
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+EXIT_PIPE = 128 + 13   # SIGPIPE: what a tool killed by a closed pipe returns
 
 _TARGET_HELP = """\
 TARGET forms:
@@ -236,9 +237,17 @@ def _describe_error(exc: BaseException, spec: Optional[str] = None) -> str:
 
 def _console():
     from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits with status 1 here, which reads as "not convertible"; main()
+            # turns the closed pipe into its own exit status
+            self.quiet = True
+            raise BrokenPipeError
+
     if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
-        return Console(width=120)
-    return Console()
+        return _Console(width=120)
+    return _Console()
 
 
 def _human(n: float) -> str:
@@ -494,7 +503,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.debug:
             warnings.simplefilter("ignore")
         try:
-            return args.func(args)
+            code = args.func(args)
+            sys.stdout.flush()   # a closed pipe shows here, not at interpreter exit
+            return code
+        except BrokenPipeError:
+            # the reader stopped early (``| head``): not a dcopt failure; silence the
+            # interpreter's own flush at exit and end as a SIGPIPE-killed tool does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_PIPE
         except KeyboardInterrupt:
             _err("interrupted")
             return 130

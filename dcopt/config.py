@@ -1,5 +1,6 @@
-"""Conversion options as one validated value object (the torchao way): typos and
-out-of-range values fail at ``convert`` time with a ValueError, not mid-training."""
+"""Conversion options as one validated value object (the torchao way): a misspelt option
+(a ``TypeError`` naming it) and out-of-range or non-finite values (a ``ValueError``) fail
+at ``convert`` time, not mid-training."""
 from __future__ import annotations
 
 import math

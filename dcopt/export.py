@@ -222,6 +222,9 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
     The result contains only torch modules. When the user's class can be kept (nothing
     in its forward needed rewriting, and it computes the same numbers) it is an instance
     of that class with resized submodules; otherwise a ``torch.fx.GraphModule``.
+    The result is in ``dm``'s train/eval mode (after :func:`dcopt.fit`, which leaves the
+    model in train mode, that is train mode: call ``.eval()`` before inference, or its
+    BatchNorms use and update batch statistics); with BatchNorms folded it is in eval mode.
     With ``verify`` (default) the result is compared with the eval-mode DynamicModel on
     the example inputs, and an :class:`~dcopt.ExportError` is raised if they differ by
     more than ``tol`` relative to the output's scale — after a float32 difference has been

@@ -145,8 +145,10 @@ def export_report(dynamic_model, exported: torch.nn.Module, sizes: dict | None =
                          f"{'the sizes given' if sizes else 'its kept sizes'} {dict(zip(dm.group_names, kept))} "
                          f"costs {predicted}: report on the model exported at these sizes (pass the sizes given "
                          "to export as sizes=)")
-    used = set(dm.plan.param_numel)
     named = dict(exported.named_parameters())
+    # a GraphModule holds only what its graph reads (BatchNorm folding adds biases the
+    # user's layers did not have); an instance of the user's class keeps every submodule
+    used = set(named) if isinstance(exported, torch.fx.GraphModule) else set(dm.plan.param_numel)
     params_after = sum(p.numel() for n, p in named.items() if n in used)
     params_unused = sum(p.numel() for n, p in named.items() if n not in used)
     return dict(groups=groups, macs_before=dm.plan.total_macs, macs_after=macs_after,

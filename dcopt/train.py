@@ -351,7 +351,8 @@ def fit(dm, train_data: Iterable, loss_fn: Callable, *, fixed_epochs: int, optim
       weights keep their moments); size parameters only move in the optimize phase and
       never get weight decay.
     * ``progress``: a rich progress bar with phase, epoch, loss, metric, kept MACs % and
-      the sizes; ``log_every`` prints a summary line every that many epochs (0: none).
+      the sizes, and below it a summary line every ``log_every`` epochs (0: none).
+      ``progress=False`` is silent: no bar, no lines (the History has every epoch).
     * ``trace_kappa``: also record κ and β after every optimizer step.
     * ``tolerance`` (tolerance mode, :mod:`dcopt.tolerance`): e.g. 0.02 — find the
       smallest model whose task loss stays within 2 % of the reference, the fixed phase's

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                         help="multiply every phase's epochs (0.1 for a quick smoke run)")
     parser.add_argument("--beta", type=float, default=4.0, help="strength of the L2 size pressure")
     parser.add_argument("--out", default="out/quickstart", help="folder for the saved small model")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar and no per-epoch lines (the results are still printed)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -530,3 +530,17 @@ def test_cli_debug_shows_the_traceback(cli_runs):
     r = cli_runs["debug"]
     assert r.returncode == EXIT_ERROR
     assert "Traceback" in r.stderr and r.stderr.strip().splitlines()[-1].startswith("dcopt: error: syntax error")
+
+
+def test_a_reader_that_stops_early_is_not_a_failure():
+    """``dcopt analyze ... | head -1``: rich exited with status 1 on the closed pipe, which
+    reads as "not convertible"; an export printed "internal error (BrokenPipeError)"."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), COLUMNS="160")
+    proc = subprocess.Popen([sys.executable, "-m", "dcopt.cli", "analyze", "torchvision:resnet18"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=300) == 141, err
+    assert "internal error" not in err and "Traceback" not in err, err

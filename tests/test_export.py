@@ -225,3 +225,16 @@ def test_export_report_of_a_model_exported_at_other_sizes():
     assert {g["name"]: g["kept"] for g in rep["groups"]} == {"fc1": 8, "fc2": 6}
     dm.set_sizes({"fc1": 8, "fc2": 6})
     assert rep["macs_after"] == round(dm.complexity("kept").macs.item())
+
+
+def test_export_report_of_a_folded_export_counts_the_new_biases_as_used():
+    """Folding BatchNorm gives bias-free convs a bias: the report took their names for
+    parameters of submodules the forward never calls."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = (torch.randn(2, 3, 8, 8),)
+    dm = dcopt.convert(model, x)
+    dm.set_sizes({"0": 5})
+    small = dcopt.export(dm, fold_batchnorm=True)
+    rep = dcopt.export_report(dm, small)
+    assert rep["params_unused"] == 0
+    assert rep["params_after"] == sum(p.numel() for p in small.parameters())
