@@ -164,7 +164,10 @@ def slice_graph_module(gm: torch.fx.GraphModule, plan: Plan, sizes: list[int]) -
     limits = size_limits(sizes)
     _slice_tensors(gm, plan, limits)
     _rewrite_nodes(gm, plan, limits)
-    gm.graph.eliminate_dead_code()
+    # no dead-code elimination: a call whose result the forward drops (``_ = self.aux(x)``)
+    # still runs in the user's model, and the analysis counts its MACs; an export that
+    # left it out would cost less than predicted (and skip its side effects, such as a
+    # BatchNorm's running statistics in training)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -378,6 +378,10 @@ def convert(model: nn.Module, example_inputs: Optional[Sequence] = None, config:
 FIDELITY_TOL = 1e-5
 
 
+def _float_tensors(value) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
 def _check_traced_equals_model(model: nn.Module, dm: "DynamicModel") -> None:
     """At full width the eval-mode DynamicModel must compute what ``model`` computes, or
     every later check (export against the gated model) compares with the wrong function.
@@ -400,6 +404,11 @@ def _check_traced_equals_model(model: nn.Module, dm: "DynamicModel") -> None:
     reference = _deepcopy(model).eval()
     with eval_mode(dm):
         want, got = run(reference, dm.example_inputs), run(dm, dm.example_inputs)
+        if not all(torch.isfinite(t).all() for t in _float_tensors(want)):
+            raise TraceError("your model's output on the example inputs holds NaN or inf (before dcopt changed "
+                             "anything): every rewrite is checked by numbers on these inputs, which NaN cannot "
+                             "pass", suggestion="Pass example inputs on which the model's output is finite "
+                             "(e.g. a std over a dim of length 1 is NaN)")
         verdict = agreement(want, got, FIDELITY_TOL, lambda: (
             run(float64_copy(reference), to_float64(dm.example_inputs)),
             run(_float64_dm(dm).eval(), to_float64(dm.example_inputs))))

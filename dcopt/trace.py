@@ -186,7 +186,7 @@ def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace:
             module = next((q for q in reversed(stack) if q not in tracer.leaf_seen), "")
             location = _user_frame(sys.exc_info()[2])
             reason = f"{type(exc).__name__}: {exc}".strip()
-            known = _known_cause(sys.exc_info()[2])
+            known = _known_cause(sys.exc_info()[2]) or _known_message(str(exc))
             if module and not strict_trace and module not in {o.name for o in opaque}:
                 opaque.append(OpaqueLeaf(name=module, type=type(model.get_submodule(module)).__name__,
                                          reason=known[0] if known else _first_line(reason), location=location))
@@ -203,8 +203,8 @@ def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace:
                 if opaque:
                     suggestion += ("; submodules already made opaque leaves: "
                                    + ", ".join(o.name for o in opaque))
-            if known:
-                suggestion = f"{known[0]}: {known[1]}. {suggestion}"
+            if known:   # the cause is known: its fix, not the generic advice about branching
+                suggestion = f"{known[0]}: {known[1]}"
             raise TraceError(f"torch.fx cannot trace the model: {reason}",
                              module=module, location=location, suggestion=suggestion) from exc
         name = type(model).__name__
@@ -220,6 +220,19 @@ _UNTRACEABLE = {
         "put pack → RNN → unpack in one submodule, which dcopt keeps as an opaque leaf (its widths fixed), "
         "or run the RNN on the padded tensor"),
 }
+
+
+#: fx errors whose own words do not say what to change, by a phrase of the message
+_MESSAGES = {
+    "does not support item assignment": (
+        "torch.fx cannot trace assignment into a tensor (h[:, 0] = 0, h[mask] = v)",
+        "write it out of place (torch.where, masked_fill, index_fill or torch.cat), or move it into a "
+        "submodule, which dcopt keeps as an opaque leaf (its widths fixed)"),
+}
+
+
+def _known_message(text: str) -> Optional[tuple[str, str]]:
+    return next((known for phrase, known in _MESSAGES.items() if phrase in text), None)
 
 
 def _known_cause(tb) -> Optional[tuple[str, str]]:

@@ -238,3 +238,25 @@ def test_export_report_of_a_folded_export_counts_the_new_biases_as_used():
     rep = dcopt.export_report(dm, small)
     assert rep["params_unused"] == 0
     assert rep["params_after"] == sum(p.numel() for p in small.parameters())
+
+
+class _DeadCall(nn.Module):
+    """A call whose result is dropped, in a model whose export is a GraphModule (a literal
+    width in a reshape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux, self.fc1, self.fc2 = nn.Linear(5, 5), nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        _unused = self.aux(x)
+        return self.fc2(torch.relu(self.fc1(x)).reshape(-1, 8))
+
+
+def test_a_call_whose_result_is_dropped_stays_in_the_export():
+    """Export's dead-code elimination dropped it from the GraphModule: the analysis and
+    complexity() count its MACs (the user's model runs it), the export did not."""
+    x = (torch.randn(2, 4, 5),)
+    dm = dcopt.convert(_DeadCall(), x)
+    small = assert_exact_export(dm, x, {"fc1": 4}, others=((torch.randn(3, 2, 5),),))
+    assert isinstance(small, torch.fx.GraphModule) and hasattr(small, "aux")

@@ -398,3 +398,38 @@ def test_an_opaque_block_of_packed_sequences_says_so():
     reasons = [r.reason for r in a.rejections if r.kind == "unsupported"]
     assert any("opaque block enc" in r and "packed sequences" in r for r in reasons), reasons
     assert not any("cuda_array_interface" in r for r in reasons), reasons
+
+
+class AssignsIntoATensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.a(x)
+        h[:, 0] = 0.0
+        return h
+
+
+def test_item_assignment_gets_its_own_advice():
+    """fx's "'Proxy' object does not support item assignment" came with advice about
+    values the forward branches on; nothing branches there."""
+    with pytest.raises(dcopt.TraceError, match="assignment into a tensor.*out of place") as err:
+        dcopt.analyze(AssignsIntoATensor(), (torch.randn(2, 4),))
+    assert "branches on" not in str(err.value)
+
+
+class StdOverOne(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.a(x).std(1, keepdim=True)
+
+
+def test_a_nan_output_of_the_users_model_is_named_as_such():
+    """A std over a dim of length 1 is NaN already in eager: the check blamed torch.fx."""
+    with pytest.raises(dcopt.TraceError, match="holds NaN or inf") as err:
+        dcopt.convert(StdOverOne(), (torch.randn(2, 1, 4),))
+    assert "torch.fx records" not in str(err.value)

@@ -357,3 +357,27 @@ def test_expand_follows_the_kept_width(how):
 def test_expand_to_a_size_it_cannot_follow_keeps_the_group(how, word):
     torch.manual_seed(0)
     assert_kept(ExpandGate(how), (torch.randn(2, 4, 10),), [(torch.randn(3, 4, 7),)], "p", word)
+
+
+# -- a slice of features flattened with another dim -----------------------------------------
+
+class SliceFlattened(nn.Module):
+    """The CRNN step (B, C, H, W) → (B, W, C·H), then a literal slice of that dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 5, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.cat([self.conv(x), x], 1)
+        return self.fc(h.permute(0, 3, 1, 2).flatten(2)[..., 17:21]).mean(1)
+
+
+def test_a_slice_of_features_flattened_with_another_dim_keeps_the_group():
+    """Which (channel, row) pairs the bounds 17:21 pick depends on H. Export rewrote them
+    for the example's H, and at H=5 (which the model accepts) it differed silently from
+    the gated model (relative error ~0.8)."""
+    torch.manual_seed(0)
+    g = assert_kept(SliceFlattened(), (torch.randn(2, 2, 3, 4),), [(torch.randn(2, 2, 5, 4),)], "conv",
+                    "several times")
+    assert g.status == "rejected"

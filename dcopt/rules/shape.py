@@ -316,6 +316,15 @@ def getitem(ctx):
     return _index_tensor(ctx, val, ctx.shape(src), index)
 
 
+def _repeats_features(pos: Positions) -> bool:
+    """Whether some tracked feature occurs more than once along this dim."""
+    tracked = pos.gid >= 0
+    if not tracked.any():
+        return False
+    pairs = pos.gid[tracked] * (int(pos.ch.max()) + 1) + pos.ch[tracked]
+    return pairs.unique().numel() < pairs.numel()
+
+
 def _index_tensor(ctx, fm: FMap, shape: tuple, index):
     items = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, (torch.fx.Node, list, torch.Tensor)) or (i is not None and not isinstance(
@@ -343,6 +352,13 @@ def _index_tensor(ctx, fm: FMap, shape: tuple, index):
             sel = torch.arange(shape[in_d])[i]
             if sel.numel() == shape[in_d] and torch.equal(sel, torch.arange(shape[in_d])):
                 out_fm = fm.moved(out_d)
+            elif _repeats_features(fm.pos):
+                # (channel × row) blocks, as after permute + flatten: the layout, and so which
+                # features literal bounds pick, depends on the other dim's size; export's
+                # bounds, rewritten for the example's layout, would pick others at another size
+                ctx.reject(fm, "slices a dimension that holds each feature several times (features flattened "
+                               "with another dim): which features the bounds pick depends on that dim's size")
+                return None
             else:
                 picked = fm.pos[sel]
                 if not ((picked.gid < 0) | (picked.ch == 0)).any():
