@@ -158,8 +158,13 @@ class FeatureGate(nn.Module):
         return torch.where(self._view(mask, x), x, x.new_zeros(()))
 
     def _noisy(self, x: torch.Tensor, kappas) -> torch.Tensor:
-        widths = torch.tensor(self.widths, device=x.device, dtype=x.dtype)
-        s = torch.stack([k.to(x.dtype).reshape(()) for k in kappas]) * widths
+        # the boundary in at least float32, whatever the activations' dtype: in bfloat16
+        # (autocast) s = κ·N rounds to the nearest few features, so the train-mode model
+        # would use features eval and export drop (and at κ = 1 a width bfloat16 cannot
+        # hold put the boundary past the last feature: no gradient reached κ)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        widths = torch.tensor(self.widths, device=x.device, dtype=dt)
+        s = torch.stack([k.to(dt).reshape(()) for k in kappas]) * widths
         m, lam = _boundary(s, widths)
         m_pos = self._per_position(m.long(), 1 << 62)
         fixed = self.group < 0
@@ -172,7 +177,7 @@ class FeatureGate(nn.Module):
         reduce_dims = [d for d in range(x.dim()) if d != self.dim]
         sigma = xb.std(dim=reduce_dims, keepdim=True, unbiased=False) if reduce_dims else xb.abs()
         nu = sigma * torch.randn_like(xb)
-        lam_b = self._per_position(lam, 1.0)[b_idx]
+        lam_b = self._per_position(lam, 1.0)[b_idx]   # kept in float32 at least: 1 − ε is 1 in bfloat16
         return _NoisyGate.apply(x, lam_b, self._view(clean, x), b_idx, self.dim, nu)
 
 
@@ -196,7 +201,7 @@ class _NoisyGate(torch.autograd.Function):
         shape[dim] = -1
         root_l = lam_b.sqrt().view(shape)
         root_1l = (1 - lam_b).sqrt().view(shape)
-        out.index_copy_(dim, b_idx, root_l * xb + root_1l * nu)
+        out.index_copy_(dim, b_idx, (root_l * xb + root_1l * nu).to(out.dtype))
         ctx.save_for_backward(clean, b_idx, xb, nu, lam_b)
         ctx.dim = dim
         return out
@@ -211,9 +216,10 @@ class _NoisyGate(torch.autograd.Function):
         grad_x = grad_lam = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.where(clean, g, g.new_zeros(()))
-            grad_x.index_copy_(dim, b_idx, gb * lam_b.sqrt().view(shape))
+            grad_x.index_copy_(dim, b_idx, (gb * lam_b.sqrt().view(shape)).to(grad_x.dtype))
         if ctx.needs_input_grad[1]:
             reduce = [d for d in range(g.dim()) if d != dim]
+            gb, xb, nu = gb.to(lam_b.dtype), xb.to(lam_b.dtype), nu.to(lam_b.dtype)   # no-ops but in bf16
             gx, gn = gb * xb, gb * nu
             if reduce:
                 gx, gn = gx.sum(reduce), gn.sum(reduce)
@@ -254,11 +260,20 @@ class GatedRNN(nn.Module):
     def load_noise_state(self, state: dict) -> None:
         self._sigmas.load(state)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` / ``.to(device)`` reach the cached σ too (plain attributes, which
+        ``nn.Module._apply`` does not see): the next noisy forward writes into them."""
+        out = super()._apply(fn, recurse)
+        self._sigmas.std = {k: fn(v) for k, v in self._sigmas.std.items()}
+        return out
+
     def forward(self, kappa: torch.Tensor, *args, **kwargs):
         rnn = self.rnn
         H = rnn.hidden_size
-        k = consolidated(kappa, H, self.round_to)
         noisy = self.training and self.noise and kappa.requires_grad
+        # noisy: the units beyond the boundary are cut, as the output's FeatureGate cuts
+        # them (round_to applies to the kept sizes of eval and export, not to the noise)
+        k = consolidated(kappa, H, 1 if noisy else self.round_to)
         if k >= H and not noisy:
             return rnn(*args, **kwargs)
         ref = rnn.weight_hh_l0

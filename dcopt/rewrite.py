@@ -298,7 +298,8 @@ class DynamicModel(nn.Module):
         "l2": (β/G)·Σκ²  — the paper's. "macs": β·MACs(s)/MACs_full. Budget mode
         (``target_macs`` = t) is an augmented Lagrangian on the MACs fraction f:
         β·f + ρ/2·(f − t)², with one dual-ascent step per call,
-        β ← max(0, β + dual_lr·(f − t)) — so call it once per training step. The quadratic
+        β ← max(0, β + dual_lr·(f − t)) — so call it once per training step (a second
+        call steps β again; its earlier terms still backpropagate). The quadratic
         term stops the overshoot that plain dual ascent shows while sizes are still moving.
         """
         kappas = [_st_clamp(k, self.config.kappa_min) for k in self._kappas()]
@@ -311,7 +312,10 @@ class DynamicModel(nn.Module):
                 with torch.no_grad():
                     step = cfg.dual_lr * (float(frac) - cfg.target_macs)
                     self.beta.copy_((self.beta + step).clamp(min=0.0))
-            return self.beta * frac + 0.5 * cfg.budget_rho * (frac - cfg.target_macs) ** 2
+            # β's value now, not the buffer: the next call's dual step writes the buffer in
+            # place, and autograd would refuse a backward through a term that saved it
+            # (a second call before backward: logging the term, gradient accumulation)
+            return self.beta.clone() * frac + 0.5 * cfg.budget_rho * (frac - cfg.target_macs) ** 2
         if cfg.regularizer == "macs":
             return self.beta * self.complexity().macs_fraction.to(kappas[0].dtype)
         return self.beta / len(kappas) * sum(k ** 2 for k in kappas)
