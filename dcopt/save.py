@@ -18,6 +18,7 @@ import importlib.util
 import textwrap
 import types
 import uuid
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -202,7 +203,11 @@ def _write(model: nn.Module, folder: Path, example_inputs: Optional[tuple], clas
     program_ok = False
     if example_inputs is not None:
         try:
-            program = torch.export.export(model, example_inputs)
+            with warnings.catch_warnings():
+                # torch's own note on every RNN (it re-assigns _flat_weights while exporting):
+                # harmless, and the saved program is checked against the model below
+                warnings.filterwarnings("ignore", message=r".*_flat_weights.*were assigned during export")
+                program = torch.export.export(model, example_inputs)
             torch.export.save(program, folder / "model.pt2")
             program_ok = True
         except Exception as exc:  # some models cannot be torch.export-ed
