@@ -29,6 +29,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.fx
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
@@ -265,6 +266,20 @@ def _first_line(text: str) -> str:
     return lines[0] if lines else text
 
 
+def _mutable(value):
+    """fx stores a node's list and dict arguments as immutable containers and its generated
+    code builds fresh ones on every call; a function that writes into its list argument
+    (torchvision's Swin3d window helper) fails on the stored ones. Fresh copies, as the
+    generated code passes."""
+    if isinstance(value, immutable_list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, immutable_dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
 class _MeasuringShapeProp(torch.fx.Interpreter):
     """fx's ShapeProp (``node.meta['tensor_meta']``, ``node.meta['type']``) that also records
     the MACs (FlopCounterMode flops / 2) of every node.
@@ -298,6 +313,7 @@ class _MeasuringShapeProp(torch.fx.Interpreter):
         # Interpreter.run_node without its per-node context manager (fx's meta
         # preservation for re-tracing, which this never does)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
+        args, kwargs = _mutable(args), _mutable(kwargs)
         if self.shapes_only and n.op not in ("placeholder", "get_attr", "output") and not value_blind(
                 n, self._submodule(n.target) if n.op == "call_module" else None, args, kwargs):
             with self._guard:

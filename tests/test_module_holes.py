@@ -434,3 +434,33 @@ def test_a_nan_output_of_the_users_model_is_named_as_such():
     with pytest.raises(dcopt.TraceError, match="holds NaN or inf") as err:
         dcopt.convert(StdOverOne(), (torch.randn(2, 1, 4),))
     assert "torch.fx records" not in str(err.value)
+
+
+def _clip_window(ws, size):   # writes into its list argument, as torchvision's Swin3d helper does
+    for i in range(2):
+        if size[i] < ws[i]:
+            ws[i] = size[i]
+    return ws
+
+
+torch.fx.wrap("_clip_window")
+
+
+class WritesItsListArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.ws = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1), [8, 8]
+
+    def forward(self, x):
+        ws = _clip_window(list(self.ws), x.shape[-2:])
+        return self.b(self.a(x).relu()) * ws[0]
+
+
+def test_a_wrapped_function_that_writes_into_its_list_argument():
+    """Shape propagation handed fx's immutable_list to it ("'immutable_list' object does not
+    support mutation": every torchvision swin3d failed to analyze); fx's own code passes a
+    fresh list."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    dm = dcopt.convert(WritesItsListArgument(), (x,))
+    assert_exact_export(dm, (x,), smallest(dm), others=((torch.randn(3, 3, 4, 4),),))
