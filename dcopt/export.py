@@ -280,6 +280,8 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
                 raise ExportError(f"folding BatchNorm changed the exported model's outputs "
                                   f"({check.describe(FOLD_TOL)}); please report this model: it is a dcopt bug")
         keep_class = keep_class and not folded
+    # a forward that branches on self.training: the user's class would run the other branch
+    keep_class = keep_class and getattr(dm, "_train_branch", None) is None
     if keep_class:
         user = _as_user_class(dm, sliced)
         if user is not None:

@@ -365,7 +365,7 @@ def convert(model: nn.Module, example_inputs: Optional[Sequence] = None, config:
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     traced = trace(model, example_inputs, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args,
-                   strict_trace=cfg.strict_trace)
+                   strict_trace=cfg.strict_trace, compare_train=True)
     analysis = run_analysis(traced)
     if cfg.strict and analysis.unsupported:
         lines = "; ".join(f"{r.node}: {r.reason}" + (f" ({r.location})" if r.location else "")
@@ -375,6 +375,17 @@ def convert(model: nn.Module, example_inputs: Optional[Sequence] = None, config:
     gm = build_gated(traced.gm, analysis.plan)
     dm = DynamicModel(gm, analysis, cfg, traced.source, example_inputs)
     _check_traced_equals_model(model, dm)
+    if traced.train_branch is not None and _train_mode_differs(model, dm):
+        # the converted model keeps the eval-mode computation in every phase; an export of
+        # the user's class would run the train-mode one (on resized layers, if any)
+        dm._train_branch = traced.train_branch
+        import warnings
+        warnings.warn(f"the model's forward computes something else in train mode than in eval mode "
+                      f"({traced.train_branch}); dcopt traces in eval mode, so the converted model runs the "
+                      "eval-mode computation in every phase, training included (the fixed phase is then not "
+                      "your model's training), and export returns a GraphModule that does the same. To keep "
+                      "the train-mode behaviour, make that block a leaf (leaf_modules=[...]: its widths stay "
+                      "fixed) or make it independent of self.training", stacklevel=2)
     return dm
 
 
@@ -423,6 +434,32 @@ def _check_traced_equals_model(model: nn.Module, dm: "DynamicModel") -> None:
             f"Python differently from eager PyTorch: `x += y` while another name still refers to x "
             f"(write x = x + y, or x.add_(y)), values read from attributes that change between calls, "
             f"control flow on tensor values. Mark the block as a leaf (leaf_modules=[...]) or rewrite it")
+
+
+def _train_mode_differs(model: nn.Module, dm: "DynamicModel") -> bool:
+    """Whether the fixed-phase DynamicModel in train mode computes something else than
+    ``model`` in train mode on the example inputs (same RNG; copies, since a train-mode
+    forward updates BatchNorm statistics). Asked only where the train-mode trace differs
+    from the eval-mode one: a difference fx sees (``training=self.training`` passed to a
+    dropout of p = 0, as Swin does) need not change any number. A train-mode forward that
+    fails (a batch of 1 through BatchNorm) counts as different: nothing shows otherwise."""
+    import copy
+
+    from .numcheck import fresh_copies, max_relative_error
+    from .trace import _deepcopy
+
+    def run(m):
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            return m(*fresh_copies(dm.example_inputs))
+
+    try:
+        gated = copy.deepcopy(dm)
+        gated.fix_sizes()
+        want, got = run(_deepcopy(model).train()), run(gated.train())
+        return not max_relative_error(want, got) <= FIDELITY_TOL
+    except Exception:  # noqa: BLE001
+        return True
 
 
 class LazyDynamicModel(nn.Module):

@@ -35,7 +35,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .counting import _CONVS, conv_flops, flop_counter, zero_flop_key
-from .errors import TraceError
+from .errors import TraceError, source_location
 from .inplace import functionalize, restore_dtypes
 from .numcheck import fresh_copies
 from .shape_only import ValueGuard, shape_only_call, shapes_only_safe, value_blind
@@ -157,6 +157,9 @@ class Traced:
     macs: dict[str, int] = field(default_factory=dict)
     #: submodules fx could not trace, made leaves automatically (empty with strict_trace)
     opaque: list[OpaqueLeaf] = field(default_factory=list)
+    #: where the forward computes something else in train mode than in eval mode, which
+    #: the eval-mode trace fixed (``trace(..., compare_train=True)``); None: nowhere
+    train_branch: Optional[str] = None
 
 
 def _user_frame(tb) -> Optional[str]:
@@ -480,7 +483,7 @@ def _refuse_converted(model: nn.Module) -> None:
 
 def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_modules: Iterable[Any] = (),
           concrete_args: Optional[dict] = None, copy_model: bool = True, strict_trace: bool = False,
-          lazy_code: bool = False, allow_hooks: bool = False) -> Traced:
+          lazy_code: bool = False, allow_hooks: bool = False, compare_train: bool = False) -> Traced:
     """Trace ``model`` (a deep copy unless ``copy_model=False``) and, with example inputs,
     attach shapes and MACs to every node.
 
@@ -515,21 +518,53 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
                          f"(submodule names are as in model.named_modules(), e.g. 'encoder.rnn')")
     if any(flags.values()):
         src.eval()
+    train_branch = None
     try:
         gm, opaque = _symbolic_trace(src, tuple(leaf_modules), concrete_args, strict_trace, lazy_code)
+        if compare_train:
+            train_branch = _train_branch(src, gm, tuple(leaf_modules) + tuple(o.name for o in opaque),
+                                         concrete_args)
     finally:
         _set_training(src, flags)
     _set_training(gm, {name: flags.get(name, src.training) for name, _ in gm.named_modules()})
     if functionalize(gm):
         gm.recompile()
     traced = Traced(gm=gm, example_inputs=tuple(example_inputs) if example_inputs is not None else (), source=src,
-                    opaque=opaque)
+                    opaque=opaque, train_branch=train_branch)
     if example_inputs is not None:
         traced.macs = propagate_shapes(gm, traced.example_inputs)
         if restore_dtypes(gm):   # rare: a promoted twin of an in-place op, cast back
             gm.recompile()
             traced.macs = propagate_shapes(gm, traced.example_inputs)
     return traced
+
+
+def _train_branch(src: nn.Module, gm: torch.fx.GraphModule, leaves: tuple, concrete_args) -> Optional[str]:
+    """Where ``src`` traced in train mode differs from ``gm`` (its eval-mode trace), or None.
+
+    fx bakes ``self.training`` into the graph, and dcopt traces in eval mode: a forward that
+    branches on it (auxiliary classifiers in train mode, ``F.dropout(x, p, self.training)``)
+    keeps its eval branch in the converted model, in every phase — so the fixed phase would
+    not be the user's training. Randomness in leaf modules (``nn.Dropout``, StochasticDepth)
+    is unaffected: a leaf is called, not traced. One more trace, compared node by node."""
+    src.train()
+    try:
+        other, _ = _symbolic_trace(src, leaves, concrete_args, True, True)
+    except Exception as exc:  # noqa: BLE001 - fx fails in many ways
+        return f"the forward cannot be traced in train mode ({type(exc).__name__}: {_first_line(str(exc))})"
+    def sig(n):   # what the node computes from what (not its users: they follow the difference)
+        return n.op, str(n.target), str(n.args), str(n.kwargs)
+
+    mine, theirs = list(gm.graph.nodes), list(other.graph.nodes)
+    for a, b in zip(mine, theirs):
+        if sig(a) != sig(b):
+            where = source_location(b.stack_trace) or source_location(a.stack_trace)
+            what = getattr(b.target, "__name__", None) or str(b.target)
+            return f"'{what}' ({b.op}){f' at {where}' if where else ''}"
+    if len(mine) != len(theirs):
+        extra = (theirs or mine)[min(len(mine), len(theirs)) - 1]
+        return f"the graphs end differently ({extra.name})"
+    return None
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_all: bool = False,

@@ -2,6 +2,8 @@
 see: found by a red-team pass on the training path, each fixed and pinned here."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,3 +118,56 @@ def test_budget_mode_complexity_loss_twice_before_backward():
     second = dm(x).pow(2).mean() + dm.complexity_loss()
     (first + second).backward()
     assert all(p.grad is not None for p in dm.size_parameters())
+
+
+class _TrainOnlyHead(nn.Module):
+    """A train-mode-only term, as GoogLeNet's and Inception's auxiliary classifiers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.aux = nn.Linear(8, 32), nn.Linear(32, 4), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = self.fc1(x).relu()
+        out = self.fc2(h)
+        if self.training:
+            out = out + 0.3 * self.aux(h)
+        return out
+
+
+class _ZeroDropout(nn.Module):
+    """``training=self.training`` reaches the graph, but p = 0 changes no number (Swin)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(F.dropout(self.fc1(x).relu(), p=0.0, training=self.training))
+
+
+def test_a_forward_that_branches_on_training_is_flagged_and_exported_as_traced():
+    """fx fixes self.training at its eval value: the converted model trains without the
+    train-only term, silently, and an export of the user's class ran the term on resized
+    layers (a crash in train mode after fit). Now: a warning naming the line, and the
+    export is the traced graph, which computes what the gated model computes."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    with pytest.warns(UserWarning, match=r"something else in train mode.*'aux'.*test_training_holes.py"):
+        dm = dcopt.convert(_TrainOnlyHead(), (x,))
+    dm.set_sizes({"fc1": 8})
+    small = dcopt.export(dm)
+    assert isinstance(small, torch.fx.GraphModule)
+    dm.train()
+    small.train()
+    torch.testing.assert_close(small(x), dm(x))
+
+
+def test_a_training_flag_that_changes_no_number_is_not_flagged():
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm = dcopt.convert(_ZeroDropout(), (x,))
+    dm.set_sizes({"fc1": 8})
+    assert isinstance(dcopt.export(dm), _ZeroDropout)
