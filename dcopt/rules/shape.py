@@ -149,18 +149,29 @@ def _reshape(ctx, literal_sizes: Optional[dict] = None):
         entry = entries[j] if entries is not None and len(entries) == n and 0 <= j < n else None
         if entries is not None and len(entries) == n and not 0 <= j < n:
             pass    # unflatten of other dims: no entry holds the features
-        elif isinstance(entry, int) and not isinstance(entry, bool):
-            ctx.rewrite(dict(kind="shape_literal", out_dim=out.dim, pos=out.pos, **literal_sizes))
-        elif isinstance(entry, Width) and entry.exact and _same_positions(entry.pos, out.pos):
-            widths = [w for w in widths if w is not entry]
         else:
-            ctx.reject(fm, f"{_name(ctx)} computes the size of the feature dimension (target {ctx.out_shape}); "
-                           "only a literal, -1 or the width read from these features can be rewritten")
-            pin_widths(ctx, widths, _name(ctx))
-            return None
+            widths = _feature_size_entry(ctx, fm, entry, out, literal_sizes, widths)
+            if widths is None:
+                return None
     pin_widths(ctx, widths, _name(ctx))
     ctx.consumes(fm)
     return out
+
+
+def _feature_size_entry(ctx, fm: FMap, entry, out: FMap, spec: dict, widths: list) -> Optional[list]:
+    """The entry of a target size list (reshape, expand) that sizes the features ``out``:
+    a literal is rewritten at export (``-1`` left as it is), the width read from these very
+    features is recomputed; anything else keeps the groups fixed. Returns the widths still
+    to pin, or None when it rejected."""
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        ctx.rewrite(dict(kind="shape_literal", out_dim=out.dim, pos=out.pos, **spec))
+        return widths
+    if isinstance(entry, Width) and entry.exact and _same_positions(entry.pos, out.pos):
+        return [w for w in widths if w is not entry]
+    ctx.reject(fm, f"{_name(ctx)} computes the size of the feature dimension (target {ctx.out_shape}); "
+                   "only a literal, -1 or the width read from these features can be rewritten")
+    pin_widths(ctx, widths, _name(ctx))
+    return None
 
 
 def _name(ctx) -> str:
@@ -273,19 +284,13 @@ def expand(ctx):
         spec = dict(arg=1, nested=True) if len(ctx.node.args) > 1 else dict(kwarg="size")
     entries = _target_entries(ctx, spec)
     entry = entries[d] if entries is not None and len(entries) == len(ctx.out_shape) else None
-    if isinstance(entry, int) and not isinstance(entry, bool):
-        if entry != -1:
-            ctx.rewrite(dict(kind="shape_literal", out_dim=d, pos=fm.pos, **spec))
-    elif isinstance(entry, Width) and entry.exact and _same_positions(entry.pos, fm.pos):
-        widths = [w for w in widths if w is not entry]
-    else:
-        ctx.reject(fm, f"{_name(ctx)} computes the size of the feature dimension (target {ctx.out_shape}); "
-                       "only a literal, -1 or the width read from these features can be rewritten")
-        pin_widths(ctx, widths, _name(ctx))
+    out = fm.moved(d)
+    widths = _feature_size_entry(ctx, fm, entry, out, spec, widths)
+    if widths is None:
         return None
     pin_widths(ctx, widths, _name(ctx))
     ctx.consumes(fm)
-    return fm.moved(d)
+    return out
 
 
 @register_rule("expand_as")
