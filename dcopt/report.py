@@ -139,7 +139,7 @@ def export_report(dynamic_model, exported: torch.nn.Module, sizes: dict | None =
     kept = _resolve_sizes(dm, sizes)
     groups = [dict(name=g.name, width=g.width, kept=k) for g, k in zip(dm.plan.groups, kept)]
     macs_after = count_macs(exported, inputs)
-    predicted = round(float(dm._cx([torch.tensor(float(n)) for n in kept]).macs))
+    predicted = dm._cx.macs_at(kept)
     if macs_after != predicted:
         raise ValueError(f"the exported model costs {macs_after} MACs, but the DynamicModel at "
                          f"{'the sizes given' if sizes else 'its kept sizes'} {dict(zip(dm.group_names, kept))} "

@@ -393,6 +393,16 @@ def convert(model: nn.Module, example_inputs: Optional[Sequence] = None, config:
 FIDELITY_TOL = 1e-5
 
 
+def _seeded_run(m: nn.Module, inputs: tuple):
+    """``m`` on fresh copies of ``inputs``, with the RNG seeded alike for every model
+    compared (and the caller's RNG state untouched), without grad."""
+    from .numcheck import fresh_copies
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        return m(*fresh_copies(inputs))
+
+
 def _float_tensors(value) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
@@ -408,25 +418,20 @@ def _check_traced_equals_model(model: nn.Module, dm: "DynamicModel") -> None:
     numbers (one seed, forked RNG), on fresh copies of the example inputs, with a copy of
     the user's model (its forward may write its own state), in eval mode."""
     from .export import _float64_dm
-    from .numcheck import agreement, float64_copy, fresh_copies, to_float64
+    from .numcheck import agreement, float64_copy, to_float64
     from .trace import _deepcopy
-
-    def run(m, inputs):
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(0)
-            return m(*fresh_copies(inputs))
 
     reference = _deepcopy(model).eval()
     with eval_mode(dm):
-        want, got = run(reference, dm.example_inputs), run(dm, dm.example_inputs)
+        want, got = _seeded_run(reference, dm.example_inputs), _seeded_run(dm, dm.example_inputs)
         if not all(torch.isfinite(t).all() for t in _float_tensors(want)):
             raise TraceError("your model's output on the example inputs holds NaN or inf (before dcopt changed "
                              "anything): every rewrite is checked by numbers on these inputs, which NaN cannot "
                              "pass", suggestion="Pass example inputs on which the model's output is finite "
                              "(e.g. a std over a dim of length 1 is NaN)")
         verdict = agreement(want, got, FIDELITY_TOL, lambda: (
-            run(float64_copy(reference), to_float64(dm.example_inputs)),
-            run(_float64_dm(dm).eval(), to_float64(dm.example_inputs))))
+            _seeded_run(float64_copy(reference), to_float64(dm.example_inputs)),
+            _seeded_run(_float64_dm(dm).eval(), to_float64(dm.example_inputs))))
     if not verdict.ok:
         raise TraceError(
             f"the traced model does not compute what the model computes on the example inputs "
@@ -445,18 +450,14 @@ def _train_mode_differs(model: nn.Module, dm: "DynamicModel") -> bool:
     fails (a batch of 1 through BatchNorm) counts as different: nothing shows otherwise."""
     import copy
 
-    from .numcheck import fresh_copies, max_relative_error
+    from .numcheck import max_relative_error
     from .trace import _deepcopy
-
-    def run(m):
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(0)
-            return m(*fresh_copies(dm.example_inputs))
 
     try:
         gated = copy.deepcopy(dm)
         gated.fix_sizes()
-        want, got = run(_deepcopy(model).train()), run(gated.train())
+        want = _seeded_run(_deepcopy(model).train(), dm.example_inputs)
+        got = _seeded_run(gated.train(), dm.example_inputs)
         return not max_relative_error(want, got) <= FIDELITY_TOL
     except Exception:  # noqa: BLE001
         return True
