@@ -183,14 +183,17 @@ def _name(ctx) -> str:
 @reads_widths
 def view(ctx):
     """``x.view(B, C*H*W)``: a literal width in the call is rewritten at export."""
+    return _reshape(ctx, _method_sizes(ctx))
+
+
+def _method_sizes(ctx) -> dict:
+    """Where a Tensor method's target sizes are (``view``, ``reshape``, ``expand``): as
+    varargs ``x.view(B, C)``, one tuple ``x.view((B, C))``, or a keyword."""
     args = ctx.node.args[1:]
-    if len(args) == 1 and isinstance(args[0], (tuple, list)):
-        spec = dict(arg=1, nested=True)
-    else:
-        spec = dict(arg=1, nested=False)
-    if "shape" in ctx.node.kwargs or "size" in ctx.node.kwargs:
-        spec = dict(kwarg="shape" if "shape" in ctx.node.kwargs else "size")
-    return _reshape(ctx, spec)
+    for key in ("shape", "size"):
+        if key in ctx.node.kwargs:
+            return dict(kwarg=key)
+    return dict(arg=1, nested=len(args) == 1 and isinstance(args[0], (tuple, list)))
 
 
 @register_rule(torch.reshape)
@@ -246,15 +249,22 @@ def unflatten(ctx):
 @register_rule("repeat", "tile", torch.tile)
 def repeat(ctx):
     """repeat/tile may add leading dims and repeat others; the feature dim must be repeated once."""
-    x = ctx.arg(0, "input")
-    fm = ctx.fmap(x)
+    fm = ctx.fmap(ctx.arg(0, "input"))
+    out = _features_kept_whole(ctx, fm)
+    if out is not None:
+        ctx.consumes(fm)
+    return out
+
+
+def _features_kept_whole(ctx, fm: Optional[FMap]) -> Optional[FMap]:
+    """Where the features land when leading dims are added and other dims grown
+    (repeat, tile, expand): the feature dim must keep its length, else rejected."""
     if fm is None:
         return None
-    d = fm.dim + len(ctx.out_shape) - len(ctx.shape(x))
+    d = fm.dim + len(ctx.out_shape) - len(ctx.shape(ctx.arg(0, "input")))
     if ctx.out_shape[d] != len(fm.pos):
         ctx.reject(fm, "repeats along the feature dimension")
         return None
-    ctx.consumes(fm)
     return fm.moved(d)
 
 
@@ -265,26 +275,18 @@ def expand(ctx):
     their dim; its entry in the target sizes must follow the kept width: ``-1`` does, a
     literal is rewritten at export, the width read from these very features is recomputed.
     A literal left as it was would ask a sliced tensor for the old width (an export crash)."""
-    x = ctx.arg(0, "input")
-    fm = ctx.fmap(x)
+    fm = ctx.fmap(ctx.arg(0, "input"))
     widths = widths_in([ctx.value(a) for a in ctx.node.all_input_nodes])
-    if fm is None:
-        pin_widths(ctx, widths, _name(ctx))
-        return None
-    d = fm.dim + len(ctx.out_shape) - len(ctx.shape(x))
-    if ctx.out_shape[d] != len(fm.pos):
-        ctx.reject(fm, "repeats along the feature dimension")
+    out = _features_kept_whole(ctx, fm)
+    if out is None:
         pin_widths(ctx, widths, _name(ctx))
         return None
     if ctx.node.target == "expand":
-        args = ctx.node.args[1:]
-        spec = (dict(arg=1, nested=True) if len(args) == 1 and isinstance(args[0], (tuple, list))
-                else dict(arg=1, nested=False) if args else dict(kwarg="size"))
+        spec = _method_sizes(ctx)
     else:
         spec = dict(arg=1, nested=True) if len(ctx.node.args) > 1 else dict(kwarg="size")
     entries = _target_entries(ctx, spec)
-    entry = entries[d] if entries is not None and len(entries) == len(ctx.out_shape) else None
-    out = fm.moved(d)
+    entry = entries[out.dim] if entries is not None and len(entries) == len(ctx.out_shape) else None
     widths = _feature_size_entry(ctx, fm, entry, out, spec, widths)
     if widths is None:
         return None
