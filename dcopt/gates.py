@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .errors import TraceError
 from .rnn_noise import SigmaCache, step_noise_forward
 
 __all__ = ["FeatureGate", "GatedRNN", "consolidated", "kept_size", "round_size", "kappa_for", "floor_size",
@@ -137,7 +138,6 @@ class FeatureGate(nn.Module):
         rank = getattr(self, "rank", None)
         if rank is None or (x.dim() == rank and x.shape[self.dim] == self.ch.numel()):
             return
-        from .errors import TraceError
         raise TraceError(
             f"a gated tensor of shape {tuple(x.shape)} where the example inputs gave rank {rank} with "
             f"{self.ch.numel()} features on dim {self.dim}: the model's ranks or feature layout depend on its "
