@@ -319,6 +319,11 @@ class _Walker:
         self.opaque = {o.name: o for o in getattr(traced, "opaque", ())}
         self.opaque_tensors, self.opaque_modules = _opaque_owned(self.gm, self.opaque)
 
+    def reaching(self, node: torch.fx.Node) -> list[FMap]:
+        """The tracked tensors among ``node``'s inputs, also inside tuple values (an RNN's
+        ``(out, h)`` passed whole)."""
+        return [f for n in node.all_input_nodes for f in _values_in(self.values.get(n.name))]
+
     def is_opaque(self, node: torch.fx.Node) -> bool:
         """An auto-leaf no rule names by its exact type: a black box."""
         return (node.op == "call_module" and node.target in self.opaque
@@ -355,7 +360,7 @@ class _Walker:
     def run(self) -> None:
         for node in self.gm.graph.nodes:
             self.values[node.name] = self.visit(node)
-            ins = [f for n in node.all_input_nodes for f in _values_in(self.values.get(n.name))]
+            ins = self.reaching(node)
             outs = _values_in(self.values[node.name])
             self.touched[node.name] = _gids(ins) | _gids(outs)
             self.check_macs(node)
@@ -390,7 +395,7 @@ class _Walker:
         except Exception as exc:  # a rule that cannot read this call: reject, never crash
             if getattr(rule, "reads_widths", False):
                 self.pin_widths(node, None)
-            reaching = [f for n in node.all_input_nodes for f in _values_in(self.values.get(n.name))]
+            reaching = self.reaching(node)
             ctx.reject(reaching + list(self.produced.get(node.name, ())),
                        f"the rule for {_op_name(node, ctx.module)} cannot read this call "
                        f"({type(exc).__name__}: {exc})")
@@ -413,7 +418,7 @@ class _Walker:
         rule does not read (an LSTM's ``hx`` held in one value was one): their group would
         shrink while the layer still expects the full width. They keep their width."""
         node = ctx.node
-        reaching = _gids([f for n in node.all_input_nodes for f in _values_in(self.values.get(n.name))])
+        reaching = _gids(self.reaching(node))
         if not reaching:
             return
         find = self.groups.find
@@ -455,16 +460,13 @@ class _Walker:
         for n in ctx.node.all_input_nodes:
             if isinstance(self.values.get(n.name), ParamRef):
                 self.pinned.setdefault(n.target, ctx.node)
-        # 
+        reaching = self.reaching(ctx.node)
         leaf = self.opaque.get(ctx.target) if self.is_opaque(ctx.node) else None
         if leaf is not None:
-            # every group reaching it, also inside a tuple value (an RNN's (out, h) passed whole)
-            reaching = [f for n in ctx.node.all_input_nodes for f in _values_in(self.values.get(n.name))]
             if reaching:
                 ctx.reject(reaching, f"opaque block {leaf.name} ({leaf.type}): {leaf.describe()}; "
                            "its inputs and outputs keep their width")
             return None
-        reaching = [f for n in ctx.node.all_input_nodes for f in _values_in(self.values.get(n.name))]
         if reaching:
             ctx.reject(reaching, f"no rule for {_op_name(ctx.node, ctx.module)}{_inside(ctx.node)}; "
                        "dcopt does not assume an unknown op keeps features apart")
