@@ -76,6 +76,11 @@ def _imports(globals_: dict) -> list[str]:
             mod, qual = value.__module__, value.__qualname__
             if "<" in qual:
                 raise ExportError(f"the model calls {qual}, which cannot be imported by name")
+            if mod == "__main__":
+                # another process's __main__ is another script (and fx's name for it,
+                # '__main___X', would be mangled inside the generated class)
+                raise ExportError(f"the model uses {qual}, defined in the script being run (__main__); the "
+                                  "standalone code must import it by name: define it in a module")
             owner, _, rest = qual.partition(".")
             lines.append(f"from {mod} import {owner} as {name}" if not rest else
                          f"from {mod} import {owner} as _{name}_owner\n{name} = _{name}_owner.{rest}")

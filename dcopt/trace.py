@@ -19,6 +19,7 @@ is a TraceError that says what to remove: dcopt never changes the user's model i
 """
 from __future__ import annotations
 
+import collections
 import copy
 import linecache
 import os
@@ -76,6 +77,17 @@ class DcoptTracer(torch.fx.Tracer):
         if leaf:
             self.leaf_seen.add(qualname)
         return leaf
+
+    def create_arg(self, a: Any):
+        """fx writes every dict as a ``{...}`` literal, so a model returning an
+        ``OrderedDict`` (torchvision's segmentation and detection models) would come back
+        as a plain ``dict`` from the converted model, the export and the saved code. An
+        ``OrderedDict`` becomes a call of its constructor instead, as fx does for a
+        namedtuple."""
+        if type(a) is collections.OrderedDict:
+            return self.create_node("call_function", collections.OrderedDict,
+                                    (super().create_arg(dict(a)),), {})
+        return super().create_arg(a)
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)

@@ -16,7 +16,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ["RuleRegistry", "REGISTRY", "register_rule", "Rule"]
+__all__ = ["RuleRegistry", "REGISTRY", "register_rule", "Rule", "NAMEDTUPLE"]
+
+#: the registry key of the rule for a user-defined namedtuple class called as a function
+#: (fx writes ``T(a, b)`` for a namedtuple passed on); each class is its own target
+NAMEDTUPLE = object()
 
 Rule = Callable[[Any], Any]
 
@@ -64,10 +68,20 @@ class RuleRegistry:
         return None
 
     def for_function(self, fn) -> Optional[Rule]:
-        return self.functions.get(fn)
+        rule = self.functions.get(fn)
+        if rule is None and _user_namedtuple(fn):
+            rule = self.functions.get(NAMEDTUPLE)
+        return rule
 
     def for_method(self, name: str) -> Optional[Rule]:
         return self.methods.get(name)
+
+
+def _user_namedtuple(fn) -> bool:
+    """A namedtuple class of the user's. torch's own (``PackedSequence``, which an RNN
+    reads as a whole) are not plain containers."""
+    return (isinstance(fn, type) and issubclass(fn, tuple) and hasattr(fn, "_fields")
+            and not fn.__module__.split(".")[0] == "torch")
 
 
 #: methods a subclass may define without changing what the registered class computes

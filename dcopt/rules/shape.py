@@ -529,6 +529,8 @@ def tensor_attr(ctx):
     src, attr = ctx.arg(0), ctx.arg(1)
     val = ctx.value(src)
     if isinstance(val, (tuple, list)) and _values_tracked(val):
+        if isinstance(attr, str) and attr in getattr(type(val), "_fields", ()):
+            return getattr(val, attr)   # a field of a namedtuple (containers.py)
         if attr in _FIELDS and len(val) == 2:
             return val[_FIELDS[attr]]
         ctx.reject(_values_tracked(val), f"reads .{attr} of a tuple of tracked tensors; no rule for it")
