@@ -17,11 +17,13 @@ import networkx as nx
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import source_location
 from .fmap import FIXED, FMap, GroupTable, Positions
 from .plan import GateSpec, GroupSpec, MacTerm, Plan
 from .rules import REGISTRY
+from .rules.common import widths_in
 from .rules.registry import RuleRegistry
 from .trace import OpaqueLeaf, Traced, trace
 
@@ -107,6 +109,8 @@ class Ctx:
             return self.node.args[index]
         if name is not None and name in self.node.kwargs:
             return self.node.kwargs[name]
+        if name == "dim" and "axis" in self.node.kwargs:   # torch's numpy-style alias
+            return self.node.kwargs["axis"]
         return default
 
     def value(self, a: Any) -> Any:
@@ -214,6 +218,11 @@ class Ctx:
             self._w.gates.setdefault(a.name, []).append(self.node.name)
             self._w.consumed.setdefault(self.node.name, set()).update(fm.pos.gids())
 
+    def reads_only_metadata(self, a: Any) -> None:
+        """This node reads only the dtype, device or shape of input ``a`` (``type_as``,
+        ``new_zeros``): its features go nowhere here (see ``_Walker.account``)."""
+        self._w.shape_read.setdefault(self.node.name, set()).update(_gids(_values_in(self.value(a))))
+
     def consumes(self, fm: Optional[FMap]) -> None:
         """Mark this node's width as following ``fm`` (per-channel op, for roles)."""
         if fm is not None:
@@ -254,6 +263,19 @@ def _gids(what) -> set[int]:
     for w in what:
         out |= _gids(w)
     return out
+
+
+def _tensor_result(node: torch.fx.Node) -> bool:
+    """Whether the node computes tensors (shape propagation recorded some): features
+    cannot hide in a dtype or a plain number, only in a width, which is pinned apart."""
+    def has(m) -> bool:
+        if isinstance(m, TensorMetadata):
+            return True
+        if isinstance(m, (tuple, list)):
+            return any(has(x) for x in m)
+        return isinstance(m, dict) and any(has(x) for x in m.values())
+
+    return has(node.meta.get("tensor_meta"))
 
 
 def _values_in(v) -> list[FMap]:
@@ -313,6 +335,7 @@ class _Walker:
         self.rnns: dict[str, Positions] = {}
         self.touched: dict[str, set[int]] = {}
         self.rejected_at: dict[str, set[int]] = {}   # node -> groups rejected there
+        self.shape_read: dict[str, set[int]] = {}    # node -> groups it reads only the shape/dtype of
         self.pinned: dict[str, torch.fx.Node] = {}  # parameters read by ops without a rule
         self.derived: dict[str, torch.fx.Node] = {}  # parameters a rule read without planning them
         # blocks fx could not trace, and what they own
@@ -407,27 +430,38 @@ class _Walker:
             ref = self.values.get(n.name)
             if isinstance(ref, ParamRef) and node.name not in self.param_nodes.get(ref.target, ()):
                 self.derived.setdefault(ref.target, node)
-        if node.op == "call_module":
-            self.account(ctx, value)
+        if node.op == "call_module" or _tensor_result(node):
+            self.account(ctx, value, within=not getattr(rule, "selects", False))
         return value
 
-    def account(self, ctx: Ctx, value: Any) -> None:
-        """A layer's rule must say what becomes of every tracked feature that reaches the
-        layer: it passes them on, consumes them (slices a weight, gates them), ties them
-        to another group, or rejects them. Features it says nothing of are an argument the
-        rule does not read (an LSTM's ``hx`` held in one value was one): their group would
-        shrink while the layer still expects the full width. They keep their width."""
+    def account(self, ctx: Ctx, value: Any, within: bool = True) -> None:
+        """A rule must say what becomes of every tracked feature that reaches its op: it
+        passes them on, consumes them (slices a weight, gates them), ties them to another
+        group, reads only their shape or dtype, or rejects them. Features it says nothing
+        of are an argument the rule does not read — an LSTM's ``hx`` held in one value,
+        the second operand of a binary ``torch.max``, a weight computed from features,
+        an index computed from them: their group would shrink while the op still sees
+        the full width. They keep their width.
+
+        ``within``: also the tensors inside tuple values; not for a rule that picks from a
+        container (``t[0]``, ``t.values``), which leaves the rest for later nodes."""
         node = ctx.node
-        reaching = _gids(self.reaching(node))
+        if within:
+            reaching = _gids(self.reaching(node))
+        else:
+            reaching = _gids([v for n in node.all_input_nodes
+                              if isinstance(v := self.values.get(n.name), FMap)])
         if not reaching:
             return
         find = self.groups.find
-        said = {find(g) for g in (_gids(_values_in(value)) | self.consumed.get(node.name, set())
+        said = {find(g) for g in (_gids(_values_in(value)) | _gids([w.pos for w in widths_in(value)])
+                                  | self.consumed.get(node.name, set()) | self.shape_read.get(node.name, set())
                                   | self.rejected_at.get(node.name, set()))}
         lost = sorted(g for g in reaching if find(g) not in said)
         if lost:
-            ctx.reject(lost, f"reaches {type(ctx.module).__name__} in an argument its rule does not read; "
-                             "the layer would still expect the full width")
+            what = type(ctx.module).__name__ if ctx.module is not None else _op_name(node, None)
+            ctx.reject(lost, f"reaches {what} in an argument its rule does not read; "
+                             "the op would still see the full width")
 
     def pin_widths(self, node: torch.fx.Node, rule) -> None:
         """A number read from a group's width (``h.size(1)``, ``h.shape[-1]``) is N in the gated

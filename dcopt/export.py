@@ -259,7 +259,11 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
     if verify or keep_class:   # the unfolded export's outputs: checked here, and the fold below against them
         with torch.no_grad():
             sliced.eval()
-            got = sliced(*fresh_copies(dm.example_inputs))
+            try:
+                got = sliced(*fresh_copies(dm.example_inputs))
+            except Exception as exc:   # the analysis let through a slice the ops cannot take
+                raise ExportError(f"the exported model fails on the example inputs ({type(exc).__name__}: "
+                                  f"{_first_line(exc)}); please report this model: it is a dcopt bug") from exc
         reference = _reference_output(dm, kept, sizes)
         if verify:
             check = agreement(reference, got, tol, float64_pair(sliced))
@@ -295,6 +299,11 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
                 result = user
     result.train(dm.training and not folded)
     return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
 
 
 @torch.no_grad()

@@ -260,3 +260,21 @@ def test_a_call_whose_result_is_dropped_stays_in_the_export():
     dm = dcopt.convert(_DeadCall(), x)
     small = assert_exact_export(dm, x, {"fc1": 4}, others=((torch.randn(3, 2, 5),),))
     assert isinstance(small, torch.fx.GraphModule) and hasattr(small, "aux")
+
+
+def test_an_export_that_cannot_run_is_an_export_error(monkeypatch):
+    """A slice the analysis should not have planned shows as an ExportError naming the
+    failure, not as torch's RuntimeError from inside the exported model."""
+    export_module = sys.modules["dcopt.export"]   # the attribute dcopt.export is the function
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x5 and 8x3)")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 4)
+    dm = dcopt.convert(model, (x,))
+    monkeypatch.setattr(export_module, "slice_graph_module", lambda *a, **k: Broken())
+    with pytest.raises(dcopt.ExportError, match=r"fails on the example inputs \(RuntimeError: mat1 and mat2"):
+        dcopt.export(dm)

@@ -8,7 +8,7 @@ from ..errors import source_location
 from ..fmap import FMap, Positions
 
 __all__ = ["normalizes_last", "passthrough", "norm_dim", "norm_dims", "reject_tracked", "n_outputs", "Width",
-           "width_of", "widths_in", "reads_widths", "pin_widths"]
+           "width_of", "widths_in", "reads_widths", "pin_widths", "selects"]
 
 
 def n_outputs(node) -> int:
@@ -100,6 +100,15 @@ def reads_widths(rule):
     (indexing a size tuple, a reshape that recomputes the size). Any other node given one
     keeps those groups fixed."""
     rule.reads_widths = True
+    return rule
+
+
+def selects(rule):
+    """Mark a rule that picks one element of a container (``t[0]``, ``t.values``): the
+    other elements' features go on to the nodes that pick them, so the walk's check that
+    every tracked input is accounted for (``_Walker.account``) looks at its tensor
+    arguments only, not inside the container."""
+    rule.selects = True
     return rule
 
 

@@ -105,4 +105,6 @@ register_rule(*_UNARY_FUNCTIONS, *_NARY_FUNCTIONS, *_UNARY_METHODS, *_NARY_METHO
 @register_rule("to", "type", "type_as", "cpu", "cuda")
 def cast(ctx):
     """Casts and moves keep every value where it is (``type_as(other)`` reads only a dtype)."""
+    for a in ctx.node.all_input_nodes[1:]:
+        ctx.reads_only_metadata(a)
     return passthrough(ctx)

@@ -10,10 +10,14 @@ import torch.nn.functional as F
 
 from ..fmap import FMap
 from .common import n_outputs, norm_dim, norm_dims, normalizes_last
+from .elementwise import elementwise
 from .registry import register_rule
 
 __all__: list[str] = []
 
+
+#: reductions that are elementwise when their second argument is a tensor
+_BINARY_FORMS = (torch.max, torch.min, "max", "min")
 
 #: where ``dim`` and ``keepdim`` sit among the positional arguments, where not at 1 and 2:
 #: norm(input, p, dim, keepdim), vector_norm(x, ord, dim, keepdim), and the legacy
@@ -23,6 +27,8 @@ _DIM_KEEPDIM = {torch.norm: (2, 3), "norm": (2, 3), torch.linalg.vector_norm: (2
 
 
 def _reduce(ctx):
+    if ctx.node.target in _BINARY_FORMS and isinstance(ctx.arg(1, "other"), torch.fx.Node):
+        return elementwise(ctx)   # max(a, b) / min(a, b): torch.maximum / minimum, not a reduction
     x = ctx.arg(0, "input")
     fm = ctx.fmap(x)
     if fm is None:
@@ -31,8 +37,6 @@ def _reduce(ctx):
     nd = len(shape)
     i_dim, i_keep = _DIM_KEEPDIM.get(ctx.node.target, (1, 2))
     dims = ctx.arg(i_dim, "dim", None)
-    if dims is None and "axis" in ctx.node.kwargs:
-        dims = ctx.node.kwargs["axis"]
     if isinstance(dims, bool) and ctx.node.target in (torch.std, "std", torch.var, "var"):
         dims = None
     keepdim = ctx.arg(i_keep, "keepdim", False)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..fmap import FMap, Positions
-from .common import Width, n_outputs, norm_dim, pin_widths, reads_widths, width_of, widths_in
+from .common import Width, n_outputs, norm_dim, pin_widths, reads_widths, selects, width_of, widths_in
 from .registry import register_rule
 
 __all__ = ["reshape_fmap"]
@@ -304,6 +304,7 @@ def expand_as(ctx):
 
 @register_rule(operator.getitem)
 @reads_widths
+@selects
 def getitem(ctx):
     """Containers (RNN outputs, split results, a size tuple) pick an element or a slice of
     them; tensors are indexed. A width used in the index (``y[:, :h.size(1)]``) pins it."""
@@ -521,6 +522,7 @@ _FIELDS = {"values": 0, "indices": 1}
 
 
 @register_rule(getattr)
+@selects
 def tensor_attr(ctx):
     """``x.shape`` (a tuple with a :class:`Width` at the feature dim), ``x.data`` (the same
     tensor), ``x.T``/``x.mT`` (transposes), ``.values``/``.indices`` of a max over a dim.

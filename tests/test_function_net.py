@@ -1,0 +1,159 @@
+"""The walk's net for functions and methods: every tracked tensor reaching an op must be
+passed on, consumed, read only for its shape or dtype, or rejected by the op's rule.
+A rule that ignores an argument used to leave that group dynamic with nothing gating it,
+so the export sliced features the gated model still used (found by a red-team pass)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dcopt
+from checks import assert_exact_export
+
+
+def _status(model, x):
+    return {g.name: g.status for g in dcopt.analyze(model, (x,)).groups}
+
+
+def _reasons(model, x, name):
+    return dcopt.analyze(model, (x,)).group(name).reasons
+
+
+class IndexFromFeatures(nn.Module):
+    """A lookup whose index is computed from the features: which rows it picks depends on
+    every feature, so none may be removed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 16)
+        self.table = nn.Parameter(torch.randn(7, 16))
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        idx = (torch.sigmoid(h) * 6).round().to(torch.long)
+        return self.fc2(self.table[idx].amax(1))
+
+
+def test_an_index_computed_from_features_keeps_their_width():
+    x = torch.randn(5, 4)
+    status = _status(IndexFromFeatures(), x)
+    assert status["fc1"] == "rejected"
+    assert any("argument its rule does not read" in r for r in _reasons(IndexFromFeatures(), x, "fc1"))
+
+
+class HyperNorm(nn.Module):
+    """layer_norm whose weight and bias are computed from other features."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 10)
+        self.hyper_w = nn.Linear(4, 10)
+        self.hyper_b = nn.Linear(4, 10)
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, x):
+        w = self.hyper_w(x).mean(0)
+        b = self.hyper_b(x).mean(0)
+        return self.head(F.layer_norm(self.body(x), (10,), w, b))
+
+
+def test_a_computed_layer_norm_weight_keeps_its_width():
+    x = torch.randn(6, 4)
+    status = _status(HyperNorm(), x)
+    assert status["hyper_w"] == "rejected" and status["hyper_b"] == "rejected"
+    dm = dcopt.convert(HyperNorm(), (x,))
+    assert dm.analysis.dynamic_groups == [] or all(g.name not in ("hyper_w", "hyper_b")
+                                                  for g in dm.analysis.dynamic_groups)
+
+
+class BinaryMax(nn.Module):
+    """A ReLU written as binary max/min with the tracked tensor second, the result then
+    max-pooled over time (not features) and classified."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.conv = nn.Conv1d(3, 16, 3, padding=1)
+        self.head = nn.Conv1d(16, 4, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        zero = torch.zeros((), dtype=h.dtype)
+        if self.form == "function":
+            r = torch.max(zero, h)
+        elif self.form == "min":
+            r = -torch.min(zero, -h)
+        else:
+            r = zero.max(h)
+        return self.head(r)
+
+
+def test_binary_max_and_min_are_elementwise_and_export_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12)
+    for form in ("function", "min", "method"):
+        dm = dcopt.convert(BinaryMax(form).eval(), (x,))
+        assert [g.name for g in dm.analysis.dynamic_groups] == ["conv"], form
+        assert_exact_export(dm, (x,), {"conv": 5}, others=[(torch.randn(3, 3, 7),)])
+
+
+class BinaryMaxPooled(BinaryMax):
+    """The same, max-pooled over the features: now the op sees every feature."""
+
+    def forward(self, x):
+        r = torch.max(torch.zeros(()), self.conv(x))
+        return self.head(r) * r.amax(1, keepdim=True)
+
+
+def test_binary_max_feeding_a_feature_reduction_keeps_the_width():
+    assert _status(BinaryMaxPooled("function"),
+                   torch.randn(2, 3, 12))["conv"] == "rejected"
+
+
+class CatAxis(nn.Module):
+    """torch's numpy-style ``axis=`` for ``dim=``."""
+
+    def __init__(self, kw):
+        super().__init__()
+        self.kw = kw
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(4, 8)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.cat([self.a(x), self.b(x)], **{self.kw: 1})
+        parts = torch.chunk(h, 2, **{self.kw: 0})
+        return self.fc(torch.cat(parts, **{self.kw: 0}))
+
+
+def test_axis_is_read_as_dim():
+    torch.manual_seed(0)
+    x = torch.randn(4, 4)
+    with_dim = dcopt.convert(CatAxis("dim").eval(), (x,))
+    with_axis = dcopt.convert(CatAxis("axis").eval(), (x,))
+    assert [g.name for g in with_axis.analysis.dynamic_groups] == [g.name for g in with_dim.analysis.dynamic_groups] \
+        == ["a", "b"]
+    assert_exact_export(with_axis, (x,), {"a": 3, "b": 6}, others=[(torch.randn(6, 4),)])
+
+
+class CastLike(nn.Module):
+    """``type_as(other)`` reads only the other tensor's dtype: its group stays dynamic."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(4, 6)
+        self.fa = nn.Linear(8, 2)
+        self.fb = nn.Linear(6, 2)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        return self.fa(a.type_as(b)) + self.fb(b)
+
+
+def test_reading_only_a_dtype_keeps_the_group_dynamic():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    dm = dcopt.convert(CastLike().eval(), (x,))
+    assert sorted(g.name for g in dm.analysis.dynamic_groups) == ["a", "b"]
+    assert_exact_export(dm, (x,), {"a": 3, "b": 2}, others=[(torch.randn(5, 4),)])
