@@ -278,13 +278,15 @@ def _tensor_result(node: torch.fx.Node) -> bool:
     return has(node.meta.get("tensor_meta"))
 
 
-def _values_in(v) -> list[FMap]:
-    if isinstance(v, FMap):
+def _values_in(v, kind: type = FMap) -> list:
+    """The values of type ``kind`` (feature maps, or parameter references) in ``v``,
+    also inside tuples, lists and dicts."""
+    if isinstance(v, kind):
         return [v]
     if isinstance(v, (tuple, list)):
-        return [f for x in v for f in _values_in(x)]
+        return [f for x in v for f in _values_in(x, kind)]
     if isinstance(v, dict):
-        return [f for x in v.values() for f in _values_in(x)]
+        return [f for x in v.values() for f in _values_in(x, kind)]
     return []
 
 
@@ -337,6 +339,7 @@ class _Walker:
         self.rejected_at: dict[str, set[int]] = {}   # node -> groups rejected there
         self.shape_read: dict[str, set[int]] = {}    # node -> groups it reads only the shape/dtype of
         self.pinned: dict[str, torch.fx.Node] = {}  # parameters read by ops without a rule
+        self.returned: dict[str, torch.fx.Node] = {}  # parameters the model returns as they are
         self.derived: dict[str, torch.fx.Node] = {}  # parameters a rule read without planning them
         # blocks fx could not trace, and what they own
         self.opaque = {o.name: o for o in getattr(traced, "opaque", ())}
@@ -397,6 +400,8 @@ class _Walker:
         if node.op == "output":
             for fm in _values_in(self.value_of_args(node)):
                 Ctx(self, node).reject(fm, "reaches the model output", kind="fixed")
+            for ref in _values_in(self.value_of_args(node), ParamRef):
+                self.returned.setdefault(ref.target, node)
             self.pin_widths(node, None)
             return None
         ctx = Ctx(self, node)
@@ -634,6 +639,10 @@ def _finalize(w: _Walker) -> Analysis:
             Ctx(w, node).reject([d for d in w.params[qual] if d is not None],
                                 f"{qual} is read by {_op_name(node, None)}{_inside(node)}, which has no rule; "
                                 "it keeps its shape")
+    for qual, node in w.returned.items():
+        if qual in w.params:
+            Ctx(w, node).reject([d for d in w.params[qual] if d is not None],
+                                f"{qual} is returned by the model as it is; it keeps its shape", kind="fixed")
     # A tensor a rule plans or counts must be a Parameter or buffer under that very name:
     # a computed one (a user rule on a parametrized layer) would slice nothing, and a tied
     # one (named_parameters lists it under its first name) would be sliced twice.

@@ -375,6 +375,8 @@ def convert(model: nn.Module, example_inputs: Optional[Sequence] = None, config:
     gm = build_gated(traced.gm, analysis.plan)
     dm = DynamicModel(gm, analysis, cfg, traced.source, example_inputs)
     _check_traced_equals_model(model, dm)
+    if traced.grad_mode_sites:
+        _check_same_gradients(model, dm, traced.grad_mode_sites)
     if traced.train_branch is not None and _train_mode_differs(model, dm):
         # the converted model keeps the eval-mode computation in every phase; an export of
         # the user's class would run the train-mode one (on resized layers, if any)
@@ -439,6 +441,67 @@ def _check_traced_equals_model(model: nn.Module, dm: "DynamicModel") -> None:
             f"Python differently from eager PyTorch: `x += y` while another name still refers to x "
             f"(write x = x + y, or x.add_(y)), values read from attributes that change between calls, "
             f"control flow on tensor values. Mark the block as a leaf (leaf_modules=[...]) or rewrite it")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_same_gradients(model: nn.Module, dm: "DynamicModel", sites: list[str]) -> None:
+    """TraceError where the converted model would train a parameter the user's model
+    gives no gradient (or the reverse). The forward switches gradients off somewhere
+    (``sites``: ``torch.no_grad()``, ``set_grad_enabled``, ``inference_mode``), which
+    torch.fx does not record: the traced graph computes every gradient. That matters only
+    where it reaches a parameter (a frozen feature extractor); a mask computed under
+    ``no_grad`` from the inputs changes nothing, so it is measured, not assumed: one
+    backward of both models (copies, eval mode, full width) on the example inputs."""
+    import copy
+
+    from .numcheck import fresh_copies
+    from .trace import _deepcopy
+
+    def trained(m: nn.Module, names) -> set[str]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            outs = _float_tensors(m(*fresh_copies(dm.example_inputs)))
+            gen = torch.Generator().manual_seed(1)
+            loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in outs
+                       if t.requires_grad)
+        if isinstance(loss, torch.Tensor):
+            loss.backward()
+        return {names.get(n, n) for n, p in m.named_parameters()
+                if p.grad is not None and bool(p.grad.ne(0).any())}
+
+    gated = copy.deepcopy(dm).eval()
+    # the converted model's parameter names: under gm., an RNN's inside its GatedRNN
+    names = {}
+    rnns = [q for q, mod in gated.gm.named_modules() if isinstance(mod, GatedRNN)]
+    for n, _ in gated.named_parameters():
+        plain = n.removeprefix("gm.")
+        for q in rnns:
+            plain = plain.replace(f"{q}.rnn.", f"{q}.", 1) if plain.startswith(f"{q}.rnn.") else plain
+        names[n] = plain
+    common = {n for n, _ in model.named_parameters()} & set(names.values())
+    where = "; ".join(source_location(s) or s for s in sites)
+    try:
+        want = trained(_deepcopy(model).eval(), {}) & common
+    except RuntimeError as exc:   # inference_mode tensors reaching autograd: the user's model cannot train
+        raise TraceError(f"the forward switches gradients off ({where}) and your model cannot be trained as it "
+                         f"is ({_first_line(exc)}); torch.fx does not record the switch, so the converted model "
+                         "would train differently", suggestion="Use torch.no_grad() or requires_grad_(False), "
+                         "or make the block a leaf (leaf_modules=[...])") from exc
+    got = trained(gated, names) & common
+    if want != got:
+        differ = sorted(got ^ want)
+        listed = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+        raise TraceError(
+            f"the forward switches gradients off ({where}) and torch.fx does not record that: the converted "
+            f"model would compute gradients your model does not ({listed}), so training would change "
+            f"parameters your model keeps frozen",
+            suggestion="Freeze those parameters with requires_grad_(False) instead (the converted model keeps "
+                       "that), or make the block that switches gradients off a leaf (leaf_modules=[...]: it "
+                       "then runs its own forward, and its widths stay fixed)")
 
 
 def _train_mode_differs(model: nn.Module, dm: "DynamicModel") -> bool:

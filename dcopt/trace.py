@@ -20,6 +20,7 @@ is a TraceError that says what to remove: dcopt never changes the user's model i
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import linecache
 import os
@@ -172,6 +173,9 @@ class Traced:
     #: where the forward computes something else in train mode than in eval mode, which
     #: the eval-mode trace fixed (``trace(..., compare_train=True)``); None: nowhere
     train_branch: Optional[str] = None
+    #: the user's lines that switch gradients on or off (``torch.no_grad()``,
+    #: ``set_grad_enabled``, ``inference_mode``): fx records none of them
+    grad_mode_sites: list[str] = field(default_factory=list)
 
 
 def _user_frame(tb) -> Optional[str]:
@@ -183,6 +187,38 @@ def _user_frame(tb) -> Optional[str]:
             found = f"{fname}:{tb.tb_lineno}"
         tb = tb.tb_next
     return found
+
+
+@contextlib.contextmanager
+def _watching_grad_mode(sites: list[str]):
+    """Record where the traced forward switches gradients on or off. torch.fx runs the
+    Python of ``with torch.no_grad():`` while tracing but writes nothing of it into the
+    graph, so the traced model computes gradients the user's model does not (a frozen
+    feature extractor would be trained). Calls made by torch or dcopt themselves are not
+    the user's and are not recorded."""
+    real_set, real_inference = torch._C._set_grad_enabled, torch._C._InferenceMode
+
+    def note(frame) -> None:
+        while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
+            frame = frame.f_back
+        if frame is not None and not frame.f_code.co_filename.startswith(_DCOPT_DIR):
+            site = _user_call_site(frame)
+            if site and site not in sites:
+                sites.append(site)
+
+    def set_grad_enabled(mode):
+        note(sys._getframe(1))
+        return real_set(mode)
+
+    def inference_mode(*args, **kwargs):
+        note(sys._getframe(1))
+        return real_inference(*args, **kwargs)
+
+    torch._C._set_grad_enabled, torch._C._InferenceMode = set_grad_enabled, inference_mode
+    try:
+        yield sites
+    finally:
+        torch._C._set_grad_enabled, torch._C._InferenceMode = real_set, real_inference
 
 
 def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace: bool = True,
@@ -460,6 +496,40 @@ def _refuse_hooks(model: nn.Module) -> None:
                      module=hooked[0] if hooked else None, suggestion=suggestion)
 
 
+def _refuse_backward_hooks(model: nn.Module, only_endless: bool = False) -> None:
+    """TraceError when a backward hook is set on a module or a parameter of ``model``, or
+    globally. The converted model would train with other gradients than the user's: fx
+    drops module hooks as it drops forward hooks, a copy of the model drops tensor hooks,
+    and the deprecated ``register_backward_hook`` sends fx's tracing into an endless loop
+    inside ``Module._call_impl``. Checked before tracing, for that last reason."""
+    from torch.nn.modules import module as _m
+
+    if only_endless:
+        old_style = [name or "<root>" for name, m in model.named_modules()
+                     if m._backward_hooks and m._is_full_backward_hook is False]
+        if old_style:
+            raise TraceError(f"module '{old_style[0]}' has a hook from the deprecated register_backward_hook, "
+                             "which sends torch.fx's tracing into an endless loop",
+                             suggestion="use register_full_backward_hook, or remove the hook first")
+        return
+    where = [f"module '{name or '<root>'}'" for name, m in model.named_modules()
+             if m._backward_hooks or m._backward_pre_hooks]
+    where += [f"parameter '{name}'" for name, p in model.named_parameters()
+              if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)]
+    if [h for h in list(_m._global_backward_hooks.values()) + list(_m._global_backward_pre_hooks.values())
+            if not (getattr(h, "__module__", None) or "").startswith("torch")]:
+        where.append("all modules (nn.modules.module.register_module_full_backward_hook / _pre_hook)")
+    if not where:
+        return
+    raise TraceError(f"backward hooks are set on {', '.join(where)}: the converted model would not run them "
+                     "(torch.fx drops module hooks, a copy of the model drops tensor hooks), so it would "
+                     "train with other gradients than your model",
+                     suggestion="Remove the hooks before handing the model to dcopt (call .remove() on the "
+                                "handle register_*_hook returned) and register them on the converted model's "
+                                "parameters if training needs them; dcopt does not change your model, so it "
+                                "does not remove them itself")
+
+
 def _deepcopy(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, or a TraceError that says which tensor could not be copied
     (torch deep-copies only tensors that are graph leaves: a tensor attribute computed
@@ -519,6 +589,9 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     _refuse_converted(model)
     if not allow_hooks:
         _refuse_hooks(model)
+        _refuse_backward_hooks(model)
+    else:   # measuring only; but the deprecated backward hook would trace forever
+        _refuse_backward_hooks(model, only_endless=True)
     src = _deepcopy(model) if copy_model else model
     # Trace in eval mode: fx bakes `self.training` into the graph as a constant, and the
     # gated model must compute the original's inference function exactly. Training-time
@@ -531,8 +604,10 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     if any(flags.values()):
         src.eval()
     train_branch = None
+    grad_sites: list[str] = []
     try:
-        gm, opaque = _symbolic_trace(src, tuple(leaf_modules), concrete_args, strict_trace, lazy_code)
+        with _watching_grad_mode(grad_sites):
+            gm, opaque = _symbolic_trace(src, tuple(leaf_modules), concrete_args, strict_trace, lazy_code)
         if compare_train:
             train_branch = _train_branch(src, gm, tuple(leaf_modules) + tuple(o.name for o in opaque),
                                          concrete_args)
@@ -542,7 +617,7 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     if functionalize(gm):
         gm.recompile()
     traced = Traced(gm=gm, example_inputs=tuple(example_inputs) if example_inputs is not None else (), source=src,
-                    opaque=opaque, train_branch=train_branch)
+                    opaque=opaque, train_branch=train_branch, grad_mode_sites=grad_sites)
     if example_inputs is not None:
         traced.macs = propagate_shapes(gm, traced.example_inputs)
         if restore_dtypes(gm):   # rare: a promoted twin of an in-place op, cast back
