@@ -29,6 +29,23 @@ from torch import nn
 __all__ = ["Agreement", "agreement", "max_relative_error", "to_float64", "float64_copy", "fresh_copies"]
 
 
+def _as_dict(obj) -> Optional[dict]:
+    """A dataclass instance's fields by name (a model may return one), else None."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    return None
+
+
+def _same_value(a, b) -> bool:
+    """``a == b`` for the non-tensor leaves of an output; an ``==`` that does not answer
+    with a bool (a container of tensors we do not know) is a difference, never truthiness."""
+    try:
+        same = a == b
+    except Exception:  # noqa: BLE001
+        return False
+    return same if isinstance(same, bool) else False
+
+
 def max_relative_error(a, b) -> float:
     """Max abs difference relative to ``a``'s scale (per tensor, the max over a nested
     output); ``inf`` when structures, shapes or non-float values differ."""
@@ -45,7 +62,9 @@ def max_relative_error(a, b) -> float:
         return max((max_relative_error(x, y) for x, y in zip(a, b)), default=0.0)
     if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
         return max((max_relative_error(a[k], b[k]) for k in a), default=0.0)
-    return 0.0 if a == b else float("inf")
+    if _as_dict(a) is not None and type(a) is type(b):
+        return max_relative_error(_as_dict(a), _as_dict(b))
+    return 0.0 if _same_value(a, b) else float("inf")
 
 
 def to_float64(obj):
@@ -59,6 +78,8 @@ def to_float64(obj):
         return type(obj)(to_float64(x) for x in obj)
     if isinstance(obj, dict):
         return {k: to_float64(v) for k, v in obj.items()}
+    if _as_dict(obj) is not None:
+        return dataclasses.replace(obj, **to_float64(_as_dict(obj)))
     return obj
 
 
@@ -89,8 +110,10 @@ def _pairs(a, b) -> Optional[list]:
         parts = [_pairs(x, y) for x, y in zip(a, b)]
     elif isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
         parts = [_pairs(a[k], b[k]) for k in a]
+    elif _as_dict(a) is not None and type(a) is type(b):
+        return _pairs(_as_dict(a), _as_dict(b))
     else:
-        return [] if a == b else None
+        return [] if _same_value(a, b) else None
     return None if any(p is None for p in parts) else [t for p in parts for t in p]
 
 

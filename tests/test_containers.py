@@ -2,6 +2,7 @@
 back the same container types as the user's model (fx writes every dict as a plain dict
 literal, so an OrderedDict used to come back as a dict)."""
 import collections
+import dataclasses
 import subprocess
 import sys
 from typing import NamedTuple
@@ -124,3 +125,45 @@ def test_a_namedtuple_of_the_running_script_is_refused_with_the_reason(tmp_path)
     gm = dcopt.export(dcopt.convert(MainHeads().eval(), (x,)), keep_class=False)
     with pytest.raises(ExportError, match=r"defined in the script being run \(__main__\)"):
         dcopt.save_exported(gm, tmp_path / "m", (x,))
+
+
+@dataclasses.dataclass
+class Result:
+    logits: torch.Tensor
+    features: torch.Tensor
+    note: str = "ok"
+
+
+class ReturnsDataclass(_Body):
+    def forward(self, x):
+        h = self.stem(x).relu()
+        return Result(self.out(h), self.aux(h).mean((2, 3)))
+
+
+def test_a_dataclass_output_converts_and_exports():
+    """numcheck compared dataclass outputs with ``==`` (a tensor's truth value: a raw
+    RuntimeError from convert)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = ReturnsDataclass().eval()
+    dm = dcopt.convert(model, (x,))
+    got = dm.eval()(x)
+    assert type(got) is Result
+    torch.testing.assert_close(got.logits, model(x).logits)
+    dm.set_sizes({"stem": 6})
+    small = dcopt.export(dm)
+    other = torch.randn(3, 3, 6, 10)
+    out, ref = small(other), dm(other)
+    assert type(out) is Result and out.note == "ok"
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.features, ref.features)
+
+
+def test_numcheck_compares_dataclasses_by_fields():
+    from dcopt.numcheck import agreement, max_relative_error
+    a = Result(torch.ones(3), torch.zeros(2))
+    assert max_relative_error(a, Result(torch.ones(3), torch.zeros(2))) == 0.0
+    assert max_relative_error(a, Result(torch.ones(3) * 2, torch.zeros(2))) == 1.0
+    assert max_relative_error(a, Result(torch.ones(3), torch.zeros(2), note="other")) == float("inf")
+    assert max_relative_error({"t": [torch.ones(1)]}, {"t": [torch.ones(1)], "u": 1}) == float("inf")
+    assert agreement(a, Result(torch.ones(3), torch.zeros(2)), 1e-5, None).ok
