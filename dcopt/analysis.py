@@ -847,10 +847,10 @@ def analyze(model: nn.Module, example_inputs: Sequence, *, leaf_modules: Iterabl
     import itertools
     import warnings
 
+    from .numcheck import input_tuple
     from .rules.modules import writes_own_weights
 
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
+    example_inputs = input_tuple(example_inputs)
     copy_model = any(writes_own_weights(m) for m in model.modules())
     tensors = [(n, t, t._version) for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
                if not t.is_inference()]   # inference tensors keep no version counter

@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ["Agreement", "agreement", "max_relative_error", "to_float64", "float64_copy", "fresh_copies"]
+__all__ = ["Agreement", "agreement", "max_relative_error", "to_float64", "float64_copy", "fresh_copies",
+           "input_tuple"]
 
 
 def _as_dict(obj) -> Optional[dict]:
@@ -81,6 +82,23 @@ def to_float64(obj):
     if _as_dict(obj) is not None:
         return dataclasses.replace(obj, **to_float64(_as_dict(obj)))
     return obj
+
+
+def input_tuple(example_inputs) -> tuple:
+    """The positional example inputs as a tuple: one tensor is ``(t,)``. A dict is refused
+    rather than read as ``tuple(d)`` — its keys — which sent strings into the model and
+    ended in a confusing error from its first layer."""
+    from collections.abc import Mapping
+
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        raise TypeError("example inputs are the forward's positional arguments: pass a tuple such as (x,) or "
+                        "(x, mask); a dict would be read as its keys (a model taking one dict argument: ({...},))")
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example inputs must be a tensor or a tuple of the forward's arguments, "
+                    f"not {type(example_inputs).__name__}")
 
 
 def fresh_copies(inputs):

@@ -92,6 +92,9 @@ def count_macs(model: torch.nn.Module, example_inputs) -> int:
     fallback, so whatever it saw inside an LSTM is replaced by the formula. The model runs in eval mode (a train-mode run would
     move BatchNorm's running statistics: counting must not change the model) and gets its
     per-module train/eval flags back."""
+    from .numcheck import input_tuple
+
+    example_inputs = input_tuple(example_inputs)   # a bare tensor was iterated over its rows
     fc = flop_counter()
     starts: list[int] = []
     correction = [0]

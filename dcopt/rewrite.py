@@ -15,6 +15,7 @@ from .config import Config
 from .errors import ConversionError, TraceError, source_location
 from .gates import FeatureGate, GatedRNN, consolidated, floor_size, kappa_for
 from .modes import eval_mode
+from .numcheck import input_tuple
 from .plan import Plan
 from .trace import trace
 
@@ -361,9 +362,7 @@ def convert(model: nn.Module, example_inputs: Optional[Sequence] = None, config:
     cfg = Config.build(config, options)
     if example_inputs is None:
         return LazyDynamicModel(model, cfg)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
+    example_inputs = input_tuple(example_inputs)
     traced = trace(model, example_inputs, leaf_modules=cfg.leaf_modules, concrete_args=cfg.concrete_args,
                    strict_trace=cfg.strict_trace, compare_train=True)
     analysis = run_analysis(traced)

@@ -55,13 +55,11 @@ def assert_convertible(model, example_inputs, min_dynamic: float = 0.0, strict: 
     >>> a = assert_convertible(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
     ...                        (torch.randn(1, 4),))          # doctest: +SKIP
     """
-    import torch
-
     from . import analyze
 
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    analysis = analyze(model, tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    from .numcheck import input_tuple
+
+    analysis = analyze(model, input_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
     failures = check_failures(analysis, strict=strict, min_dynamic=min_dynamic)
     if failures:
         lines = [f"{type(model).__name__} fails the dcopt check: " + "; ".join(failures)]

@@ -605,8 +605,12 @@ def _resume(checkpoint, dm, opt, controller, ema, schedule):
     tolerance fallback sizes) or None for a fresh start."""
     if checkpoint is None:
         return None
+    # a path that cannot hold the file fails here, not after the first epoch's training
+    if not str(checkpoint).strip() or os.path.isdir(checkpoint):
+        raise ValueError(f"checkpoint must be a file path, not {str(checkpoint)!r}"
+                         + (" (a directory)" if str(checkpoint).strip() else ""))
     if not os.path.exists(checkpoint):
-        os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)  # not after the first epoch
+        os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)
         return None
     from .checkpoint import load_fit_state, restore_fit_state
 

@@ -231,3 +231,16 @@ def test_the_users_model_is_untouched(tmp_path):
     dm = dcopt.convert(model, (x,))
     _run(dm, _mlp_data(), tmp_path / "fit.ckpt", fixed_epochs=1, optimize_epochs=1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("where", ["empty", "directory"])
+def test_a_path_that_cannot_hold_the_file_is_refused_before_training(tmp_path, where):
+    """``checkpoint=""`` trained a whole epoch and then failed to write; a directory gave a
+    raw IsADirectoryError."""
+    torch.manual_seed(0)
+    dm = dcopt.convert(MLP(), (torch.randn(4, 16),))
+    before = copy.deepcopy(dm.state_dict())
+    path = "" if where == "empty" else str(tmp_path)
+    with pytest.raises(ValueError, match="checkpoint must be a file path"):
+        _run(dm, _mlp_data(), path, fixed_epochs=1, optimize_epochs=1)
+    assert all(torch.equal(v, before[k]) for k, v in dm.state_dict().items() if isinstance(v, torch.Tensor))

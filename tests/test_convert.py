@@ -242,3 +242,18 @@ def test_sizes_below_the_kappa_min_floor_are_refused_not_silently_raised():
     low.set_sizes({g.name: 1})
     assert low.sizes()[g.name].kept == 1
     dcopt.export(low, {g.name: 1})
+
+
+def test_example_inputs_given_as_a_dict_are_refused_with_the_way_out():
+    """A dict was read as ``tuple(d)``, its keys, and the model failed on a string."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    for call in (dcopt.convert, dcopt.analyze):
+        with pytest.raises(TypeError, match=r"positional arguments: pass a tuple such as \(x,\)"):
+            call(model, {"x": torch.randn(2, 4)})
+
+
+def test_count_macs_takes_a_bare_tensor():
+    """A bare tensor was iterated over as rows: 'forward() takes 2 positional arguments'."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    assert dcopt.count_macs(model, x) == dcopt.count_macs(model, (x,)) == 3 * (4 * 8 + 8 * 2)
