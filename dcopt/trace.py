@@ -626,6 +626,21 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     return traced
 
 
+def _defaulted_none_hint(gm: torch.fx.GraphModule, given: int) -> Optional[str]:
+    """The way out when the forward has arguments left at a default of None: fx traced
+    them as tensors (``if mask is not None:`` was true while tracing), and the run with
+    None fails inside that branch."""
+    names = [n.target for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
+             if i >= given and n.args and n.args[0] is None]
+    if not names:
+        return None
+    pinned = ", ".join(f"'{n}': None" for n in names)
+    return (f"The forward's {', '.join(names)} defaulted to None, but torch.fx traces every argument as a "
+            f"tensor, so a branch such as 'if {names[0]} is not None:' was taken while tracing. Pass "
+            f"concrete_args={{{pinned}}} to fix those arguments at None (or pass a tensor for them in the "
+            f"example inputs)")
+
+
 def _train_branch(src: nn.Module, gm: torch.fx.GraphModule, leaves: tuple, concrete_args) -> Optional[str]:
     """Where ``src`` traced in train mode differs from ``gm`` (its eval-mode trace), or None.
 
@@ -696,7 +711,8 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
                 prop.propagate(*inputs)
         except Exception as exc:
             raise TraceError(f"running the model on the example inputs failed: {type(exc).__name__}: {exc}",
-                             location=_user_frame(sys.exc_info()[2])) from exc
+                             location=_user_frame(sys.exc_info()[2]),
+                             suggestion=_defaulted_none_hint(gm, len(example_inputs))) from exc
         return prop.macs
     finally:
         _set_training(modules, flags)

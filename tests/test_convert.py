@@ -257,3 +257,24 @@ def test_count_macs_takes_a_bare_tensor():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     x = torch.randn(3, 4)
     assert dcopt.count_macs(model, x) == dcopt.count_macs(model, (x,)) == 3 * (4 * 8 + 8 * 2)
+
+
+class OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x, mask=None):
+        h = self.a(x)
+        if mask is not None:
+            h = h * mask.unsqueeze(-1)
+        return self.b(h)
+
+
+def test_an_argument_left_at_none_names_concrete_args():
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(dcopt.TraceError, match=r"concrete_args=\{'mask': None\}"):
+        dcopt.convert(OptionalMask(), (x,))
+    dm = dcopt.convert(OptionalMask(), (x,), concrete_args={"mask": None})
+    assert [g.name for g in dm.analysis.dynamic_groups] == ["a"]
