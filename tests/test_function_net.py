@@ -157,3 +157,29 @@ def test_reading_only_a_dtype_keeps_the_group_dynamic():
     dm = dcopt.convert(CastLike().eval(), (x,))
     assert sorted(g.name for g in dm.analysis.dynamic_groups) == ["a", "b"]
     assert_exact_export(dm, (x,), {"a": 3, "b": 2}, others=[(torch.randn(5, 4),)])
+
+
+class NewZeros(nn.Module):
+    """``h.new_zeros(...)`` reads only h's dtype and device; a size read from h's width
+    keeps the group fixed."""
+
+    def __init__(self, sized_like_h):
+        super().__init__()
+        self.sized_like_h = sized_like_h
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.sized_like_h:
+            return self.b(h + h.new_zeros(h.shape))
+        return torch.cat([self.b(h), h.new_zeros(x.shape[0], 2)], 1)
+
+
+def test_new_zeros_reads_only_the_dtype():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    dm = dcopt.convert(NewZeros(False).eval(), (x,))
+    assert [g.name for g in dm.analysis.dynamic_groups] == ["a"]
+    assert_exact_export(dm, (x,), {"a": 3}, others=[(torch.randn(5, 4),)])
+    assert _status(NewZeros(True), x)["a"] == "rejected"

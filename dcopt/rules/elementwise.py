@@ -108,3 +108,11 @@ def cast(ctx):
     for a in ctx.node.all_input_nodes[1:]:
         ctx.reads_only_metadata(a)
     return passthrough(ctx)
+
+
+@register_rule("new_zeros", "new_ones", "new_full", "new_empty")
+def new_factory(ctx):
+    """``h.new_zeros(size)`` takes only ``h``'s dtype and device: an untracked tensor of the
+    given size (a size read from a tracked width keeps that group fixed, as everywhere)."""
+    ctx.reads_only_metadata(ctx.arg(0))
+    return None
