@@ -227,7 +227,8 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
     of that class with resized submodules; otherwise a ``torch.fx.GraphModule``.
     The result is in ``dm``'s train/eval mode (after :func:`dcopt.fit`, which leaves the
     model in train mode, that is train mode: call ``.eval()`` before inference, or its
-    BatchNorms use and update batch statistics); with BatchNorms folded it is in eval mode.
+    BatchNorms use and update batch statistics); with ``fold_batchnorm=True`` it is in eval
+    mode, whether or not a BatchNorm could be folded.
     With ``verify`` (default) the result is compared with the eval-mode DynamicModel on
     the example inputs, and an :class:`~dcopt.ExportError` is raised if they differ by
     more than ``tol`` relative to the output's scale — after a float32 difference has been
@@ -297,7 +298,7 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
                 same = False
             if same:
                 result = user
-    result.train(dm.training and not folded)
+    result.train(dm.training and not fold_batchnorm)   # an inference export, folded or not
     return result
 
 

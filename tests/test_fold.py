@@ -243,3 +243,17 @@ def test_export_checks_the_fold_by_numbers(monkeypatch):
     with pytest.raises(dcopt.ExportError, match="folding BatchNorm changed"):
         dcopt.export(dm, fold_batchnorm=True)
     assert dcopt.export(dm, fold_batchnorm=True, verify=False) is not None
+
+
+def test_an_inference_export_is_in_eval_mode_even_with_nothing_to_fold():
+    """fold_batchnorm=True after fit (train mode) returned a train-mode model when no
+    BatchNorm could be folded (BN after an activation, as in x-vector/TDNN): its
+    BatchNorms then used batch statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 16, 3), nn.ReLU(), nn.BatchNorm1d(16), nn.Conv1d(16, 4, 1))
+    x = torch.randn(4, 3, 20)
+    dm = dcopt.convert(model, (x,))
+    dm.train()
+    small = dcopt.export(dm, fold_batchnorm=True)
+    assert not small.training
+    torch.testing.assert_close(small(x), dm.eval()(x))
