@@ -183,3 +183,27 @@ def test_new_zeros_reads_only_the_dtype():
     assert [g.name for g in dm.analysis.dynamic_groups] == ["a"]
     assert_exact_export(dm, (x,), {"a": 3}, others=[(torch.randn(5, 4),)])
     assert _status(NewZeros(True), x)["a"] == "rejected"
+
+
+class AttentionPooling(nn.Module):
+    """softmax(att(h), dim=time) * h: att(h) is (B, T, 1), one feature broadcast along
+    h's features — a per-frame weight, not a channel meeting h's."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 16, batch_first=True)
+        self.att = nn.Linear(16, 1)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h, _ = self.rnn(x)
+        return self.out((torch.softmax(self.att(h), dim=1) * h).sum(1))
+
+
+def test_a_one_feature_weight_broadcast_over_features_leaves_them_dynamic():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 4)
+    dm = dcopt.convert(AttentionPooling().eval(), (x,))
+    assert [g.name for g in dm.analysis.dynamic_groups] == ["rnn"]
+    assert dm.analysis.group("att").status == "fixed"
+    assert_exact_export(dm, (x,), {"rnn": 5}, others=[(torch.randn(3, 11, 4),)])

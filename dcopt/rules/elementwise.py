@@ -44,6 +44,17 @@ def elementwise(ctx):
         ctx.reject([fm for _, _, fm in tracked], "elementwise op with a non-tensor result")
         return None
     nd = len(out_shape)
+    # a group one feature wide broadcast along another's features (attention pooling:
+    # softmax(att(h), dim=1) * h, att(h) of shape (B, T, 1)) is a per-row scale, not a
+    # channel that meets h's: it keeps its one feature, and h's features go on
+    for a, s, fm in list(tracked):
+        d = fm.dim + nd - len(s)
+        if s[fm.dim] == 1 and out_shape[d] != 1:
+            ctx.reject(fm, "one feature broadcast along other features; it keeps its width", kind="fixed")
+            tracked.remove((a, s, fm))
+            ops = [(x, sh, None if x is a else f, p) for x, sh, f, p in ops]
+    if not tracked:
+        return None
     dims = {fm.dim + nd - len(s) for _, s, fm in tracked}
     if len(dims) != 1:
         ctx.reject([fm for _, _, fm in tracked], "two tensors whose features run along different dims meet")
