@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import sys
 import traceback
 import warnings
@@ -65,6 +66,7 @@ examples:
   dcopt analyze my_model.py --model TinyNet --input-shape 1,3,64,64
   dcopt analyze lm.py --input-shape 2,128 --dtype int64     # token ids
   dcopt analyze mypkg.models:build --input-shape 1,16 --input-shape 1,16:bool
+  dcopt analyze lm.py --concrete mask=None    # forward(self, ids, mask=None): trace without a mask
   dcopt analyze model.py --json > analysis.json"""
 
 _CHECK_EPILOG = f"""\
@@ -135,6 +137,22 @@ def _dtype(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _concrete(text: str):
+    from .targets import parse_concrete
+    try:
+        return parse_concrete(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _out_dir(text: str) -> str:
+    """``-o ""`` (an unset ``$OUT``) would mean the working directory, where the export
+    writes ``__init__.py`` over whatever package is there: a usage error, not a folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty output folder; give the folder to write, e.g. -o exported/")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     common = _Parser(add_help=False)
@@ -151,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dtype of the --input-shape inputs (default float32; int64 for token ids)")
     load.add_argument("--leaf", metavar="MODULE", action="append", default=[], dest="leaf_modules",
                       help="qualified name of a submodule torch.fx should not trace into; repeatable")
+    load.add_argument("--concrete", metavar="NAME=VALUE", action="append", type=_concrete, default=[],
+                      dest="concrete",
+                      help="fix a forward argument the example inputs do not give, for tracing (torch.fx's "
+                           "concrete_args): e.g. mask=None for forward(self, ids, mask=None) with "
+                           "`if mask is not None`. VALUE: None, True, False, a number or a quoted string; "
+                           "repeatable")
 
     parser = _Parser(prog="dcopt", formatter_class=fmt, epilog=_MAIN_EPILOG,
                      description="dcopt: find which layer widths of a PyTorch model can be learned, "
@@ -185,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", "-c", required=True, metavar="FILE",
                    help="DynamicModel state_dict saved with torch.save(dm.state_dict(), FILE), or the file "
                         "dcopt.fit(..., checkpoint=FILE) writes")
-    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", type=_out_dir, help="output folder")
     p.add_argument("--fold-batchnorm", action="store_true",
                    help="for inference: fold each BatchNorm after a convolution or Linear into its weights "
                         "(where exact; faster, but nothing left to fine-tune the BatchNorm with)")
@@ -210,12 +234,43 @@ def _err(message: str) -> None:
 
 def _load(args, spec: str):
     from .targets import load_target
-    return load_target(spec, model_name=args.model, input_shapes=args.input_shapes, dtype=args.dtype)
+    return load_target(spec, model_name=args.model, input_shapes=args.input_shapes, dtype=args.dtype,
+                       concrete_args=dict(args.concrete))
 
 
 def _analyze(args, target):
     import dcopt
-    return dcopt.analyze(target.model, target.example_inputs, leaf_modules=tuple(args.leaf_modules))
+    with _tracing(target):
+        return dcopt.analyze(target.model, target.example_inputs, leaf_modules=tuple(args.leaf_modules),
+                             concrete_args=target.concrete_args or None)
+
+
+@contextlib.contextmanager
+def _tracing(target):
+    """torch.fx's advice is for the Python API ("pass concrete_args"): say what it is on the
+    command line, and name the forward parameters fx traced as inputs because the example
+    inputs left them unfilled (``mask=None`` then reads as a tensor, and the forward fails
+    on a None it never saw while tracing)."""
+    from .errors import TraceError
+    from .targets import TargetError, concrete_literal, unfilled_parameters
+    try:
+        yield
+    except TraceError as exc:
+        free = unfilled_parameters(target)
+        if free:
+            one = len(free) == 1
+            given = ", ".join(f"{p.name}={p.default!r}" for p in free)
+            usable = [p for p in free if concrete_literal(p.default)]
+            option = shlex.quote(f"{usable[0].name}={usable[0].default!r}") if usable else "NAME=VALUE"
+            # first: fx's own message runs long, and the line is capped
+            raise TargetError(
+                f"forward's {'parameter' if one else 'parameters'} {given} got no value from the example "
+                f"inputs, so torch.fx traced {'it' if one else 'them'} as {'an input' if one else 'inputs'}, "
+                f"not as the default; if the forward branches on {'it' if one else 'one'}, pass --concrete "
+                f"{option} (repeatable) to trace it with that value. The trace failed with: {exc}") from exc
+        if "concrete_args" not in str(exc):
+            raise
+        raise TargetError(f"{exc} (on the command line, concrete_args are given with --concrete NAME=VALUE)") from exc
 
 
 def _describe_error(exc: BaseException, spec: Optional[str] = None) -> str:
@@ -275,8 +330,10 @@ def _relpath(loc: Optional[str]) -> Optional[str]:
 # --------------------------------------------------------------------------- commands
 
 def cmd_analyze(args) -> int:
-    target = _load(args, args.target)
-    analysis = _analyze(args, target)
+    from .targets import isolated_imports
+    with isolated_imports():   # a process may run several commands (tests, a notebook)
+        target = _load(args, args.target)
+        analysis = _analyze(args, target)
     if args.json:
         print(json.dumps(analysis.to_dict(), indent=2, default=str))
         return EXIT_OK
@@ -312,12 +369,15 @@ def _verdict(analysis):
 
 
 def cmd_check(args) -> int:
+    from .targets import isolated_imports
     from .testing import check_failures, format_rejection
     results: list[dict[str, Any]] = []
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     for spec in args.targets:
         try:
-            with quiet:
+            # each target as in a process of its own: a neighbour module one file imported
+            # (`from layers import Block`) must not stand in for another's of the same name
+            with quiet, isolated_imports():
                 target = _load(args, spec)
                 analysis = _analyze(args, target)
         except Exception as exc:
@@ -421,6 +481,12 @@ def _github(r: dict, strict: bool) -> None:
 
 
 def cmd_export(args) -> int:
+    from .targets import isolated_imports
+    with isolated_imports():   # the model's module stays registered until it is saved
+        return _export(args)
+
+
+def _export(args) -> int:
     import torch
 
     import dcopt
@@ -429,8 +495,13 @@ def cmd_export(args) -> int:
         raise TargetError(f"checkpoint not found: {args.checkpoint}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise TargetError(f"-o {args.out} is a file; the exported model is written as a folder")
+    blocker = _file_above(args.out)
+    if blocker:   # before the minutes of loading and converting that would end at makedirs
+        raise TargetError(f"-o {args.out}: {blocker} is a file, so no folder can be made below it")
     target = _load(args, args.target)
     kwargs = dict(leaf_modules=tuple(args.leaf_modules)) if args.leaf_modules else {}
+    if target.concrete_args:
+        kwargs["concrete_args"] = target.concrete_args
     try:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -449,7 +520,8 @@ def cmd_export(args) -> int:
     extra = state.get("_extra_state")
     if isinstance(extra, dict):
         kwargs.update({k: extra[k] for k in dcopt.DynamicModel.SIZING_OPTIONS if k in extra})
-    dm = dcopt.convert(target.model, target.example_inputs, **kwargs)
+    with _tracing(target):
+        dm = dcopt.convert(target.model, target.example_inputs, **kwargs)
     try:
         dm.load_state_dict(state)
     except RuntimeError as exc:
@@ -457,11 +529,20 @@ def cmd_export(args) -> int:
                           f"{target.source}: {exc}") from exc
     dm.eval()
     plain = dcopt.export(dm, fold_batchnorm=args.fold_batchnorm)
-    dcopt.save_exported(plain, args.out, example_inputs=target.example_inputs)
+    try:
+        dcopt.save_exported(plain, args.out, example_inputs=target.example_inputs)
+    except OSError as exc:
+        if exc.filename is None:   # not a file the OS refused (inspect's "could not get source")
+            raise
+        # the folder cannot be made or written (no such parent, no permission, disk full,
+        # a name too long): the user's path, not a dcopt fault
+        raise TargetError(f"cannot write the exported model to -o {args.out}: {exc.strerror or exc} "
+                          f"({exc.filename})") from exc
 
     before_p = sum(p.numel() for p in target.model.parameters())
     after_p = sum(p.numel() for p in plain.parameters())
-    before_m, after_m = _macs(target.model, target.example_inputs), _macs(plain, target.example_inputs)
+    before_m = _macs(target.model, target.example_inputs, target.concrete_args)
+    after_m = _macs(plain, target.example_inputs)
     print(f"exported {target.source} -> {args.out}")
     print(f"  params {before_p:,} -> {after_p:,} ({_ratio(after_p, before_p)})")
     if before_m is not None and after_m is not None:
@@ -478,15 +559,26 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+def _file_above(path: str) -> Optional[str]:
+    """The nearest existing ancestor of ``path`` when it is not a folder (``-o model.pt/sub``)."""
+    parent = os.path.dirname(os.path.normpath(path)) or os.curdir
+    while not os.path.exists(parent):
+        up = os.path.dirname(parent) or os.curdir
+        if up == parent:
+            return None
+        parent = up
+    return None if os.path.isdir(parent) else parent
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.1%}" if b else "n/a"
 
 
-def _macs(model, inputs) -> Optional[int]:
+def _macs(model, inputs, concrete_args: Optional[dict] = None) -> Optional[int]:
     """MACs as dcopt counts them (FlopCounterMode / 2, LSTMs by formula); None if unknown."""
     import dcopt
     try:
-        return int(dcopt.analyze(model, inputs).macs)
+        return int(dcopt.analyze(model, inputs, concrete_args=concrete_args or None).macs)
     except Exception:
         return None
 

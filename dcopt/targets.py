@@ -13,15 +13,20 @@ the file (and line, when the user's code raised), so the CLI can print it as is.
 """
 from __future__ import annotations
 
+import ast
+import contextlib
 import difflib
 import importlib
 import importlib.util
+import inspect
+import math
 import os
 import re
 import sys
+import sysconfig
 import traceback
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,10 +39,14 @@ __all__ = [
     "load_target",
     "parse_shape",
     "parse_dtype",
+    "parse_concrete",
+    "concrete_literal",
     "make_inputs",
     "check_forward",
     "one_line",
     "describe_inputs",
+    "isolated_imports",
+    "unfilled_parameters",
 ]
 
 #: Names looked up, in order, when a file is given without --model.
@@ -71,11 +80,14 @@ class LoadedTarget:
     ``source`` says where it came from, e.g. ``examples/crnn_speech.py:build_model()``;
     ``path`` is the file it was defined in (``None`` for installed packages), used by
     ``--format github`` to annotate the file when no finer location is known.
+    ``concrete_args`` are the forward's keyword arguments fixed for tracing (``--concrete``),
+    to pass on to ``analyze``/``convert``; the forward check already ran with them.
     """
     model: nn.Module
     example_inputs: tuple
     source: str
     path: Optional[str] = None
+    concrete_args: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -144,6 +156,38 @@ def parse_shape(text: str) -> tuple[tuple[int, ...], Optional[torch.dtype]]:
         # numeric check would compare empty tensors, so "convertible" would mean nothing
         raise ValueError(f"bad input shape {text!r}: expected positive integers like 1,3,224,224")
     return shape, dtype
+
+
+_MISSING = object()
+#: what ``--concrete NAME=VALUE`` accepts as VALUE: literals only, nothing that runs code
+_CONCRETE_TYPES = (type(None), bool, int, float, str)
+
+
+def concrete_literal(value: Any) -> bool:
+    """Whether ``--concrete NAME=VALUE`` can express ``value`` (and ``repr`` writes it)."""
+    return isinstance(value, _CONCRETE_TYPES) and not (isinstance(value, float) and not math.isfinite(value))
+
+
+def parse_concrete(text: str) -> tuple[str, Any]:
+    """``"mask=None"`` → ``("mask", None)``: a forward argument fixed for tracing.
+
+    VALUE is read with :func:`ast.literal_eval` and must be None, True/False, a number or
+    a quoted string: those are what a forward branches on (``if mask is not None``,
+    ``if use_cache``), and a literal cannot run code, unlike ``eval``. A bare word is
+    refused rather than guessed as a string, so ``none`` or ``false`` cannot quietly
+    mean the string instead of the value."""
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier():
+        raise ValueError(f"bad --concrete {text!r}: expected NAME=VALUE, e.g. mask=None")
+    try:
+        parsed = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        parsed = _MISSING
+    if parsed is _MISSING or not concrete_literal(parsed):
+        raise ValueError(f"bad --concrete {text!r}: VALUE must be None, True, False, a number or a quoted "
+                         f"string, quoted past the shell too (--concrete \"mode='fast'\"), got {value.strip()!r}")
+    return name, parsed
 
 
 def make_inputs(shapes: Sequence, dtype: Optional[torch.dtype] = None) -> tuple:
@@ -255,6 +299,96 @@ def _find_inputs(namespace: dict, where: str, prefer: Optional[str]) -> Optional
     return _as_tuple(obj, f"{what} in {where}")
 
 
+#: folders of the target files executed inside each active :func:`isolated_imports`
+_SCOPES: list[set] = []
+
+
+#: a folder of installed packages, wherever it lies (the user site in a home folder that is
+#: also a target's folder, a virtual environment inside the project)
+_INSTALLED = frozenset({"site-packages", "dist-packages"})
+
+
+def _library_dirs() -> list[str]:
+    """Where the standard library, installed packages, torch and dcopt live: never a
+    target's own. The interpreter's folders, not its prefix: a project may live under
+    ``/usr/local`` or ``/opt/conda`` too."""
+    paths = sysconfig.get_paths()
+    dirs = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    dirs |= {os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__))}
+    return [os.path.normcase(os.path.abspath(d)) for d in dirs if d]
+
+
+def _module_file(module: Any) -> Optional[str]:
+    try:
+        file = getattr(module, "__file__", None)
+        if not file:   # a namespace package: no file, only folders
+            file = next(iter(getattr(module, "__path__", None) or ()), None)
+        return os.path.normcase(os.path.abspath(file)) if isinstance(file, str) else None
+    except Exception:  # noqa: BLE001 - odd module objects (lazy proxies) are not the target's
+        return None
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+@contextlib.contextmanager
+def isolated_imports() -> Iterator[None]:
+    """Load and use one target inside this; afterwards ``sys.path`` is as it was, and the
+    modules the target imported *from its own folders* are forgotten.
+
+    A model file runs with its folder on ``sys.path`` so it can import its neighbours,
+    as ``python file.py`` would. Python caches every import in ``sys.modules`` by name, so
+    without this, ``dcopt check a/net.py b/net.py`` — both doing ``from layers import
+    Block`` — analysed b with *a's* ``layers`` (a verdict b alone does not get), and
+    a folder added for one target stayed first on the path for the next.
+
+    Which new modules are dropped: those whose file lies under a folder that entered
+    ``sys.path`` during the target (the file's folder, the working directory for
+    ``module:attr``, what the file added itself) or under the folder of a target file
+    executed here (which may have been on the path already), *except* anything in the
+    standard library, in a ``site-packages`` or ``dist-packages`` folder anywhere (the
+    environment's, the user site, a virtual environment inside the project), in torch
+    or in dcopt. Those are the same for every target, and torch and dcopt import
+    submodules lazily while a target is analysed: dropping them would make the next
+    target import a second copy, whose classes and registries differ from the ones
+    already in use. So only the user's own code is re-imported for the next target, as
+    a fresh process would. (Modules that were there before the target are kept as they
+    were; one the target replaced is put back.)
+
+    It restores on exit, not when :func:`load_target` returns: the model still needs its
+    module registered while it is traced, exported and saved (``inspect`` and pickling
+    look classes up in ``sys.modules``), and its forward may import a neighbour lazily.
+    """
+    saved_path = list(sys.path)
+    saved_modules = dict(sys.modules)
+    folders: set = set()
+    _SCOPES.append(folders)
+    try:
+        yield
+    finally:
+        del _SCOPES[next(i for i, f in enumerate(_SCOPES) if f is folders)]
+        added = [p for p in sys.path if p not in saved_path]
+        roots = [os.path.normcase(os.path.abspath(p or os.curdir)) for p in added]
+        roots += [os.path.normcase(f) for f in folders]
+        sys.path[:] = saved_path
+        library = _library_dirs()
+
+        def own(module: Any) -> bool:
+            file = _module_file(module)
+            return (file is not None and _under(file, roots) and not _under(file, library)
+                    and not _INSTALLED.intersection(file.split(os.sep)))
+
+        for name, module in list(sys.modules.items()):
+            old = saved_modules.get(name, _MISSING)
+            if module is old or not own(module):
+                continue
+            if old is _MISSING:
+                del sys.modules[name]
+            else:   # the target replaced a module of that name: put the earlier one back
+                sys.modules[name] = old
+
+
 def _exec_file(path: str) -> dict:
     """Execute a model file as a fresh module and return its namespace."""
     abspath = os.path.abspath(path)
@@ -280,6 +414,8 @@ def _exec_file(path: str) -> dict:
     # the file's folder on sys.path so it can import its neighbours, as `python file.py` would.
     sys.modules[mod_name] = module
     folder = os.path.dirname(abspath)
+    if _SCOPES:
+        _SCOPES[-1].add(folder)
     added = folder not in sys.path
     if added:
         sys.path.insert(0, folder)
@@ -359,12 +495,18 @@ def _load_torchvision(name: str) -> tuple[nn.Module, tuple[int, ...], str]:
 # --------------------------------------------------------------------------- public
 
 def load_target(spec: str, *, model_name: Optional[str] = None, input_shapes: Optional[Sequence] = None,
-                dtype: Optional[torch.dtype | str] = None, run_forward: bool = True) -> LoadedTarget:
+                dtype: Optional[torch.dtype | str] = None, run_forward: bool = True,
+                concrete_args: Optional[dict] = None) -> LoadedTarget:
     """Build the model a TARGET names, with example inputs, and (``run_forward``) check
     that the model's forward accepts them.
 
     ``input_shapes`` (shapes, or ``(shape, dtype)`` pairs, or strings ``"1,3,224,224"``)
     override the file's ``example_inputs()``; ``dtype`` is the dtype of those inputs.
+    ``concrete_args`` (``{"mask": None}``) are forward arguments fixed for tracing; they
+    must name parameters of the forward that the example inputs leave unfilled.
+
+    A model file may import its neighbours, which stay cached in ``sys.modules``: to load
+    several targets in one process, load and use each inside :func:`isolated_imports`.
 
     >>> t = load_target("torchvision:resnet18")          # doctest: +SKIP
     >>> t.example_inputs[0].shape
@@ -415,10 +557,64 @@ def load_target(spec: str, *, model_name: Optional[str] = None, input_shapes: Op
     elif dtype is not None and not spec.startswith("torchvision:"):
         raise TargetError("--dtype applies to the inputs built from --input-shape; "
                           "example_inputs() already sets its own dtypes")
-    target = LoadedTarget(model=model, example_inputs=inputs, source=source, path=path)
+    concrete = dict(concrete_args or {})
+    _check_concrete(model, inputs, concrete)
+    target = LoadedTarget(model=model, example_inputs=inputs, source=source, path=path, concrete_args=concrete)
     if run_forward:
         check_forward(target)
     return target
+
+
+def forward_parameters(model: nn.Module) -> Optional[list[inspect.Parameter]]:
+    """The parameters of ``model.forward`` (without self); None when Python cannot tell."""
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+def unfilled_parameters(target: LoadedTarget) -> list[inspect.Parameter]:
+    """Forward parameters with a default that neither the example inputs nor
+    ``concrete_args`` give a value: torch.fx traces each as an *input* (a proxy that is
+    never None, whose truth it cannot decide), not as its default — the usual cause of a
+    forward with ``if mask is not None:`` failing to trace."""
+    params = forward_parameters(target.model) or []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    out = []
+    for i, p in enumerate(params):
+        if p.kind in positional and i < len(target.example_inputs):
+            continue
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if p.default is not inspect.Parameter.empty and p.name not in target.concrete_args:
+            out.append(p)
+    return out
+
+
+def _check_concrete(model: nn.Module, inputs: tuple, concrete: dict) -> None:
+    """A ``--concrete`` name must be a forward parameter the example inputs leave free:
+    fx would otherwise fail later with a message about its own internals, or pass the
+    value twice."""
+    if not concrete:
+        return
+    params = forward_parameters(model)
+    if params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    by_name = {p.name: (i, p) for i, p in enumerate(params)}
+    names = ", ".join(p.name for p in params) or "none"
+    for name in concrete:
+        if name not in by_name:
+            hint = difflib.get_close_matches(name, list(by_name), n=1)
+            extra = f"; did you mean {hint[0]}?" if hint else ""
+            raise TargetError(f"--concrete {name}: {type(model).__name__}.forward has no parameter '{name}' "
+                              f"(its parameters: {names}){extra}")
+        i, p = by_name[name]
+        if p.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise TargetError(f"--concrete {name}: '{name}' is a positional-only parameter of "
+                              f"{type(model).__name__}.forward and cannot be given by name")
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and i < len(inputs):
+            raise TargetError(f"--concrete {name}: the example inputs already give '{name}' "
+                              f"(input {i + 1} of {len(inputs)}); fix only parameters after them")
 
 
 def check_forward(target: LoadedTarget) -> None:
@@ -430,7 +626,7 @@ def check_forward(target: LoadedTarget) -> None:
     prefer = os.path.abspath(target.path) if target.path else None
     try:
         with torch.no_grad():
-            model(*target.example_inputs)
+            model(*target.example_inputs, **target.concrete_args)
     except Exception as exc:
         where = _user_frame(exc, prefer)
         suffix = f" at {where}" if where else ""

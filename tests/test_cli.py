@@ -100,6 +100,28 @@ BAD_FILES = {
         def example_inputs():
             return (torch.randn(2, 8),)
     """,
+    "masked.py": """
+        import torch
+        from torch import nn
+
+        class Masked(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Embedding(10, 16)
+                self.fc1 = nn.Linear(16, 32)
+                self.fc2 = nn.Linear(32, 4)
+
+            def forward(self, ids, mask=None):
+                h = self.emb(ids)
+                if mask is not None:
+                    h = h * mask.unsqueeze(-1)
+                return self.fc2(torch.relu(self.fc1(h)))
+
+        model = Masked()
+
+        def example_inputs():
+            return (torch.zeros(2, 5, dtype=torch.long),)
+    """,
     "small_cnn.py": """
         import torch
         from torch import nn
@@ -282,6 +304,11 @@ def test_gh_escape():
     (["analyze", "x.py", "--dtype", "float8"], "unknown dtype"),
     (["check", "--format", "xml", "x.py"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
+    # an unset $OUT: would write __init__.py into the working directory
+    (["export", "x.py", "-c", "c.pt", "-o", ""], "empty output folder"),
+    (["export", "x.py", "-c", "c.pt", "-o", " "], "empty output folder"),
+    (["analyze", "x.py", "--concrete", "mask=none"], "--concrete"),
+    (["analyze", "x.py", "--concrete", "mask"], "NAME=VALUE"),
 ])
 def test_usage_errors_are_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as info:
@@ -314,7 +341,7 @@ def test_subcommand_help_has_examples_and_security_note(capsys, command):
     assert info.value.code == 0
     assert "examples:" in out and f"dcopt {command} " in out
     assert "executed as Python" in out and "TARGET forms" in out
-    for option in ("--model", "--input-shape", "--dtype", "--debug"):
+    for option in ("--model", "--input-shape", "--dtype", "--debug", "--concrete"):
         assert option in out
 
 
@@ -353,6 +380,23 @@ def test_export_checkpoint_errors(capsys, tmp_path, files):
     a_file.write_text("")
     code, _, err = run_main(capsys, "export", files["small_cnn.py"], "-c", str(wrong), "-o", str(a_file))
     assert code == EXIT_ERROR and "is a file" in err and "internal error" not in err
+
+
+def test_export_output_path_problems_are_the_users_not_internal_errors(capsys, tmp_path, files, checkpoint):
+    """An -o the OS refuses (below a file, a name too long, no such parent) is the user's
+    path: one line naming it and the OS's reason, not "internal error ... please report it"."""
+    a_file = tmp_path / "dyn.pt"
+    a_file.write_text("")
+    code, _, err = run_main(capsys, "export", files["small_cnn.py"], "-c", checkpoint["path"],
+                            "-o", str(a_file / "sub"))
+    assert code == EXIT_ERROR and "internal error" not in err and len(err.splitlines()) == 1
+    assert f"{a_file} is a file" in err
+
+    # found only when the folder is made, after loading and converting
+    too_long = tmp_path / ("x" * 300) / "out"
+    code, _, err = run_main(capsys, "export", files["small_cnn.py"], "-c", checkpoint["path"], "-o", str(too_long))
+    assert code == EXIT_ERROR and "internal error" not in err and len(err.splitlines()) == 1
+    assert err.startswith(f"dcopt: error: cannot write the exported model to -o {tmp_path}")
 
 
 def test_export_takes_the_file_fit_checkpoints_to(capsys, tmp_path, files):
@@ -408,6 +452,87 @@ def test_export_fold_batchnorm_writes_a_model_without_batchnorm(capsys, tmp_path
     x = target.example_inputs[0]
     with torch.no_grad():
         assert torch.allclose(small(x), dm.eval()(x), atol=1e-5)
+
+
+@pytest.fixture
+def sibling_project(tmp_path, monkeypatch):
+    """a/net.py and b/net.py, each doing ``from dcopt_sib_layers import Block`` from its own
+    folder: a's Block is convertible, b's (a cumsum over the features) is rejected."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    blocks = {"a": "self.l1(x).relu()", "b": "torch.cumsum(self.l1(x), -1)"}
+    paths = {}
+    for name, body in blocks.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dcopt_sib_layers.py").write_text(textwrap.dedent(f"""
+            import torch
+            from torch import nn
+
+            class Block(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.l1 = nn.Linear(16, 32)
+                    self.l2 = nn.Linear(32, 16)
+
+                def forward(self, x):
+                    return self.l2({body})
+        """))
+        (tmp_path / name / "net.py").write_text(textwrap.dedent("""
+            import torch
+            from dcopt_sib_layers import Block
+            model = Block()
+            def example_inputs():
+                return (torch.randn(2, 16),)
+        """))
+        paths[name] = str(tmp_path / name / "net.py")
+    yield paths
+    for mod in [m for m in sys.modules if m.startswith(("dcopt_sib_", "dcopt_target_"))]:
+        del sys.modules[mod]
+
+
+@pytest.mark.parametrize("order", ["ab", "ba"])
+def test_check_gives_each_target_its_own_neighbour_modules(capsys, sibling_project, order):
+    """The verdict of a target must not depend on the targets checked before it: b passed
+    --strict after a (it was analysed with a's cached layers.py), and a failed after b,
+    with an error in b/layers.py."""
+    a, b = sibling_project["a"], sibling_project["b"]
+    specs = [a, b] if order == "ab" else [b, a]
+    code, out, err = run_main(capsys, "check", "--strict", *specs)
+    assert code == EXIT_FAIL, (out, err)
+    assert f"PASS {a}" in out and f"FAIL {b}" in out
+    assert "cumsum" in out and os.path.join("a", "dcopt_sib_layers.py") not in out
+    assert "dcopt_sib_layers" not in sys.modules
+
+
+def test_concrete_fixes_a_forward_argument_the_inputs_leave_out(capsys, at_root, files):
+    """``forward(self, ids, mask=None)`` with ``if mask is not None``: fx traces mask as an
+    input, and the model then fails on a None it never saw. The error names the way out
+    the command line has, and ``--concrete mask=None`` takes it."""
+    code, out, err = run_main(capsys, "check", files["masked.py"])
+    assert code == EXIT_ERROR and len(err.splitlines()) == 1
+    assert "parameter mask=None got no value" in err and "--concrete mask=None" in err
+    code, out, err = run_main(capsys, "check", "--concrete", "mask=None", files["masked.py"])
+    assert code == EXIT_OK, err
+    assert out.startswith(f"PASS {files['masked.py']}: 2 dynamic group(s)")
+    code, _, err = run_main(capsys, "check", "--concrete", "mak=None", files["masked.py"])
+    assert code == EXIT_ERROR and "has no parameter 'mak'" in err and "did you mean mask" in err
+
+
+def test_export_with_concrete(capsys, tmp_path, files):
+    """export converts with the same concrete_args, so a state trained from
+    ``convert(model, inputs, concrete_args={"mask": None})`` loads and exports."""
+    target = load_target(files["masked.py"], concrete_args={"mask": None})
+    dm = dcopt.convert(target.model, target.example_inputs, concrete_args={"mask": None})
+    dm.set_sizes({n: max(1, i.width // 2) for n, i in dm.sizes().items()})
+    ckpt = tmp_path / "dm.pt"
+    torch.save(dm.state_dict(), ckpt)
+    code, out, err = run_main(capsys, "export", files["masked.py"], "-c", str(ckpt), "-o", str(tmp_path / "o"),
+                              "--concrete", "mask=None")
+    assert code == EXIT_OK, err
+    assert "MACs" in out     # the original model's MACs, counted with the same concrete_args
+    small = dcopt.load_exported(tmp_path / "o").eval()
+    ids = target.example_inputs[0]
+    with torch.no_grad():
+        assert torch.allclose(small(ids), dm.eval()(ids), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- dcopt.testing

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from dcopt.errors import DcoptError
-from dcopt.targets import (LoadedTarget, TargetError, describe_inputs, load_target, make_inputs, parse_dtype,
-                           parse_shape)
+from dcopt.targets import (LoadedTarget, TargetError, describe_inputs, isolated_imports, load_target, make_inputs,
+                           parse_concrete, parse_dtype, parse_shape)
 
 MLP_SRC = """
 import torch
@@ -72,6 +72,26 @@ def test_parse_dtype_aliases():
     assert parse_dtype("FP32") is torch.float32
     with pytest.raises(ValueError, match="unknown dtype"):
         parse_dtype("float8")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("mask=None", ("mask", None)),
+    ("use_cache=False", ("use_cache", False)),
+    (" steps = 3 ", ("steps", 3)),
+    ("scale=-0.5", ("scale", -0.5)),
+    ("mode='fast'", ("mode", "fast")),
+])
+def test_parse_concrete(text, expected):
+    assert parse_concrete(text) == expected
+
+
+@pytest.mark.parametrize("text", ["mask", "=None", "1x=None", "mask=none", "mask=fast", "mask=[1]",
+                                  "mask=__import__('os')", "mask=1j", "mask="])
+def test_parse_concrete_takes_only_plain_literals(text):
+    """Literals only, read by ast.literal_eval: nothing that runs code, no container, and
+    no bare word guessed as a string (``none`` is not None)."""
+    with pytest.raises(ValueError, match="--concrete"):
+        parse_concrete(text)
 
 
 def test_make_inputs_dtypes_and_token_range():
@@ -146,6 +166,74 @@ def test_file_can_import_its_neighbours(tmp_path):
             return (torch.randn(1, 4),)
     """)
     assert load_target(path).model.fc1.out_features == 6
+
+
+@pytest.fixture
+def clean_imports(monkeypatch):
+    """sys.path and the test's helper modules as before, whatever the test (or a broken
+    isolated_imports) left behind."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield
+    for name in [m for m in sys.modules if m.startswith(("dcopt_sib_", "dcopt_target_"))]:
+        del sys.modules[name]
+
+
+def _sibling_project(tmp_path, name):
+    """Two folders whose model files import a neighbour of the same name and different width."""
+    paths = {}
+    for folder, width in (("a", 5), ("b", 7)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{name}.py").write_text(f"WIDTH = {width}\n")
+        paths[folder] = write(tmp_path / folder, "net.py", f"""
+            import {name}
+            def build_model():
+                return Net(width={name}.WIDTH)
+            def example_inputs():
+                return (torch.randn(1, 4),)
+        """)
+    return paths
+
+
+def test_isolated_imports_give_each_target_its_own_neighbours(tmp_path, clean_imports):
+    """Two files importing a neighbour of the same name from their own folders: the second
+    got the first's module from the sys.modules cache (``dcopt check a/net.py b/net.py``)."""
+    paths = _sibling_project(tmp_path, "dcopt_sib_layers")
+    path_before = list(sys.path)
+    with isolated_imports():
+        assert load_target(paths["a"]).model.fc1.out_features == 5
+    assert "dcopt_sib_layers" not in sys.modules and sys.path == path_before
+    with isolated_imports():
+        assert load_target(paths["b"]).model.fc1.out_features == 7
+    with isolated_imports():
+        assert load_target(paths["a"]).model.fc1.out_features == 5
+
+
+def test_isolated_imports_keep_library_modules_and_the_model_usable(tmp_path, clean_imports):
+    """What the target imported from the interpreter's prefixes (stdlib, site-packages,
+    torch, dcopt) stays: dropping it would give the next target a second copy of
+    torch's or dcopt's classes. A folder named site-packages that the file puts on the
+    path counts as installed packages too."""
+    lib = tmp_path / "env" / "site-packages"
+    lib.mkdir(parents=True)
+    (lib / "dcopt_sib_installed.py").write_text("X = 1\n")
+    (tmp_path / "dcopt_sib_own.py").write_text("X = 2\n")
+    path = write(tmp_path, "m.py", f"""
+        import sys
+        sys.path.append({str(lib)!r})
+        import dcopt_sib_installed, dcopt_sib_own, colorsys
+        model = Net()
+        def example_inputs():
+            return (torch.randn(1, 4),)
+    """)
+    with isolated_imports():
+        t = load_target(path)
+        # until the scope ends the model's module is registered: inspect finds its source
+        import inspect
+        assert "class Net" in inspect.getsource(type(t.model))
+    assert "dcopt_sib_own" not in sys.modules and not any(m.startswith("dcopt_target_") for m in sys.modules)
+    assert "dcopt_sib_installed" in sys.modules and "colorsys" in sys.modules
+    assert str(lib) not in sys.path
+    del sys.modules["dcopt_sib_installed"]
 
 
 def test_check_forward_restores_training_flags(tmp_path):
@@ -237,6 +325,34 @@ def test_wrong_input_shape_names_forward_line(tmp_path):
     msg = error_of(path, input_shapes=["2,5"])
     assert msg.startswith("the model's forward failed on the example inputs (2x5 float32)")
     assert f"m.py:{line_of(path, 'return self.fc2')}" in msg and "RuntimeError" in msg
+
+
+MASKED_SRC = """
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+        def forward(self, x, mask=None, *, scale=1.0):
+            h = self.fc(x)
+            if mask is not None:
+                h = h * mask
+            return h * scale
+    model = Masked()
+    def example_inputs():
+        return (torch.randn(2, 4),)
+"""
+
+
+def test_concrete_args_are_checked_against_forward_and_used_by_the_forward_check(tmp_path):
+    path = write(tmp_path, "m.py", MASKED_SRC)
+    t = load_target(path, concrete_args={"mask": None, "scale": 2.0})
+    assert t.concrete_args == {"mask": None, "scale": 2.0}
+    assert "has no parameter 'mak'" in error_of(path, concrete_args={"mak": None})
+    assert "did you mean mask" in error_of(path, concrete_args={"mak": None})
+    assert "the example inputs already give 'x'" in error_of(path, concrete_args={"x": None})
+    # the forward check runs with them: a value the forward cannot take fails there, with its line
+    msg = error_of(path, concrete_args={"mask": "no"})
+    assert msg.startswith("the model's forward failed") and f"m.py:{line_of(path, 'h = h * mask')}" in msg
 
 
 def test_target_error_is_a_dcopt_error():
