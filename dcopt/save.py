@@ -15,6 +15,10 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import logging
+import math
+import os
 import textwrap
 import types
 import uuid
@@ -33,22 +37,152 @@ from .trace import DcoptTracer
 __all__ = ["save_exported", "load_exported"]
 
 
-def _constructor(module: nn.Module) -> Optional[str]:
-    """A ``torch.nn.X(...)`` expression that rebuilds ``module`` (checked), or None."""
+#: names a constructor expression may use besides ``torch`` (the repr of an infinite or nan float)
+_NAMES = {"inf": math.inf, "nan": math.nan}
+
+
+def _same_value(a, b) -> bool:
+    """``a`` and ``b`` are the same setting: of one type and equal (nan equals nan)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(map(_same_value, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an == that gives no truth value (an array): not known equal
+        return False
+
+
+def _settings(module: nn.Module) -> dict:
+    """What a layer computes with besides its tensors and children: its public attributes
+    (``AvgPool2d.ceil_mode``, ``Upsample.align_corners``, ``RNN.nonlinearity``, ...)."""
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+
+
+def _tensors(module: nn.Module) -> dict:
+    """Each parameter's and buffer's name, kind and shape: what weights.pt must fit."""
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    return {name: (isinstance(t, nn.Parameter), tuple(t.shape)) for name, t in named}
+
+
+def _difference(original: nn.Module, rebuilt: nn.Module) -> Optional[str]:
+    """How ``rebuilt`` differs from ``original``, or None. A constructor argument that
+    ``repr`` leaves out (``AvgPool2d(2, ceil_mode=True)`` prints as ``AvgPool2d(kernel_size=2,
+    stride=2, padding=0)``) shows here as an attribute that differs; the tensors are loaded
+    from weights.pt, so of them only names, kinds and shapes (not dtypes) must agree."""
+    mods, again = dict(original.named_modules()), dict(rebuilt.named_modules())
+    if {k: type(m) for k, m in mods.items()} != {k: type(m) for k, m in again.items()}:
+        return "its submodules differ"
+    for prefix, m in mods.items():
+        a, b = _settings(m), _settings(again[prefix])
+        for key in sorted(a.keys() | b.keys()):
+            if key not in a or key not in b or not _same_value(a[key], b[key]):
+                said = [repr(s[key]) if key in s else "not a setting" for s in (a, b)]
+                return f"{prefix + '.' if prefix else ''}{key} is {said[0]}, rebuilt {said[1]}"
+        if m._non_persistent_buffers_set != again[prefix]._non_persistent_buffers_set:
+            return f"{prefix or 'it'} keeps other buffers out of its state dict"
+    if _tensors(original) != _tensors(rebuilt) or original.state_dict().keys() != rebuilt.state_dict().keys():
+        return "its parameters or buffers differ"
+    return None
+
+
+def _arguments(cls: type) -> list[inspect.Parameter]:
+    """The constructor arguments of ``cls``. RNN, LSTM and GRU take ``*args, **kwargs``:
+    theirs are RNNBase's without ``mode`` (which ``nonlinearity`` sets for RNN), and
+    ``proj_size`` for LSTM only."""
+    if cls in (nn.RNN, nn.LSTM, nn.GRU):
+        params = [p for p in inspect.signature(nn.RNNBase.__init__).parameters.values()
+                  if p.name not in ("self", "mode") and (p.name != "proj_size" or cls is nn.LSTM)]
+        if cls is nn.RNN:
+            params.append(inspect.Parameter("nonlinearity", inspect.Parameter.KEYWORD_ONLY, default="tanh"))
+        return params
+    return [p for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+            if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+
+
+def _call_from_attributes(module: nn.Module) -> tuple[Optional[str], str]:
+    """``torch.nn.X(name=value, ...)`` for each constructor argument the layer keeps as an
+    attribute of that name (a ``bias=`` flag: whether its bias tensor exists), with the
+    values' repr (so strings are quoted: ``padding='same'``); or None and why not."""
     cls = type(module)
-    if not cls.__module__.startswith("torch.nn") or getattr(nn, cls.__name__, None) is not cls:
-        return None
+    kept, missing = [], []
+    for p in _arguments(cls):
+        name = p.name
+        if name.startswith("_") or name in ("device", "dtype"):
+            continue
+        if (name in module._parameters or name in module._buffers) and isinstance(p.default, bool):
+            value = getattr(module, name) is not None
+        elif name in module._parameters or name in module._buffers or name in module._modules or \
+                name not in vars(module):
+            if p.default is inspect.Parameter.empty:
+                missing.append(name)
+            continue
+        else:
+            value = vars(module)[name]
+        if p.default is not inspect.Parameter.empty and _same_value(value, p.default):
+            continue
+        text = repr(value)
+        try:
+            literal = _same_value(eval(text, {"torch": torch, **_NAMES}), value)
+        except Exception:  # noqa: BLE001 - any failure means: not a literal
+            literal = False
+        if not literal:
+            return None, f"its {name} {text} is not a Python literal"
+        kept.append(f"{name}={text}")
+    if missing:
+        return None, f"no attribute holds its argument(s) {', '.join(missing)}"
+    return f"torch.nn.{cls.__name__}({', '.join(kept)})", ""
+
+
+def _call_from_repr(module: nn.Module) -> tuple[Optional[str], str]:
     text = repr(module)
     if "\n" in text:
-        return None
-    expr = f"torch.nn.{text}"
-    try:
-        rebuilt = eval(expr, {"torch": torch, "inf": float("inf")})
-    except Exception:
-        return None
-    same = repr(rebuilt) == text and {k: v.shape for k, v in rebuilt.state_dict().items()} == \
-        {k: v.shape for k, v in module.state_dict().items()}
-    return expr if same else None
+        return None, "its repr spans several lines"
+    return f"torch.nn.{text}", ""
+
+
+def _rebuild(module: nn.Module) -> tuple[Optional[str], str]:
+    """A ``torch.nn.X(...)`` expression that rebuilds ``module`` and '', or None and why not.
+
+    An expression counts only if the layer it builds has the same settings, submodules and
+    tensor shapes as ``module`` (:func:`_difference`): ``repr`` leaves out arguments, so an
+    expression read from it alone could build another layer that still loads the weights.
+    It is built on the meta device: no memory, no draw from the random generator."""
+    cls = type(module)
+    if not cls.__module__.startswith("torch.nn") or getattr(nn, cls.__name__, None) is not cls:
+        return None, "not a plain torch.nn layer"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
+        return None, "it has forward hooks, which a layer built from its constructor would not run"
+    tried, reasons = set(), []
+    for how, make in (("from its attributes", _call_from_attributes), ("from its repr", _call_from_repr)):
+        expr, why = make(module)
+        if expr is not None and expr not in tried:
+            tried.add(expr)
+            try:
+                with warnings.catch_warnings(), torch.device("meta"):
+                    warnings.simplefilter("ignore")        # e.g. RNN's note on dropout with one layer
+                    rebuilt = eval(expr, {"torch": torch, **_NAMES})
+                    diff = _difference(module, rebuilt)
+            except Exception as exc:  # noqa: BLE001 - the expression does not build a layer
+                why = f"{expr} fails: {type(exc).__name__}: {exc}"
+            else:
+                if diff is None:
+                    return expr, ""
+                why = f"{expr} builds another layer: {diff}"
+        if why:
+            reasons.append(f"{how}, {why}")
+    return None, "a torch.nn layer that no constructor call rebuilds (" + "; ".join(reasons) + ")"
+
+
+def _constructor(module: nn.Module) -> Optional[str]:
+    """A ``torch.nn.X(...)`` expression that rebuilds ``module`` (checked), or None."""
+    return _rebuild(module)[0]
 
 
 def _as_graph_module(model: nn.Module) -> torch.fx.GraphModule:
@@ -126,13 +260,22 @@ class {name}(torch.nn.Module):
 
 
 def load(map_location="cpu"):
-    """The model with its trained weights (read with weights_only=True)."""
+    """The model with its trained weights (read with weights_only=True), in their saved dtypes."""
     model = {name}()
     state = torch.load(os.path.join(os.path.dirname(__file__), "weights.pt"), map_location=map_location,
                        weights_only=True)
-    model.load_state_dict(state)
+    # assign: the module takes the saved tensors themselves, in their dtype (float64, bfloat16, ...)
+    # and on map_location, where copying into the float32 CPU tensors built above would not
+    model.load_state_dict(state, assign=True)
     return model.eval()
 '''
+
+
+def _inside(qual: str, targets: set) -> bool:
+    """Whether tensor ``qual`` belongs to one of the ``targets`` (or to a submodule of one,
+    as ``attn.out_proj.weight`` to a MultiheadAttention ``attn``): its constructor makes it."""
+    parts = qual.split(".")[:-1]
+    return any(".".join(parts[:i]) in targets for i in range(1, len(parts) + 1))
 
 
 def _python_source(model: nn.Module, class_name: str) -> tuple[str, dict]:
@@ -144,13 +287,13 @@ def _python_source(model: nn.Module, class_name: str) -> tuple[str, dict]:
     body = []
     targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for qual in sorted(targets):
-        expr = _constructor(gm.get_submodule(qual))
+        expr, why = _rebuild(gm.get_submodule(qual))
         if expr is None:
             raise ExportError(f"cannot write standalone code for module '{qual}' "
-                              f"({type(gm.get_submodule(qual)).__name__}): not a plain torch.nn layer")
+                              f"({type(gm.get_submodule(qual)).__name__}): {why}")
         body.append(f"        _place(self, {qual!r}, {expr})")
     for qual, t in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if qual.rpartition(".")[0] in targets:
+        if _inside(qual, targets):
             continue
         ctor = "torch.nn.Parameter(torch.empty({}, dtype={}))" if isinstance(t, nn.Parameter) else \
             "torch.empty({}, dtype={})"
@@ -163,7 +306,7 @@ def _python_source(model: nn.Module, class_name: str) -> tuple[str, dict]:
     # a non-persistent buffer is not in the state dict, but the forward reads its value: the
     # standalone code registers every buffer it places (persistent), so weights.pt carries it
     for qual, t in gm.named_buffers():
-        if qual.rpartition(".")[0] not in targets and qual not in state:
+        if not _inside(qual, targets) and qual not in state:
             state[qual] = t
     return text, state
 
@@ -179,15 +322,21 @@ def save_exported(model: nn.Module, path, example_inputs: Optional[Sequence] = N
     can be written an :class:`~dcopt.ExportError` is raised. With ``check`` what was
     written is loaded back and compared with ``model`` on the example inputs (relative
     error ≤ 1e-5, with :mod:`dcopt.numcheck`'s float64 second opinion); a saved form that
-    fails is removed, not left to be loaded. Files of an earlier save into the same folder
-    (``model.pt2``, ``__init__.py``, ``weights.pt``, ``WHY.txt``) are replaced or removed
-    first, so the folder never mixes two models. ``model``'s train/eval flags are restored.
+    fails is removed, not left to be loaded. ``model.pt2`` is read back with
+    ``torch.export.load`` even without ``check``: one it cannot read is left out (WHY.txt
+    says why). ``load()`` gives the weights in their saved dtype. Files of an earlier save
+    into the same folder (``model.pt2``, ``__init__.py``, ``weights.pt``, ``WHY.txt``) are
+    replaced or removed first, so the folder never mixes two models; but only files that
+    an earlier save wrote (see :func:`_refuse_files_in_the_way`): any other file of those
+    names is left alone and an :class:`~dcopt.ExportError` names it, before anything is
+    written. ``model``'s train/eval flags are restored.
 
     Example::
 
         dcopt.save_exported(small, "out/small", example_inputs=(x,))
     """
     folder = Path(path)
+    _refuse_files_in_the_way(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if example_inputs is not None and isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -201,22 +350,51 @@ def save_exported(model: nn.Module, path, example_inputs: Optional[Sequence] = N
 #: the saved model runs the same ops as the model: anything above rounding is a fault
 SAVE_TOL = 1e-5
 _WRITTEN = ("model.pt2", "__init__.py", "weights.pt")
+#: the first line of every WHY.txt save_exported writes: how a later save knows the file is its own
+_WHY_HEAD = "Written by dcopt.save_exported: the forms it left out of this folder, and why."
+#: how the WHY.txt of a dcopt from before _WHY_HEAD began
+_OLD_WHY_STARTS = ("model.pt2 not written", "__init__.py not written", "nothing kept")
+
+
+def _dcopt_wrote(file: Path) -> bool:
+    """Whether ``file`` (an ``__init__.py`` or ``WHY.txt``) begins as save_exported writes it."""
+    starts = (_TEMPLATE.partition(":")[0],) if file.name == "__init__.py" else (_WHY_HEAD,) + _OLD_WHY_STARTS
+    try:
+        with open(file, "rb") as f:
+            head = f.read(200).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return file.is_file() and head.startswith(starts)
+
+
+def _refuse_files_in_the_way(folder: Path) -> None:
+    """ExportError naming a file that save_exported would replace or remove but did not write.
+
+    An ``__init__.py`` is dcopt's when it begins with the docstring dcopt writes (a user's
+    package's is not), a ``WHY.txt`` when it begins with :data:`_WHY_HEAD`. ``weights.pt``
+    and ``model.pt2`` cannot say who wrote them: they are taken for dcopt's when the
+    folder's ``__init__.py`` is dcopt's or, without an ``__init__.py``, its ``WHY.txt`` is
+    (a save that wrote ``model.pt2`` alone, or nothing). In any other folder each of the
+    four is the user's, and so is anything of those names that is not a plain file."""
+    init = folder / "__init__.py"
+    ours = _dcopt_wrote(init) if os.path.lexists(init) else _dcopt_wrote(folder / "WHY.txt")
+    for name in ("__init__.py",) + _WRITTEN + ("WHY.txt",):
+        file = folder / name
+        if os.path.lexists(file) and not (ours and file.is_file() and not file.is_symlink()):
+            raise ExportError(
+                f"{file} is in the way: save_exported replaces only the files an earlier save_exported "
+                "wrote (a folder whose __init__.py, or else WHY.txt, begins as dcopt writes it), and "
+                "this one it did not write; move it, or save into another folder")
 
 
 def _write(model: nn.Module, folder: Path, example_inputs: Optional[tuple], class_name: str, check: bool) -> None:
     notes = []
-    program_ok = False
+    program = None
     if example_inputs is not None:
-        try:
-            with warnings.catch_warnings():
-                # torch's own note on every RNN (it re-assigns _flat_weights while exporting):
-                # harmless, and the saved program is checked against the model below
-                warnings.filterwarnings("ignore", message=r".*_flat_weights.*were assigned during export")
-                program = torch.export.export(model, example_inputs)
-            torch.export.save(program, folder / "model.pt2")
-            program_ok = True
-        except Exception as exc:  # some models cannot be torch.export-ed
-            notes.append(f"model.pt2 not written: torch.export failed: {type(exc).__name__}: {exc}")
+        program, note = _write_program(model, folder / "model.pt2", example_inputs)
+        if note:
+            notes.append(note)
+    program_ok = program is not None
     try:
         text, state = _python_source(model, class_name)
         (folder / "__init__.py").write_text(text)
@@ -226,24 +404,56 @@ def _write(model: nn.Module, folder: Path, example_inputs: Optional[tuple], clas
         notes.append(f"__init__.py not written: {exc}")
         python_ok = False
     if notes:
-        (folder / "WHY.txt").write_text("\n".join(notes) + "\n")
+        (folder / "WHY.txt").write_text("\n".join([_WHY_HEAD] + notes) + "\n")
     if not (python_ok or program_ok):
         raise ExportError("could not save the model in a form that loads without dcopt: " + "; ".join(notes))
     if check and example_inputs is not None:
         try:
-            failure = _check_saved(model, folder, example_inputs, python_ok, program_ok)
+            failure = _check_saved(model, folder, example_inputs, python_ok, program)
         except Exception as exc:  # noqa: BLE001 - what was written does not even load back
             failure = f"loading it back failed: {type(exc).__name__}: {exc}"
         if failure is not None:
             # a saved model that does not reproduce the model must not stay where it would be loaded
             for name in _WRITTEN:
                 (folder / name).unlink(missing_ok=True)
-            (folder / "WHY.txt").write_text(f"nothing kept: {failure}\n")
+            (folder / "WHY.txt").write_text(f"{_WHY_HEAD}\nnothing kept: {failure}\n")
             raise ExportError(f"the saved model at {folder} does not reproduce the model ({failure}); "
                               "the files were removed. Please report this model: it is a dcopt bug")
 
 
-def _check_saved(model: nn.Module, folder: Path, inputs: tuple, python_ok: bool, program_ok: bool) -> Optional[str]:
+def _write_program(model: nn.Module, file: Path, example_inputs: tuple) -> tuple[Optional[nn.Module], Optional[str]]:
+    """``torch.export`` ``model`` into ``file`` and load it back: the loaded program's module
+    and None, or None and the WHY.txt line saying why no ``file`` is left. torch can write
+    part of a file before it fails (an output it cannot serialise), and can save a program
+    it cannot load (a str among the outputs): neither is a model.pt2."""
+    try:
+        with warnings.catch_warnings():
+            # torch's own note on every RNN (it re-assigns _flat_weights while exporting):
+            # harmless, and the saved program is checked against the model below
+            warnings.filterwarnings("ignore", message=r".*_flat_weights.*were assigned during export")
+            program = torch.export.export(model, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - some models cannot be torch.export-ed
+        return None, f"model.pt2 not written: torch.export failed: {type(exc).__name__}: {exc}"
+    try:
+        torch.export.save(program, file)
+    except Exception as exc:  # noqa: BLE001
+        file.unlink(missing_ok=True)
+        return None, f"model.pt2 not written: torch.export.save failed: {type(exc).__name__}: {exc}"
+    log = logging.getLogger("torch.export")
+    level = log.level
+    log.setLevel(logging.ERROR)         # torch logs a traceback before it raises (or falls back)
+    try:
+        return torch.export.load(file).module(), None
+    except Exception as exc:  # noqa: BLE001
+        file.unlink(missing_ok=True)
+        return None, (f"model.pt2 not written: torch.export.load cannot read back what torch.export.save "
+                      f"wrote: {type(exc).__name__}: {exc}")
+    finally:
+        log.setLevel(level)
+
+
+def _check_saved(model: nn.Module, folder: Path, inputs: tuple, python_ok: bool,
+                 program: Optional[nn.Module]) -> Optional[str]:
     """Load what was written and compare it with ``model`` on ``inputs``; a reason, or None.
 
     The saved forms run the same ops as the model, so their float32 results should agree
@@ -254,8 +464,8 @@ def _check_saved(model: nn.Module, folder: Path, inputs: tuple, python_ok: bool,
     loaded = []
     if python_ok:
         loaded.append(("__init__.py", load_exported(folder)))
-    if program_ok:
-        loaded.append(("model.pt2", torch.export.load(folder / "model.pt2").module()))
+    if program is not None:                       # loaded back by _write_program
+        loaded.append(("model.pt2", program))
     with torch.no_grad():
         expected = model(*inputs)
         for what, m in loaded:
