@@ -2,6 +2,7 @@
 passed on, consumed, read only for its shape or dtype, or rejected by the op's rule.
 A rule that ignores an argument used to leave that group dynamic with nothing gating it,
 so the export sliced features the gated model still used (found by a red-team pass)."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -207,3 +208,46 @@ def test_a_one_feature_weight_broadcast_over_features_leaves_them_dynamic():
     assert [g.name for g in dm.analysis.dynamic_groups] == ["rnn"]
     assert dm.analysis.group("att").status == "fixed"
     assert_exact_export(dm, (x,), {"rnn": 5}, others=[(torch.randn(3, 11, 4),)])
+
+
+class Embedding(nn.Module):
+    """A speaker-embedding head: the embedding normalised (or scaled by its energy) over
+    its features before the classifier."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv1d(3, 16, 3, padding=1)
+        self.emb = nn.Linear(16, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        e = self.emb(h.mean(2) + 0.1 * h.pow(2).sum((1, 2)).unsqueeze(1))
+        z = {
+            "normalize": lambda: F.normalize(e, dim=1),
+            "norm": lambda: e / e.norm(dim=1, keepdim=True),
+            "vector_norm": lambda: e / torch.linalg.vector_norm(e, dim=-1, keepdim=True),
+            "inf_norm": lambda: e / e.norm(p=float("inf"), dim=1, keepdim=True),
+            "energy": lambda: e * e.pow(2).sum(-1, keepdim=True),
+            "negative_norm": lambda: e / e.norm(p=-1, dim=1, keepdim=True),
+            "amax": lambda: e / e.amax(1, keepdim=True),
+            "mean": lambda: e - e.mean(1, keepdim=True),
+        }[self.how]()
+        return self.out(z)
+
+
+@pytest.mark.parametrize("how", ["normalize", "norm", "vector_norm", "inf_norm", "energy"])
+def test_sums_and_positive_norms_over_the_features_export_exactly(how):
+    """A gate in front of them zeroes the removed features, which a sum or a p-norm (p > 0)
+    ignores: the sliced export computes the same (also the conv's sum over (C, T))."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 10)
+    dm = dcopt.convert(Embedding(how).eval(), (x,))
+    assert sorted(g.name for g in dm.analysis.dynamic_groups) == ["conv", "emb"]
+    assert_exact_export(dm, (x,), {"conv": 5, "emb": 3}, others=[(torch.randn(6, 3, 13),)])
+
+
+@pytest.mark.parametrize("how", ["negative_norm", "amax", "mean"])
+def test_reductions_a_zero_changes_keep_the_width(how):
+    assert _status(Embedding(how), torch.randn(4, 3, 10))["emb"] == "rejected"

@@ -172,17 +172,28 @@ class Reduce(nn.Module):
 
 
 @pytest.mark.parametrize("fn,word", [
-    (lambda h: h.norm(2, 1, keepdim=True), "feature"),
-    (lambda h: torch.norm(h, 2, 1, True), "feature"),
     (lambda h: h.std(False), "feature"),
     (lambda h: torch.var(h, 1, True, True), "feature"),
-    (lambda h: torch.linalg.vector_norm(h, 2, 1, True), "feature"),
-    (lambda h: F.normalize(h, 2, 1), "feature"),
-    (lambda h: F.normalize(h), "feature"),
-], ids=["norm-method", "torch.norm", "std-unbiased", "var-legacy", "vector_norm", "normalize-p-dim", "normalize"])
+    (lambda h: h.norm(-1, 1, keepdim=True), "feature"),
+    (lambda h: torch.linalg.vector_norm(h, float("-inf"), 1, True), "feature"),
+], ids=["std-unbiased", "var-legacy", "negative-order", "minus-inf-order"])
 def test_reduction_over_features_with_positional_p_is_rejected(fn, word):
     torch.manual_seed(0)
     check_rejected(Reduce(fn), (torch.randn(3, 8),), "a", word, others=((torch.randn(5, 8),),))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda h: h.norm(2, 1, keepdim=True),
+    lambda h: torch.norm(h, 2, 1, True),
+    lambda h: torch.linalg.vector_norm(h, 2, 1, True),
+    lambda h: F.normalize(h, 2, 1),
+    lambda h: F.normalize(h),
+], ids=["norm-method", "torch.norm", "vector_norm", "normalize-p-dim", "normalize"])
+def test_positive_norms_over_features_with_positional_p_are_exact(fn):
+    """A p-norm (p > 0) over the features ignores the zeros a gate leaves: exact, with p
+    and dim read from their positions."""
+    torch.manual_seed(0)
+    check_dynamic(Reduce(fn), (torch.randn(3, 8),), "a", others=((torch.randn(5, 8),),))
 
 
 @pytest.mark.parametrize("fn", [

@@ -48,6 +48,9 @@ def _reduce(ctx):
         ctx.reject(fm, "reduction over a dim dcopt cannot read")
         return None
     if fm.dim in reduced:
+        if _zeros_change_nothing(ctx):
+            ctx.gate(x)   # the removed features reach it as exact zeros, which it ignores
+            return None
         ctx.reject(fm, f"{ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__} "
                        "reduces over the feature dimension (it would see the removed features)")
         return None
@@ -57,6 +60,33 @@ def _reduce(ctx):
     if n_outputs(ctx.node):  # max/min with dim return (values, indices)
         return tuple(out for _ in range(n_outputs(ctx.node)))
     return out
+
+
+#: reductions a zero entry does not change: a sum, any(), and norms of positive order
+_SUMS = (torch.sum, "sum", torch.nansum, "nansum", torch.any, "any")
+_NORMS = {torch.norm: ("p", "fro"), "norm": ("p", "fro"), torch.linalg.vector_norm: ("ord", 2)}
+
+
+def _zeros_change_nothing(ctx) -> bool:
+    """Whether this reduction over the features gives the same result when the removed
+    features are zeros (the gated model: a gate in front zeroes them) as when they are
+    absent (the export): a sum, ``any``, a p-norm with p > 0 or ∞. Not a mean (it divides
+    by N), max (a zero can be the max), logsumexp, prod, std, all, or a norm of order ≤ 0
+    or -∞ (a zero is the min)."""
+    target = ctx.node.target
+    if target in _SUMS:
+        return True
+    if target in _NORMS:
+        name, default = _NORMS[target]
+        p = ctx.arg(1, name, default)
+        return _positive_order(p)
+    return False
+
+
+def _positive_order(p) -> bool:
+    if p == "fro":
+        return True
+    return isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0
 
 
 def _readable(dims) -> bool:
@@ -97,6 +127,10 @@ def _along_dim(ctx):
     nd = len(ctx.shape(x))
     i_dim, default = _ALONG_DIM.get(ctx.node.target, (1, None))
     dim = ctx.arg(i_dim, "dim", default)
+    if (ctx.node.target is F.normalize and isinstance(dim, int) and not isinstance(dim, bool)
+            and norm_dim(dim, nd) == fm.dim and _positive_order(ctx.arg(1, "p", 2.0))):
+        ctx.gate(x)   # x / ‖x‖ₚ: removed features are zeros in the norm and in the output
+        return fm
     if not isinstance(dim, int) or isinstance(dim, bool) or norm_dim(dim, nd) == fm.dim:
         name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
         ctx.reject(fm, f"{name} works along the feature dimension (it would see the removed features)")
