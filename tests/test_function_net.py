@@ -251,3 +251,94 @@ def test_sums_and_positive_norms_over_the_features_export_exactly(how):
 @pytest.mark.parametrize("how", ["negative_norm", "amax", "mean"])
 def test_reductions_a_zero_changes_keep_the_width(how):
     assert _status(Embedding(how), torch.randn(4, 3, 10))["emb"] == "rejected"
+
+
+# -- matrix products -------------------------------------------------------------------
+
+class PoolByProduct(nn.Module):
+    """Attention pooling written as a matrix product: (B, 1, T) @ (B, T, H)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.rnn = nn.GRU(4, 16, batch_first=True)
+        self.att = nn.Linear(16, 1)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h, _ = self.rnn(x)
+        w = torch.softmax(self.att(h).squeeze(-1), dim=1).unsqueeze(1)
+        z = torch.bmm(w, h) if self.op == "bmm" else w @ h
+        return self.out(z.squeeze(1))
+
+
+class SingleHeadAttention(nn.Module):
+    """q·kᵀ contracts q's and k's features (coupled: the same features kept on both);
+    attention @ v keeps v's."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv1d(3, 12, 1)
+        self.q = nn.Linear(12, 8)
+        self.k = nn.Linear(12, 8)
+        self.v = nn.Linear(12, 10)
+        self.out = nn.Linear(10, 3)
+
+    def forward(self, x):
+        h = self.inp(x).transpose(1, 2)
+        scores = torch.matmul(self.q(h), self.k(h).transpose(1, 2)) * 0.35
+        return self.out(torch.softmax(scores, dim=-1) @ self.v(h))
+
+
+class ProductWithParameters(nn.Module):
+    """h @ W and V @ hᵀ with parameters: their rows (columns) are sliced with h's group."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 16)
+        self.W = nn.Parameter(torch.randn(16, 5))
+        self.V = nn.Parameter(torch.randn(3, 16))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return (h @ self.W) + (self.V @ h.transpose(1, 2)).transpose(1, 2).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("model,x,sizes,other", [
+    (PoolByProduct("matmul"), (2, 7, 4), {"rnn": 5}, (3, 9, 4)),
+    (PoolByProduct("bmm"), (2, 7, 4), {"rnn": 5}, (3, 9, 4)),
+    (SingleHeadAttention(), (2, 3, 7), {"inp": 5, "q": 3, "v": 4}, (3, 3, 9)),
+    (ProductWithParameters(), (2, 7, 4), {"a": 6}, (3, 9, 4)),
+], ids=["pool-matmul", "pool-bmm", "attention", "parameters"])
+def test_matrix_products_export_exactly(model, x, sizes, other):
+    torch.manual_seed(0)
+    x = torch.randn(*x)
+    dm = dcopt.convert(model.eval(), (x,))
+    assert set(sizes) <= {g.name for g in dm.analysis.dynamic_groups}
+    assert_exact_export(dm, (x,), sizes, others=[(torch.randn(*other),)])
+
+
+class ProductWithComputed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 16)
+
+    def forward(self, x):
+        return self.a(x) @ (torch.ones(16, 5) * x.mean())
+
+
+class OuterOfGroups(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return (self.a(x).unsqueeze(-1) @ self.b(x).unsqueeze(-2)).flatten(1)
+
+
+def test_matrix_products_dcopt_cannot_slice_keep_the_width():
+    x = torch.randn(3, 2, 4)
+    assert _status(ProductWithComputed(), x)["a"] == "rejected"
+    status = _status(OuterOfGroups(), torch.randn(3, 4))
+    assert status["a"] != "dynamic" and status["b"] != "dynamic"
