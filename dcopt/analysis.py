@@ -356,6 +356,8 @@ class _Walker:
                 and type(self.modules[node.target]) not in self.registry.modules)
 
     def reject(self, gid: int, node: torch.fx.Node, reason: str, kind: str) -> None:
+        if kind == "unsupported" and self.groups.width[self.groups.find(gid)] == 1:
+            kind = "fixed"   # one feature (an attention-pooling score): nothing to learn, not a problem
         self.rejected_at.setdefault(node.name, set()).add(gid)
         module = self.modules.get(node.target) if node.op == "call_module" else None
         self.pending.append((gid, Rejection(node=node.name, op=_op_name(node, module), reason=reason,

@@ -342,3 +342,13 @@ def test_matrix_products_dcopt_cannot_slice_keep_the_width():
     assert _status(ProductWithComputed(), x)["a"] == "rejected"
     status = _status(OuterOfGroups(), torch.randn(3, 4))
     assert status["a"] != "dynamic" and status["b"] != "dynamic"
+
+
+def test_a_one_feature_group_is_fixed_not_a_problem():
+    """att(h) of width 1, squeezed and softmaxed over time: its rejection is no problem
+    (one feature cannot shrink), so strict mode and `dcopt check --strict` pass."""
+    x = torch.randn(2, 7, 4)
+    analysis = dcopt.analyze(PoolByProduct("bmm"), (x,))
+    assert analysis.group("att").status == "fixed"
+    assert not analysis.unsupported
+    dcopt.convert(PoolByProduct("bmm"), (x,), strict=True)
