@@ -51,6 +51,7 @@ def max_relative_error(a, b) -> float:
     """Max abs difference relative to ``a``'s scale (per tensor, the max over a nested
     output); ``inf`` when structures, shapes or non-float values differ."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        a, b = a.detach(), b.detach()   # an output may be a parameter (returned as it is)
         if a.shape != b.shape:
             return float("inf")
         if not a.is_floating_point():
