@@ -20,6 +20,7 @@ from .gates import FeatureGate, GatedRNN, round_size
 from .numcheck import agreement, float64_copy, fresh_copies, to_float64
 from .plan import Plan, keep_index, keep_mask, size_limits
 from .rewrite import GATES, SIZES, DynamicModel, _lookup, as_dynamic_model
+from .trace import _first_line
 
 __all__ = ["export", "slice_graph_module"]
 
@@ -264,7 +265,7 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
                 got = sliced(*fresh_copies(dm.example_inputs))
             except Exception as exc:   # the analysis let through a slice the ops cannot take
                 raise ExportError(f"the exported model fails on the example inputs ({type(exc).__name__}: "
-                                  f"{_first_line(exc)}); please report this model: it is a dcopt bug") from exc
+                                  f"{_first_line(str(exc))}); please report this model: it is a dcopt bug") from exc
         reference = _reference_output(dm, kept, sizes)
         if verify:
             check = agreement(reference, got, tol, float64_pair(sliced))
@@ -300,11 +301,6 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
                 result = user
     result.train(dm.training and not fold_batchnorm)   # an inference export, folded or not
     return result
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no message"
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from .gates import FeatureGate, GatedRNN, consolidated, floor_size, kappa_for
 from .modes import eval_mode
 from .numcheck import input_tuple
 from .plan import Plan
-from .trace import trace
+from .trace import _first_line, trace
 
 __all__ = ["DynamicModel", "SizeInfo", "convert", "build_gated"]
 
@@ -442,11 +442,6 @@ def _check_traced_equals_model(model: nn.Module, dm: "DynamicModel") -> None:
             f"control flow on tensor values. Mark the block as a leaf (leaf_modules=[...]) or rewrite it")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _check_same_gradients(model: nn.Module, dm: "DynamicModel", sites: list[str]) -> None:
     """TraceError where the converted model would train a parameter the user's model
     gives no gradient (or the reverse). The forward switches gradients off somewhere
@@ -487,8 +482,8 @@ def _check_same_gradients(model: nn.Module, dm: "DynamicModel", sites: list[str]
         want = trained(_deepcopy(model).eval(), {}) & common
     except RuntimeError as exc:   # inference_mode tensors reaching autograd: the user's model cannot train
         raise TraceError(f"the forward switches gradients off ({where}) and your model cannot be trained as it "
-                         f"is ({_first_line(exc)}); torch.fx does not record the switch, so the converted model "
-                         "would train differently", suggestion="Use torch.no_grad() or requires_grad_(False), "
+                         f"is ({_first_line(str(exc)) or type(exc).__name__}); torch.fx does not record the "
+                         "switch, so the converted model would train differently", suggestion="Use torch.no_grad() or requires_grad_(False), "
                          "or make the block a leaf (leaf_modules=[...])") from exc
     got = trained(gated, names) & common
     if want != got:
