@@ -212,11 +212,30 @@ class Ctx:
         self._w.attrs.setdefault(self.target, {})[attr] = (kind, pos)
 
     def gate(self, a: torch.fx.Node) -> None:
-        """This node mixes the feature dim of input ``a``: zero removed features before it."""
+        """This node mixes the feature dim of input ``a``: zero removed features before it.
+        Only floating tensors can carry the optimize phase's noise (σ·ν on the boundary
+        feature): integer or bool features keep their width."""
         fm = self.fmap(a)
         if fm is not None:
+            meta = a.meta.get("tensor_meta") if isinstance(a, torch.fx.Node) else None
+            dtype = getattr(meta, "dtype", None)
+            if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+                self.reject(fm, f"{_op_name(self.node, self.module)} mixes {dtype} features, which cannot carry "
+                                "the size noise")
+                return
             self._w.gates.setdefault(a.name, []).append(self.node.name)
             self._w.consumed.setdefault(self.node.name, set()).update(fm.pos.gids())
+
+    def layer_rule(self, qualname: str):
+        """The rule of the user's submodule ``qualname`` as a layer (None: a plain
+        container). Read from the user's model: fx keeps a layer the forward never calls
+        only as a bare holder of the tensors it reads (``self.lin.weight``)."""
+        source = self._w.traced.source
+        try:
+            module = source.get_submodule(qualname) if source is not None else self._w.modules.get(qualname)
+        except AttributeError:
+            module = self._w.modules.get(qualname)
+        return self._w.registry.for_module(module) if module is not None else None
 
     def reads_only_metadata(self, a: Any) -> None:
         """This node reads only the dtype, device or shape of input ``a`` (``type_as``,

@@ -192,6 +192,15 @@ def _as_user_class(dm: DynamicModel, sliced: torch.fx.GraphModule) -> Optional[n
         if name and src is not None and type(src) is type(mod) and not list(mod.children()) \
                 and not list(src.children()):
             memo[id(mod)] = src
+    # a tensor also held under another name (``self.W = self.lin.weight``, tied weights)
+    # must stay that very tensor: the copy would untie it from the leaf taken above
+    taken = {name for name, mod in dm._template.named_modules() if id(mod) in memo}
+    for tensors in (dm._template.named_parameters(remove_duplicate=False),
+                    dm._template.named_buffers(remove_duplicate=False)):
+        for name, t in tensors:
+            owner = name.rpartition(".")[0]
+            if owner in taken and id(t) not in memo:
+                memo[id(t)] = getattr(sliced_modules[owner], name.rpartition(".")[2])
     template = copy.deepcopy(dm._template, memo)
     for target in sorted(touched_modules):
         src = sliced.get_submodule(target) if target else sliced

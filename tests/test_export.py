@@ -278,3 +278,27 @@ def test_an_export_that_cannot_run_is_an_export_error(monkeypatch):
     monkeypatch.setattr(export_module, "slice_graph_module", lambda *a, **k: Broken())
     with pytest.raises(dcopt.ExportError, match=r"fails on the example inputs \(RuntimeError: mat1 and mat2"):
         dcopt.export(dm)
+
+
+class _TiedAlias(nn.Module):
+    """``self.W = self.lin.weight``: one tensor under two names (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+        self.W = self.lin.weight
+
+    def forward(self, x):
+        return self.lin(x) + torch.tanh(x) @ self.W.t()
+
+
+def test_an_export_of_the_users_class_keeps_tied_weights_tied():
+    """The copy of the user's class untied the alias: 68 parameters where the model and
+    complexity() have 36, and the two copies trained apart."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    dm = dcopt.convert(_TiedAlias(), (x,))
+    small = dcopt.export(dm)
+    assert type(small) is _TiedAlias
+    assert small.W is small.lin.weight
+    assert sum(p.numel() for p in small.parameters()) == round(dm.complexity("kept").params.item()) == 36

@@ -352,3 +352,60 @@ def test_a_one_feature_group_is_fixed_not_a_problem():
     assert analysis.group("att").status == "fixed"
     assert not analysis.unsupported
     dcopt.convert(PoolByProduct("bmm"), (x,), strict=True)
+
+
+class IntegerFeatures(nn.Module):
+    """Features turned into integers or bools, then summed / any()-ed over: no gate can
+    carry the optimize phase's noise on them (fit crashed in torch's std)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        r = h.round().to(torch.int64).sum(-1) if self.kind == "int" else h.to(torch.bool).any(-1)
+        return self.b(x) * r.unsqueeze(-1).to(x.dtype)
+
+
+@pytest.mark.parametrize("kind", ["int", "bool"])
+def test_integer_features_are_not_gated(kind):
+    x = torch.randn(3, 4)
+    analysis = dcopt.analyze(IntegerFeatures(kind), (x,))
+    assert analysis.group("a").status == "rejected"
+    assert any("cannot carry the size noise" in r for r in analysis.group("a").reasons)
+
+
+class WeightOfAnUncalledLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 8)
+        self.lin = nn.Linear(5, 8)
+
+    def forward(self, x):
+        return (torch.relu(self.a(x)) @ self.lin.weight).sum(-1)
+
+
+def test_a_layers_weight_in_a_product_is_not_sliced_apart_from_the_layer():
+    """Slicing lin.weight for h @ self.lin.weight left lin's bias and out_features at 8:
+    the exported lin could not be called."""
+    x = torch.randn(2, 7, 3)
+    analysis = dcopt.analyze(WeightOfAnUncalledLayer(), (x,))
+    assert analysis.group("a").status == "rejected"
+    assert any("a weight of layer lin" in r for r in analysis.group("a").reasons)
+
+
+class PoolTransposed(PoolByProduct):
+    def forward(self, x):
+        h, _ = self.rnn(x)
+        return self.out((torch.softmax(self.att(h), dim=1).transpose(1, 2) @ h).squeeze(1))
+
+
+def test_attention_pooling_with_a_transposed_weight_stays_dynamic():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 4)
+    dm = dcopt.convert(PoolTransposed("matmul").eval(), (x,))
+    assert [g.name for g in dm.analysis.dynamic_groups] == ["rnn"]
+    assert_exact_export(dm, (x,), {"rnn": 5}, others=[(torch.randn(3, 9, 4),)])

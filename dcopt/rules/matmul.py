@@ -35,6 +35,15 @@ def matmul(ctx):
     if (fa is not None and fa.dim < na - 2) or (fb is not None and fb.dim < nb - 2):
         ctx.reject(tracked, "features on a batch dim of a matrix product")
         return None
+    # one feature on a kept dim (attention pooling softmax(att(h), 1).transpose(1, 2) @ h) is
+    # a per-row weight, as in elementwise: it keeps its width and the other group goes on
+    for f in (fa, fb):
+        if f is not None and len(f.pos) == 1 and f.dim in ((na - 2) if f is fa else (nb - 1),):
+            ctx.reject(f, "one feature on a kept dim of a matrix product; it keeps its width", kind="fixed")
+    fa = None if fa is not None and len(fa.pos) == 1 and fa.dim == na - 2 else fa
+    fb = None if fb is not None and len(fb.pos) == 1 and fb.dim == nb - 1 else fb
+    if fa is None and fb is None:
+        return None
     a_k = fa if fa is not None and fa.dim == na - 1 else None   # contracted
     b_k = fb if fb is not None and fb.dim == nb - 2 else None
     a_n = fa if fa is not None and fa.dim == na - 2 else None   # kept: output rows / columns
@@ -53,6 +62,12 @@ def matmul(ctx):
             if not isinstance(ref, ParamRef) or len(other) != 2:
                 ctx.reject(mine, "summed over against a fixed-width tensor that is not a parameter "
                                  "dcopt could slice with it")
+                return None
+            owner = ref.target.rpartition(".")[0]
+            if owner and ctx.layer_rule(owner) is not None:
+                # a layer's weight (h @ self.lin.weight): slicing it here would leave the
+                # layer's bias and width attributes behind
+                ctx.reject(mine, f"summed over against {ref.target}, a weight of layer {owner}; it keeps its shape")
                 return None
             pos = mine.pos
             ctx.plan_param(ref.target, (pos, None) if a_k is not None else (None, pos), absolute=True)
