@@ -34,8 +34,11 @@ DCL, ACL, FCL = "DCL", "ACL", "FCL"
 
 @dataclass(frozen=True)
 class ParamRef:
-    """Value of a ``get_attr`` node: an untracked tensor that export may slice."""
+    """Value of a ``get_attr`` node: an untracked tensor that export may slice. Also of
+    a basic slice of one (``self.pe[:T]``): ``sliced`` names the parameter's dims the view
+    does not hold whole (their entries cannot follow a group)."""
     target: str
+    sliced: frozenset = frozenset()
 
 
 @dataclass
@@ -454,7 +457,8 @@ class _Walker:
             return None
         for n in node.all_input_nodes:
             ref = self.values.get(n.name)
-            if isinstance(ref, ParamRef) and node.name not in self.param_nodes.get(ref.target, ()):
+            passed_on = isinstance(value, ParamRef) and isinstance(ref, ParamRef) and value.target == ref.target
+            if isinstance(ref, ParamRef) and node.name not in self.param_nodes.get(ref.target, ()) and not passed_on:
                 self.derived.setdefault(ref.target, node)
         if node.op == "call_module" or _tensor_result(node):
             self.account(ctx, value, within=not getattr(rule, "selects", False))

@@ -227,11 +227,24 @@ def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace:
     innermost traced (non-leaf) module on the stack an opaque leaf and tracing is retried;
     every retry adds a new leaf, so this ends after at most one retry per module."""
     opaque: list[OpaqueLeaf] = []
+    # Buffers are plain tensors to fx by default, so ``self.pe[:x.size(1)]`` (a positional
+    # encoding cut to the input's length) fails: a real tensor indexed by a traced number.
+    # Then dcopt traces once more with buffers as graph values, which takes it. Not first:
+    # a forward that branches on a buffer's value, or writes one, traces (or is refused)
+    # as it always did.
+    proxy_buffers, tried_proxy = False, False
     while True:
         tracer = DcoptTracer(tuple(leaf_modules) + tuple(o.name for o in opaque))
+        tracer.proxy_buffer_attributes = proxy_buffers
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as exc:  # fx raises many types: TraceError, TypeError, RuntimeError...
+            if not tried_proxy:
+                tried_proxy = proxy_buffers = True
+                continue
+            if proxy_buffers:   # no better that way: the plain trace's error is the one to report
+                proxy_buffers = False
+                continue
             stack = getattr(exc, _STACK_ATTR, None) or []
             # innermost module whose forward fx was running (a leaf failing to be called
             # as a whole is its caller's problem)

@@ -409,3 +409,73 @@ def test_attention_pooling_with_a_transposed_weight_stays_dynamic():
     dm = dcopt.convert(PoolTransposed("matmul").eval(), (x,))
     assert [g.name for g in dm.analysis.dynamic_groups] == ["rnn"]
     assert_exact_export(dm, (x,), {"rnn": 5}, others=[(torch.randn(3, 9, 4),)])
+
+
+# -- buffers sliced to the input's length ------------------------------------------------
+
+class PositionalEncoding(nn.Module):
+    def __init__(self, width=16, cut_features=False):
+        super().__init__()
+        self.cut_features = cut_features
+        self.register_buffer("pe", torch.randn(100, width))
+
+    def forward(self, h):
+        pe = self.pe[:h.size(1), :8] if self.cut_features else self.pe[:h.size(1)]
+        return h + pe
+
+
+class Encoder(nn.Module):
+    """``h + self.pe[:T]``: the tutorial/Whisper positional encoding, in the top-level
+    forward or in a submodule. It failed to trace at the top level (a real tensor indexed
+    by a traced number) and made its block opaque in a submodule."""
+
+    def __init__(self, top_level, cut_features=False):
+        super().__init__()
+        self.top_level = top_level
+        self.inp = nn.Linear(4, 8 if cut_features else 16)
+        self.pos = PositionalEncoding(cut_features=cut_features)
+        self.register_buffer("pe", torch.randn(100, 16))
+        self.out = nn.Linear(8 if cut_features else 16, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.pe[:x.size(1)] if self.top_level else self.pos(h)
+        return self.out(torch.relu(h))
+
+
+@pytest.mark.parametrize("top_level", [True, False], ids=["top-level", "submodule"])
+def test_a_buffer_sliced_to_the_length_is_sliced_with_the_group(top_level):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 4)
+    dm = dcopt.convert(Encoder(top_level).eval(), (x,))
+    assert [g.name for g in dm.analysis.dynamic_groups] == ["inp"]
+    assert_exact_export(dm, (x,), {"inp": 5}, others=[(torch.randn(3, 11, 4),)])
+
+
+def test_a_buffer_cut_along_the_features_keeps_the_width():
+    x = torch.randn(2, 7, 4)
+    assert _status(Encoder(False, cut_features=True), x)["inp"] != "dynamic"
+
+
+class BranchesOnABuffer(nn.Module):
+    """A forward that branches on a buffer's value traces with the buffer as a plain
+    tensor (as before): dcopt falls back to that."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("use_bias", torch.tensor(1))
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.use_bias.item() > 0:
+            h = h + 1
+        return self.b(h)
+
+
+def test_a_forward_branching_on_a_buffer_still_converts():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    dm = dcopt.convert(BranchesOnABuffer().eval(), (x,))
+    assert_exact_export(dm, (x,), {"a": 3}, others=[(torch.randn(5, 4),)])

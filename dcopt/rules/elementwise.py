@@ -20,7 +20,8 @@ __all__ = ["elementwise"]
 
 
 def _operands(ctx):
-    """Every tensor-valued argument: (arg, shape, fmap, is_param)."""
+    """Every tensor-valued argument: (arg, shape, fmap, its ParamRef when a parameter or
+    buffer or a slice of one, else None)."""
     from ..analysis import ParamRef
 
     out = []
@@ -30,7 +31,8 @@ def _operands(ctx):
         shape = ctx.shape(a)
         if shape is None:
             continue
-        out.append((a, shape, ctx.fmap(a), isinstance(ctx.value(a), ParamRef)))
+        ref = ctx.value(a)
+        out.append((a, shape, ctx.fmap(a), ref if isinstance(ref, ParamRef) else None))
     return out
 
 
@@ -62,20 +64,20 @@ def elementwise(ctx):
     od = dims.pop()
     maps = [fm.pos for _, _, fm in tracked]
     params = []
-    for a, shape, fm, is_param in ops:
+    for a, shape, fm, ref in ops:
         if fm is not None:
             continue
         d = od - (nd - len(shape))
         if d < 0 or shape[d] == 1:
             continue  # broadcast along the features: the same value for every feature
-        if is_param:
-            params.append((a, d, len(shape)))
+        if ref is not None and d not in ref.sliced:
+            params.append((ref.target, d, len(shape)))
         else:
             maps.append(Positions.fixed(shape[d]))
     pos = ctx.unify(maps, f" ({ctx.node.name})")
-    for a, d, n in params:
+    for target, d, n in params:
         dims_ = tuple(pos if i == d else None for i in range(n))
-        ctx.plan_param(a.target, dims_, absolute=True)
+        ctx.plan_param(target, dims_, absolute=True)
     for _, _, fm in tracked:
         ctx.consumes(fm)
     return FMap(od, pos)

@@ -320,8 +320,24 @@ def getitem(ctx):
         ctx.reject(tracked, "picks from a tuple of tracked tensors by an index dcopt cannot read")
         return None
     if not isinstance(val, FMap):
-        return None
+        return _param_view(val, index, ctx.shape(src))
     return _index_tensor(ctx, val, ctx.shape(src), index)
+
+
+def _param_view(val, index, shape: Optional[tuple]):
+    """A basic slice of a parameter or buffer (``self.pe[:x.size(1)]``, a positional
+    encoding cut to the input's length) is still that tensor, dim for dim: elementwise
+    may slice it with a group along a dim the view holds whole. Anything else (int or
+    tensor indices, new axes) is an untracked tensor, as before."""
+    from ..analysis import ParamRef
+
+    items = index if isinstance(index, tuple) else (index,)
+    if not isinstance(val, ParamRef) or shape is None or len(items) > len(shape) \
+            or not all(isinstance(i, slice) for i in items):
+        return None
+    whole = slice(None, None, None)
+    sliced = {d for d, i in enumerate(items) if i != whole} | set(val.sliced)
+    return ParamRef(val.target, frozenset(sliced))
 
 
 def _repeats_features(pos: Positions) -> bool:
