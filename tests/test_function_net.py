@@ -479,3 +479,18 @@ def test_a_forward_branching_on_a_buffer_still_converts():
     x = torch.randn(3, 4)
     dm = dcopt.convert(BranchesOnABuffer().eval(), (x,))
     assert_exact_export(dm, (x,), {"a": 3}, others=[(torch.randn(5, 4),)])
+
+
+class ProductWithASlicedParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.W = nn.Parameter(torch.randn(16, 3))
+
+    def forward(self, x):
+        return self.a(x) @ self.W[:5]
+
+
+def test_a_product_with_a_slice_of_a_parameter_keeps_the_width():
+    """W[:5] holds 5 of W's 16 rows: W cannot be sliced with a's features."""
+    assert _status(ProductWithASlicedParameter(), torch.randn(2, 4))["a"] == "rejected"

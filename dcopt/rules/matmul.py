@@ -59,7 +59,7 @@ def matmul(ctx):
         else:
             mine, other, other_arg = (a_k, sb, b) if a_k is not None else (b_k, sa, a)
             ref = ctx.value(other_arg)
-            if not isinstance(ref, ParamRef) or len(other) != 2:
+            if not isinstance(ref, ParamRef) or len(other) != 2 or ref.sliced:
                 ctx.reject(mine, "summed over against a fixed-width tensor that is not a parameter "
                                  "dcopt could slice with it")
                 return None
