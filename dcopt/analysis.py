@@ -452,8 +452,8 @@ class _Walker:
                        f"the rule for {_op_name(node, ctx.module)} cannot read this call "
                        f"({type(exc).__name__}: {exc})")
             for n in node.all_input_nodes:
-                if isinstance(self.values.get(n.name), ParamRef):
-                    self.pinned.setdefault(n.target, node)
+                if isinstance(ref := self.values.get(n.name), ParamRef):
+                    self.pinned.setdefault(ref.target, node)   # a view's node is a getitem
             return None
         for n in node.all_input_nodes:
             ref = self.values.get(n.name)
@@ -522,8 +522,8 @@ class _Walker:
     def unknown(self, ctx: Ctx) -> None:
         # a parameter an unknown op reads must keep its shape, whatever else plans for it
         for n in ctx.node.all_input_nodes:
-            if isinstance(self.values.get(n.name), ParamRef):
-                self.pinned.setdefault(n.target, ctx.node)
+            if isinstance(ref := self.values.get(n.name), ParamRef):
+                self.pinned.setdefault(ref.target, ctx.node)   # also through a view (self.pe[:T])
         reaching = self.reaching(ctx.node)
         leaf = self.opaque.get(ctx.target) if self.is_opaque(ctx.node) else None
         if leaf is not None:

@@ -494,3 +494,45 @@ class ProductWithASlicedParameter(nn.Module):
 def test_a_product_with_a_slice_of_a_parameter_keeps_the_width():
     """W[:5] holds 5 of W's 16 rows: W cannot be sliced with a's features."""
     assert _status(ProductWithASlicedParameter(), torch.randn(2, 4))["a"] == "rejected"
+
+
+class ViewAlsoUsedElsewhere(nn.Module):
+    """One view of pe added to the features and also handed to an op with no rule
+    (flip): pe must keep its shape, or flip sees the sliced buffer after export."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 16)
+        self.register_buffer("pe", torch.randn(100, 16))
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x):
+        v = self.pe[:x.size(1)]
+        y = self.out(torch.relu(self.inp(x) + v))
+        return y + torch.flip(v, [-1])[:, :2]
+
+
+def test_a_view_handed_to_an_op_without_a_rule_keeps_the_buffer_whole():
+    status = _status(ViewAlsoUsedElsewhere(), torch.randn(2, 7, 4))
+    assert status["inp"] != "dynamic"
+
+
+class AssignsABuffer(nn.Module):
+    """``self.cnt = self.cnt * 2``: fx ran the assignment while tracing and the graph read
+    the new value, which matched the user's first call only; from the second call on the
+    converted model computed something else, silently. The traced copy's buffers are now
+    given back after tracing, so convert's full-width check sees the difference."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.register_buffer("cnt", torch.tensor(1.0))
+
+    def forward(self, x):
+        self.cnt = self.cnt * 2
+        return self.a(x) * self.cnt
+
+
+def test_a_forward_that_assigns_a_buffer_is_refused():
+    with pytest.raises(dcopt.TraceError, match="does not compute what the model computes"):
+        dcopt.convert(AssignsABuffer(), (torch.randn(2, 4),))

@@ -78,9 +78,16 @@ class WritesBuffer(nn.Module):
         return self.fc(x)
 
 
-def test_analyze_warns_when_the_forward_writes_a_buffer():
-    with pytest.warns(UserWarning, match="calls"):
-        dcopt.analyze(WritesBuffer(), (torch.randn(2, 4),))
+def test_a_forward_that_writes_a_buffer_is_refused_and_the_buffer_left_as_it_was():
+    """fx runs ``self.calls.add_(1)`` once while tracing and records nothing: the converted
+    model would never count (it warned, then converted a model that computes something
+    else from the second call on when the buffer is read). Refused now, naming it; and
+    analyze, which traces the user's own model, gives the value back."""
+    model = WritesBuffer()
+    for call in (dcopt.analyze, dcopt.convert):
+        with pytest.raises(dcopt.TraceError, match=r"changes buffer\(s\) calls in place"):
+            call(model, (torch.randn(2, 4),))
+        assert model.calls.item() == 0
 
 
 # -- 9: parametrized / pruned weights ------------------------------------------------------
