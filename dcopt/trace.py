@@ -221,10 +221,42 @@ def _watching_grad_mode(sites: list[str]):
         torch._C._set_grad_enabled, torch._C._InferenceMode = real_set, real_inference
 
 
-class _BufferWrite(Exception):
-    def __init__(self, names):
-        super().__init__(", ".join(names))
-        self.names = names
+class _Buffers:
+    """The model's buffers before tracing, so that every trace attempt starts from them.
+
+    fx runs the forward's Python while tracing: an assignment (``self.cnt = self.cnt * 2``)
+    replaces a buffer — with a graph value, in a trace with buffers as graph values — and
+    an in-place write (``self.calls.add_(1)``) changes its values, once, with nothing of
+    it in the graph. ``analyze`` traces the user's own model, so the values are kept too
+    (buffers are small) and given back."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.held = {name: dict(m._buffers) for name, m in model.named_modules()}
+        self.versions = {id(b): (b._version, b.detach().clone()) for bs in self.held.values()
+                         for b in bs.values() if isinstance(b, torch.Tensor) and not b.is_inference()}
+
+    def restore(self) -> bool:
+        """Put back buffers the forward replaced; whether it replaced any."""
+        changed = False
+        for name, m in self.model.named_modules():
+            before = self.held.get(name, {})
+            if any(m._buffers.get(k) is not v for k, v in before.items()):
+                m._buffers.update(before)
+                changed = True
+        return changed
+
+    def written_in_place(self) -> list[str]:
+        """The buffers the forward wrote in place, their values given back."""
+        written = []
+        with torch.no_grad():
+            for name, bs in self.held.items():
+                for k, b in bs.items():
+                    version, values = self.versions.get(id(b), (None, None))
+                    if version is not None and b._version != version:
+                        b.copy_(values)
+                        written.append(f"{name}.{k}".lstrip("."))
+        return sorted(written)
 
 
 def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace: bool = True,
@@ -239,51 +271,19 @@ def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace:
     # a forward that branches on a buffer's value, or writes one, traces (or is refused)
     # as it always did.
     proxy_buffers, tried_proxy = False, False
-    # a forward that assigns a buffer (self.cnt = self.cnt * 2) replaces it while tracing:
-    # every attempt starts from the buffers the model had, and a proxied trace that
-    # replaced one (with a graph value) does not count
-    buffers = {name: dict(m._buffers) for name, m in model.named_modules()}
-    versions = {id(b): b._version for bs in buffers.values() for b in bs.values()
-                if isinstance(b, torch.Tensor) and not b.is_inference()}
-    saved = {i: b.detach().clone() for bs in buffers.values() for b in bs.values() if id(b) in versions
-             for i in (id(b),)}
-
-    def restore() -> bool:
-        changed = False
-        for name, m in model.named_modules():
-            before = buffers.get(name, {})
-            if any(m._buffers.get(k) is not v for k, v in before.items()):
-                m._buffers.update(before)
-                changed = True
-        return changed
-
+    buffers = _Buffers(model)
     while True:
         tracer = DcoptTracer(tuple(leaf_modules) + tuple(o.name for o in opaque))
         tracer.proxy_buffer_attributes = proxy_buffers
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
-            # a plain trace ran the assignment once: the graph reads the buffer as the model
-            # had it, and convert's full-width check compares with the user's first call
-            if restore() and proxy_buffers:
-                raise TraceError("the forward assigns a buffer")   # not this way: see below
-            written = sorted({f"{name}.{k}".lstrip(".") for name, bs in buffers.items() for k, b in bs.items()
-                              if id(b) in versions and b._version != versions[id(b)]})
-            if written:
-                raise _BufferWrite(written)
-        except _BufferWrite as exc:
-            with torch.no_grad():   # analyze traces the user's own model: give the values back
-                for bs in buffers.values():
-                    for b in bs.values():
-                        if id(b) in saved and b._version != versions[id(b)]:
-                            b.copy_(saved[id(b)])
-            raise TraceError(f"the forward changes buffer(s) {', '.join(exc.names)} in place: torch.fx runs that "
-                             "once while tracing and records nothing of it, so the converted model would never "
-                             "change them and would compute something else from the second call on",
-                             suggestion="Make the module that owns the buffer a leaf (leaf_modules=[...]: its "
-                                        "forward then runs as written, its widths fixed), or update the state "
-                                        "outside forward") from None
+            # the model's own buffers back (a plain trace ran an assignment once: convert's
+            # full-width check then compares the graph with the user's first call); a
+            # proxied trace that replaced one put a graph value there: not this way
+            if buffers.restore() and proxy_buffers:
+                raise TraceError("the forward assigns a buffer")
         except Exception as exc:  # fx raises many types: TraceError, TypeError, RuntimeError...
-            restore()
+            buffers.restore()
             if not tried_proxy:
                 tried_proxy = proxy_buffers = True
                 continue
@@ -317,6 +317,14 @@ def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace:
                 suggestion = f"{known[0]}: {known[1]}"
             raise TraceError(f"torch.fx cannot trace the model: {reason}",
                              module=module, location=location, suggestion=suggestion) from exc
+        written = buffers.written_in_place()
+        if written:
+            raise TraceError(f"the forward changes buffer(s) {', '.join(written)} in place: torch.fx runs that "
+                             "once while tracing and records nothing of it, so the converted model would never "
+                             "change them and would compute something else from the second call on",
+                             suggestion="Make the module that owns the buffer a leaf (leaf_modules=[...]: its "
+                                        "forward then runs as written, its widths fixed), or update the state "
+                                        "outside forward")
         name = type(model).__name__
         return _graph_module_class(lazy_code)(tracer.root, graph, name), opaque
 
