@@ -234,10 +234,8 @@ class Ctx:
         container). Read from the user's model: fx keeps a layer the forward never calls
         only as a bare holder of the tensors it reads (``self.lin.weight``)."""
         source = self._w.traced.source
-        try:
-            module = source.get_submodule(qualname) if source is not None else self._w.modules.get(qualname)
-        except AttributeError:
-            module = self._w.modules.get(qualname)
+        module = dict(source.named_modules()).get(qualname) if source is not None else None
+        module = module if module is not None else self._w.modules.get(qualname)
         return self._w.registry.for_module(module) if module is not None else None
 
     def reads_only_metadata(self, a: Any) -> None:

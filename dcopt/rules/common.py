@@ -8,7 +8,8 @@ from ..errors import source_location
 from ..fmap import FMap, Positions
 
 __all__ = ["normalizes_last", "passthrough", "norm_dim", "norm_dims", "reject_tracked", "n_outputs", "Width",
-           "width_of", "widths_in", "reads_widths", "pin_widths", "selects"]
+           "width_of", "widths_in", "reads_widths", "pin_widths", "selects",
+           "per_row_weight"]
 
 
 def n_outputs(node) -> int:
@@ -110,6 +111,17 @@ def selects(rule):
     arguments only, not inside the container."""
     rule.selects = True
     return rule
+
+
+def per_row_weight(ctx, fm: Optional[FMap], broadcast: bool, where: str) -> bool:
+    """Whether ``fm`` is one feature ``broadcast`` along another tensor's features — an
+    attention-pooling weight ``softmax(att(h), dim=1)`` against ``h`` — which scales rows
+    rather than meeting ``h``'s channels. It keeps its one feature (the rule then treats
+    it as untracked), so ``h``'s group goes on."""
+    if fm is None or len(fm.pos) != 1 or not broadcast:
+        return False
+    ctx.reject(fm, f"one feature broadcast along other features ({where}); it keeps its width", kind="fixed")
+    return True
 
 
 def pin_widths(ctx, widths, what: str) -> None:

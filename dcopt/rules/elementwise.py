@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fmap import FMap, Positions
-from .common import passthrough
+from .common import passthrough, per_row_weight
 from .registry import register_rule
 
 __all__ = ["elementwise"]
@@ -50,9 +50,7 @@ def elementwise(ctx):
     # softmax(att(h), dim=1) * h, att(h) of shape (B, T, 1)) is a per-row scale, not a
     # channel that meets h's: it keeps its one feature, and h's features go on
     for a, s, fm in list(tracked):
-        d = fm.dim + nd - len(s)
-        if s[fm.dim] == 1 and out_shape[d] != 1:
-            ctx.reject(fm, "one feature broadcast along other features; it keeps its width", kind="fixed")
+        if per_row_weight(ctx, fm, out_shape[fm.dim + nd - len(s)] != 1, "elementwise"):
             tracked.remove((a, s, fm))
             ops = [(x, sh, None if x is a else f, p) for x, sh, f, p in ops]
     if not tracked:

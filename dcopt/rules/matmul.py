@@ -15,6 +15,7 @@ import operator
 import torch
 
 from ..fmap import FMap
+from .common import per_row_weight
 from .registry import register_rule
 
 
@@ -37,11 +38,10 @@ def matmul(ctx):
         return None
     # one feature on a kept dim (attention pooling softmax(att(h), 1).transpose(1, 2) @ h) is
     # a per-row weight, as in elementwise: it keeps its width and the other group goes on
-    for f in (fa, fb):
-        if f is not None and len(f.pos) == 1 and f.dim in ((na - 2) if f is fa else (nb - 1),):
-            ctx.reject(f, "one feature on a kept dim of a matrix product; it keeps its width", kind="fixed")
-    fa = None if fa is not None and len(fa.pos) == 1 and fa.dim == na - 2 else fa
-    fb = None if fb is not None and len(fb.pos) == 1 and fb.dim == nb - 1 else fb
+    if per_row_weight(ctx, fa, fa is not None and fa.dim == na - 2, "a kept dim of a matrix product"):
+        fa = None
+    if per_row_weight(ctx, fb, fb is not None and fb.dim == nb - 1, "a kept dim of a matrix product"):
+        fb = None
     if fa is None and fb is None:
         return None
     a_k = fa if fa is not None and fa.dim == na - 1 else None   # contracted
