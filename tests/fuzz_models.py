@@ -549,18 +549,25 @@ IMG_KINDS = {
 }
 
 
+def _chain(rng, make_block, c, size, depth):
+    """1–3 blocks drawn one after another by ``make_block`` (those it gives up on left
+    out): (blocks, channels out, length or size out). Shared by both block makers."""
+    subs = []
+    for _ in range(rng.randint(1, 3)):
+        r = make_block(rng, c, size, depth + 1)
+        if r is None:
+            continue
+        sb, c, size = r
+        subs.append(sb)
+    return subs, c, size
+
+
 def make_seq_block(rng, c, t, depth=0):
     """-> (block, c', t') or None."""
     if depth < 2 and rng.random() < 0.2:
         var = rng.choice(["add", "cat", "gate", "proj", "plain"])
         b = Blk("chain", var)
-        subs, c2, t2 = [], c, t
-        for _ in range(rng.randint(1, 3)):
-            r = make_seq_block(rng, c2, t2, depth + 1)
-            if r is None:
-                continue
-            sb, c2, t2 = r
-            subs.append(sb)
+        subs, c2, t2 = _chain(rng, make_seq_block, c, t, depth)
         if not subs or t2 != t:
             return None
         b.sub = nn.ModuleList(subs)
@@ -711,13 +718,7 @@ def make_img_block(rng, c, h, depth=0):
     if depth < 2 and rng.random() < 0.2:
         var = rng.choice(["add", "cat", "proj"])
         b = Blk("chain2d", var)
-        subs, c2, h2 = [], c, h
-        for _ in range(rng.randint(1, 3)):
-            r = make_img_block(rng, c2, h2, depth + 1)
-            if r is None:
-                continue
-            sb, c2, h2 = r
-            subs.append(sb)
+        subs, c2, h2 = _chain(rng, make_img_block, c, h, depth)
         if not subs or h2 != h:
             return None
         b.sub = nn.ModuleList(subs)
