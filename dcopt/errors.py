@@ -74,6 +74,12 @@ class TraceError(DcoptError):
         return text
 
 
+class TraceRefusal(TraceError):
+    """Raised while tracing when dcopt knows the module cannot be converted as called
+    (not a failure of fx's): reported as it is, never retried another way or made an
+    opaque leaf, whose measuring would fail the same way."""
+
+
 class ConversionError(DcoptError):
     """`convert(strict=True)` found layers it had to keep fixed; `.rejections` lists them."""
 

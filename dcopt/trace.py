@@ -37,9 +37,10 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .counting import _CONVS, conv_flops, flop_counter, zero_flop_key
-from .errors import TraceError, source_location
+from .errors import TraceError, TraceRefusal, source_location
 from .inplace import functionalize, restore_dtypes
 from .numcheck import fresh_copies
+from .traceable import root_suggestion, traced_forward
 from .shape_only import ValueGuard, shape_only_call, shapes_only_safe, value_blind
 
 __all__ = ["DcoptTracer", "Traced", "OpaqueLeaf", "trace", "ALWAYS_LEAF"]
@@ -65,12 +66,15 @@ class DcoptTracer(torch.fx.Tracer):
         self.leaf_names = {t for t in leaf_modules if isinstance(t, str)}
         self.dcopt_stack: list[str] = []
         self.leaf_seen: set[str] = set()   # qualified names is_leaf_module answered True for
+        self.traced_through: set[int] = set()   # modules whose forward traceable.py supplies, this call
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from .rules import REGISTRY
 
         if isinstance(m, ALWAYS_LEAF) or isinstance(m, self.leaf_types) or qualname in self.leaf_names:
             leaf = True
+        elif id(m) in self.traced_through:
+            leaf = False
         elif REGISTRY.for_module(m) is not None:
             leaf = True  # dcopt has a rule for it as a whole (also for user-registered layers)
         else:
@@ -90,6 +94,10 @@ class DcoptTracer(torch.fx.Tracer):
                                     (super().create_arg(dict(a)),), {})
         return super().create_arg(a)
 
+    def user_location(self) -> Optional[str]:
+        """``file:line`` of the user's line being traced now (for errors raised while tracing)."""
+        return source_location(_user_call_site(sys._getframe(1)))
+
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         if not node.stack_trace:
@@ -99,6 +107,12 @@ class DcoptTracer(torch.fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
         self.dcopt_stack.append(qualname)
+        named_leaf = isinstance(m, self.leaf_types) or qualname in self.leaf_names
+        traced = None if named_leaf else traced_forward(self, m, args, kwargs)
+        if traced is not None:
+            # a torch layer whose own forward fx cannot trace: trace its plain computation
+            forward = traced
+            self.traced_through.add(id(m))
         try:
             return super().call_module(m, forward, args, kwargs)
         except BaseException as exc:
@@ -112,6 +126,7 @@ class DcoptTracer(torch.fx.Tracer):
             raise
         finally:
             self.dcopt_stack.pop()
+            self.traced_through.discard(id(m))
 
 
 _STACK_ATTR = "_dcopt_module_stack"
@@ -282,6 +297,9 @@ def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace:
             # proxied trace that replaced one put a graph value there: not this way
             if buffers.restore() and proxy_buffers:
                 raise TraceError("the forward assigns a buffer")
+        except TraceRefusal:
+            buffers.restore()
+            raise
         except Exception as exc:  # fx raises many types: TraceError, TypeError, RuntimeError...
             buffers.restore()
             if not tried_proxy:
@@ -315,6 +333,8 @@ def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args, strict_trace:
                                    + ", ".join(o.name for o in opaque))
             if known:   # the cause is known: its fix, not the generic advice about branching
                 suggestion = f"{known[0]}: {known[1]}"
+            if not module and root_suggestion(model):
+                suggestion = root_suggestion(model)
             raise TraceError(f"torch.fx cannot trace the model: {reason}",
                              module=module, location=location, suggestion=suggestion) from exc
         written = buffers.written_in_place()

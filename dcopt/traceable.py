@@ -1,0 +1,148 @@
+"""Traced forwards for torch layers whose own ``forward`` fx cannot trace.
+
+Why: ``nn.TransformerEncoderLayer.forward`` first chooses between a fused kernel and
+its plain computation by reading tensor properties (``src.dim()``, ``requires_grad``,
+devices, hooks): control flow on values, which fx cannot trace. So fx kept the layer
+whole, and its feed-forward width (``dim_feedforward``, usually 4 × d_model and most of
+an encoder's MACs) stayed fixed, together with everything feeding it.
+
+The plain computation (torch's "slow path", the one every training step takes) is only
+module calls: norms, ``self_attn`` (a leaf), dropouts, ``linear1`` → activation →
+``linear2``. dcopt traces that path, so ``linear1``'s output is an ordinary group. Why
+this is exact: the fused kernel computes the same function (torch tests the two paths
+against each other; they differ by rounding), and it reads ``dim_feedforward`` from
+``linear1.weight``'s shape, so the exported layer — torch's own class with smaller
+``linear1``/``linear2`` — picks its path at run time as the user's layer does.
+
+What a traced copy cannot reproduce is not approximated. A subclass that overrides the
+forward (or a block it calls) stays a leaf, an unknown op. ``nn.TransformerEncoder``
+called with ``src_key_padding_mask`` may take its nested-tensor path (in eval without
+grad it returns zeros at the padded positions, and ``torch.utils.flop_counter`` cannot
+measure nested tensors, so neither tracing nor keeping it whole works): refused, with
+the way out (``enable_nested_tensor=False``).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import transformer as _tx
+
+from .errors import TraceRefusal
+
+__all__ = ["traced_forward", "root_suggestion"]
+
+#: torch's private helpers the encoder's forward calls; a torch without them keeps the
+#: modules whole (a leaf, as before) rather than guessing their meaning
+_HELPERS = all(hasattr(F, n) for n in ("_canonical_mask", "_none_or_dtype")) and \
+    all(hasattr(_tx, n) for n in ("_get_seq_len", "_detect_is_causal_mask"))
+
+
+def _is_proxy(x: Any) -> bool:
+    return isinstance(x, torch.fx.Proxy)
+
+
+def _canonical_mask(tracer, mask, name: str, other, src, check_other: bool = True):
+    """``F._canonical_mask`` as the forward calls it: a bool mask becomes a float mask
+    with -inf, in ``src``'s dtype. A mask computed in the forward is a graph value, so the
+    conversion becomes a call in the graph (a torch function: the exported graph still
+    runs without dcopt); a constant mask is converted now."""
+    if mask is None:
+        return None
+    if not _is_proxy(mask) and not _is_proxy(other):
+        return F._canonical_mask(mask=mask, mask_name=name, other_type=F._none_or_dtype(other),
+                                 other_name="src_mask" if name == "src_key_padding_mask" else "",
+                                 target_type=src.dtype, check_other=check_other)
+    other_type = (tracer.create_proxy("call_function", F._none_or_dtype, (other,), {})
+                  if _is_proxy(other) else F._none_or_dtype(other))
+    return tracer.create_proxy("call_function", F._canonical_mask, (), {
+        "mask": mask, "mask_name": name, "other_type": other_type,
+        "other_name": "src_mask" if name == "src_key_padding_mask" else "",
+        "target_type": src.dtype, "check_other": check_other})
+
+
+def _encoder_layer(tracer, layer: nn.TransformerEncoderLayer, src, src_mask=None, src_key_padding_mask=None,
+                   is_causal=False):
+    """``nn.TransformerEncoderLayer.forward`` without the fused-kernel branch."""
+    src_key_padding_mask = _canonical_mask(tracer, src_key_padding_mask, "src_key_padding_mask", src_mask, src)
+    src_mask = _canonical_mask(tracer, src_mask, "src_mask", None, src, check_other=False)
+    x = src
+    if layer.norm_first:
+        x = x + layer._sa_block(layer.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        x = x + layer._ff_block(layer.norm2(x))
+    else:
+        x = layer.norm1(x + layer._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+        x = layer.norm2(x + layer._ff_block(x))
+    return x
+
+
+def _encoder(tracer, encoder: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    """``nn.TransformerEncoder.forward`` when its nested-tensor path can never run."""
+    src_key_padding_mask = _canonical_mask(tracer, src_key_padding_mask, "src_key_padding_mask", mask, src)
+    mask = _canonical_mask(tracer, mask, "mask", None, src, check_other=False)
+    if _is_proxy(mask) and is_causal is None:
+        # whether a mask computed in the forward is the causal one is read at run time,
+        # as torch reads it: a call in the graph, on the sequence length torch uses
+        batch_first = encoder.layers[0].self_attn.batch_first
+        seq_len = tracer.create_proxy("call_function", _tx._get_seq_len, (src, batch_first), {})
+        is_causal = tracer.create_proxy("call_function", _tx._detect_is_causal_mask, (mask, None, seq_len), {})
+    else:
+        is_causal = _tx._detect_is_causal_mask(mask, is_causal, None) if not _is_proxy(mask) else is_causal
+    output = src
+    for mod in encoder.layers:
+        output = mod(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
+    if encoder.norm is not None:
+        output = encoder.norm(output)
+    return output
+
+
+def _own_methods(module: nn.Module, base: type, names: tuple[str, ...]) -> bool:
+    """True when ``module`` runs ``base``'s own code for each of ``names`` (a subclass
+    overriding any of them computes something the traced copy would not)."""
+    return all(getattr(type(module), n) is getattr(base, n) for n in names)
+
+
+def _refuse_nested(tracer, encoder: nn.TransformerEncoder) -> None:
+    raise TraceRefusal(
+        "nn.TransformerEncoder is called with src_key_padding_mask and enable_nested_tensor=True: in eval "
+        "without grad it then runs on nested tensors and returns zeros at the padded positions, which a "
+        "traced copy cannot reproduce and torch's FLOP counter cannot measure",
+        module=tracer.path_of_module(encoder), location=tracer.user_location(),
+        suggestion="Build it with enable_nested_tensor=False (the same outputs, except that padded positions "
+                   "hold computed values instead of zeros, and no nested-tensor speed-up in inference): dcopt "
+                   "then learns its feed-forward widths")
+
+
+def traced_forward(tracer, module: nn.Module, args: tuple, kwargs: dict) -> Optional[Callable]:
+    """The forward fx should trace for ``module`` in this call, or None (keep it a leaf)."""
+    if not _HELPERS:
+        return None
+    if isinstance(module, nn.TransformerEncoderLayer):
+        if _own_methods(module, nn.TransformerEncoderLayer, ("forward", "_sa_block", "_ff_block")):
+            return partial(_encoder_layer, tracer, module)
+        return None
+    if isinstance(module, nn.TransformerEncoder):
+        if not _own_methods(module, nn.TransformerEncoder, ("forward",)):
+            return None
+        if not all(isinstance(m, nn.TransformerEncoderLayer) for m in module.layers):
+            return None
+        padding = kwargs.get("src_key_padding_mask", args[2] if len(args) > 2 else None)
+        mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
+        if padding is not None and mask is None and getattr(module, "use_nested_tensor", False):
+            _refuse_nested(tracer, module)   # torch takes the nested path only without ``mask``
+        return partial(_encoder, tracer, module)
+    return None
+
+
+def root_suggestion(model: nn.Module) -> Optional[str]:
+    """The way out when the model itself is one of these layers: fx traces a root's
+    forward directly (it is never "called" as a submodule), so the traced forward above
+    cannot stand in for it."""
+    if isinstance(model, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+        return (f"dcopt traces torch's {type(model).__name__} when it is called as a submodule, not as the model "
+                "itself: wrap it (a module whose forward returns self.encoder(x)) and convert the wrapper")
+    return None
