@@ -14,12 +14,19 @@ against each other; they differ by rounding), and it reads ``dim_feedforward`` f
 ``linear1.weight``'s shape, so the exported layer — torch's own class with smaller
 ``linear1``/``linear2`` — picks its path at run time as the user's layer does.
 
-What a traced copy cannot reproduce is not approximated. A subclass that overrides the
-forward (or a block it calls) stays a leaf, an unknown op. ``nn.TransformerEncoder``
-called with ``src_key_padding_mask`` may take its nested-tensor path (in eval without
-grad it returns zeros at the padded positions, and ``torch.utils.flop_counter`` cannot
-measure nested tensors, so neither tracing nor keeping it whole works): refused, with
-the way out (``enable_nested_tensor=False``).
+The decoder side has no fused path: ``nn.TransformerDecoderLayer``'s own forward traces
+(fx only kept it whole because it is a torch.nn layer); ``nn.TransformerDecoder`` and
+``nn.Transformer`` need a traced forward for one step each (the causal-mask check, the
+input-size checks).
+
+What a traced copy cannot reproduce is not approximated. An encoder-layer subclass that
+overrides its forward or a block it calls is not traced as torch's layer (torch's fused
+path would ignore the override; fx then fails inside torch's forward, and the layer
+becomes an opaque block). ``nn.TransformerEncoder`` called with
+``src_key_padding_mask`` may take its nested-tensor path (in eval without grad it
+returns zeros at the padded positions, and ``torch.utils.flop_counter`` cannot measure
+nested tensors, so neither tracing nor keeping it whole works): refused, with the way
+out (``enable_nested_tensor=False``).
 """
 from __future__ import annotations
 
@@ -80,24 +87,52 @@ def _encoder_layer(tracer, layer: nn.TransformerEncoderLayer, src, src_mask=None
     return x
 
 
+def _causal(tracer, mask, is_causal, src, batch_first: bool):
+    """``_detect_is_causal_mask(mask, is_causal, seq_len)`` as torch's stacks call it. With a
+    mask and no hint, torch compares the mask with the causal one of the input's length,
+    at run time: so does the graph (the mask may be a graph value, and the length is)."""
+    if mask is None or (is_causal is not None and not _is_proxy(is_causal)):
+        return is_causal is True
+    seq_len = tracer.create_proxy("call_function", _tx._get_seq_len, (src, batch_first), {})
+    return tracer.create_proxy("call_function", _tx._detect_is_causal_mask, (mask, is_causal, seq_len), {})
+
+
 def _encoder(tracer, encoder: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
     """``nn.TransformerEncoder.forward`` when its nested-tensor path can never run."""
     src_key_padding_mask = _canonical_mask(tracer, src_key_padding_mask, "src_key_padding_mask", mask, src)
     mask = _canonical_mask(tracer, mask, "mask", None, src, check_other=False)
-    if _is_proxy(mask) and is_causal is None:
-        # whether a mask computed in the forward is the causal one is read at run time,
-        # as torch reads it: a call in the graph, on the sequence length torch uses
-        batch_first = encoder.layers[0].self_attn.batch_first
-        seq_len = tracer.create_proxy("call_function", _tx._get_seq_len, (src, batch_first), {})
-        is_causal = tracer.create_proxy("call_function", _tx._detect_is_causal_mask, (mask, None, seq_len), {})
-    else:
-        is_causal = _tx._detect_is_causal_mask(mask, is_causal, None) if not _is_proxy(mask) else is_causal
+    is_causal = _causal(tracer, mask, is_causal, src, encoder.layers[0].self_attn.batch_first)
     output = src
     for mod in encoder.layers:
         output = mod(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
     if encoder.norm is not None:
         output = encoder.norm(output)
     return output
+
+
+def _decoder(tracer, decoder: nn.TransformerDecoder, tgt, memory, tgt_mask=None, memory_mask=None,
+             tgt_key_padding_mask=None, memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+    """``nn.TransformerDecoder.forward``: its only step fx cannot take is the causal check."""
+    tgt_is_causal = _causal(tracer, tgt_mask, tgt_is_causal, tgt, decoder.layers[0].self_attn.batch_first)
+    output = tgt
+    for mod in decoder.layers:
+        output = mod(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                     tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                     tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+    if decoder.norm is not None:
+        output = decoder.norm(output)
+    return output
+
+
+def _transformer(tracer, model: nn.Transformer, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None,
+                 src_key_padding_mask=None, tgt_key_padding_mask=None, memory_key_padding_mask=None,
+                 src_is_causal=None, tgt_is_causal=None, memory_is_causal=False):
+    """``nn.Transformer.forward`` without its checks of the inputs' sizes (the converted
+    model runs at the shapes it was traced with; the export, torch's class, checks)."""
+    memory = model.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+    return model.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                         tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                         tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
 
 
 def _own_methods(module: nn.Module, base: type, names: tuple[str, ...]) -> bool:
@@ -125,6 +160,15 @@ def traced_forward(tracer, module: nn.Module, args: tuple, kwargs: dict) -> Opti
         if _own_methods(module, nn.TransformerEncoderLayer, ("forward", "_sa_block", "_ff_block")):
             return partial(_encoder_layer, tracer, module)
         return None
+    if isinstance(module, nn.TransformerDecoderLayer):
+        # no fused path: torch's own forward traces (fx keeps torch.nn layers whole by default)
+        return module.forward
+    if isinstance(module, nn.TransformerDecoder):
+        return partial(_decoder, tracer, module) if _own_methods(module, nn.TransformerDecoder, ("forward",)) \
+            else None
+    if isinstance(module, nn.Transformer):
+        return partial(_transformer, tracer, module) if _own_methods(module, nn.Transformer, ("forward",)) \
+            else None
     if isinstance(module, nn.TransformerEncoder):
         if not _own_methods(module, nn.TransformerEncoder, ("forward",)):
             return None
@@ -138,11 +182,15 @@ def traced_forward(tracer, module: nn.Module, args: tuple, kwargs: dict) -> Opti
     return None
 
 
+_TRACED_TYPES = (nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer,
+                 nn.TransformerDecoder, nn.Transformer)
+
+
 def root_suggestion(model: nn.Module) -> Optional[str]:
     """The way out when the model itself is one of these layers: fx traces a root's
     forward directly (it is never "called" as a submodule), so the traced forward above
     cannot stand in for it."""
-    if isinstance(model, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+    if isinstance(model, _TRACED_TYPES):
         return (f"dcopt traces torch's {type(model).__name__} when it is called as a submodule, not as the model "
                 "itself: wrap it (a module whose forward returns self.encoder(x)) and convert the wrapper")
     return None

@@ -218,3 +218,51 @@ def test_a_bare_encoder_layer_as_the_model_says_to_wrap_it():
             return self.layer(x)
 
     assert [g.name for g in dcopt.analyze(Wrapper(), (torch.randn(2, T, D),)).dynamic_groups] == ["layer.linear1"]
+
+
+class Seq2Seq(nn.Module):
+    """nn.Transformer between two input projections; the decoder's causal mask computed."""
+
+    def __init__(self, causal="mask"):
+        super().__init__()
+        self.causal = causal
+        self.src = nn.Linear(12, D)
+        self.tgt = nn.Linear(5, D)
+        self.tf = nn.Transformer(D, 2, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=FF,
+                                 batch_first=True)
+        self.out = nn.Linear(D, 5)
+
+    def forward(self, x, y):
+        if self.causal == "mask":
+            mask = nn.Transformer.generate_square_subsequent_mask(y.size(1))
+            h = self.tf(self.src(x), self.tgt(y), tgt_mask=mask)
+        else:
+            h = self.tf(self.src(x), self.tgt(y), tgt_mask=None, tgt_is_causal=False)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("causal", ["mask", "none"])
+def test_encoder_decoder_transformer(causal):
+    torch.manual_seed(6)
+    dm, small = _roundtrip(Seq2Seq(causal), (torch.randn(2, T, 12), torch.randn(2, 4, 5)),
+                           [(torch.randn(3, 9, 12), torch.randn(3, 7, 5))])
+    assert [g.name for g in dm.analysis.dynamic_groups] == [
+        "tf.encoder.layers.0.linear1", "tf.decoder.layers.0.linear1", "tf.decoder.layers.1.linear1"]
+    assert type(small.tf) is nn.Transformer
+
+
+def test_decoder_with_memory_from_a_dynamic_encoder_stack():
+    """A decoder stack alone (memory given), its layers' widths learned."""
+    class Dec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(D, 2, FF, batch_first=True, norm_first=True),
+                                             2, norm=nn.LayerNorm(D))
+
+        def forward(self, y, memory, pad):
+            return self.dec(y, memory, tgt_key_padding_mask=pad, tgt_is_causal=None)
+
+    torch.manual_seed(7)
+    dm, _ = _roundtrip(Dec(), (torch.randn(2, T, D), torch.randn(2, 3, D), _padding(2, T, 4)),
+                       [(torch.randn(3, 5, D), torch.randn(3, 8, D), _padding(3, 5, 2))])
+    assert len(dm.analysis.dynamic_groups) == 2
