@@ -41,7 +41,7 @@ from torch.nn.modules import transformer as _tx
 
 from .errors import TraceRefusal
 
-__all__ = ["traced_forward", "root_suggestion"]
+__all__ = ["traced_forward", "root_suggestion", "kept_whole_reason"]
 
 #: torch's private helpers the encoder's forward calls; a torch without them keeps the
 #: modules whole (a leaf, as before) rather than guessing their meaning
@@ -98,10 +98,13 @@ def _causal(tracer, mask, is_causal, src, batch_first: bool):
 
 
 def _encoder(tracer, encoder: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
-    """``nn.TransformerEncoder.forward`` when its nested-tensor path can never run."""
+    """``nn.TransformerEncoder.forward`` when its nested-tensor path can never run. Its
+    layers are called as modules: each is traced as its own type says (a layer of the
+    user's own class too)."""
+    batch_first = encoder.layers[0].self_attn.batch_first   # read first, as torch does
     src_key_padding_mask = _canonical_mask(tracer, src_key_padding_mask, "src_key_padding_mask", mask, src)
     mask = _canonical_mask(tracer, mask, "mask", None, src, check_other=False)
-    is_causal = _causal(tracer, mask, is_causal, src, encoder.layers[0].self_attn.batch_first)
+    is_causal = _causal(tracer, mask, is_causal, src, batch_first)
     output = src
     for mod in encoder.layers:
         output = mod(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
@@ -135,6 +138,34 @@ def _transformer(tracer, model: nn.Transformer, src, tgt, src_mask=None, tgt_mas
                          tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
 
 
+def _fused_activation_agrees(layer: nn.TransformerEncoderLayer) -> bool:
+    """torch's fused eval path applies ReLU or erf-GELU by a flag set in ``__init__``
+    (``activation_relu_or_gelu``), whatever ``layer.activation`` is now: GELU(approximate=
+    'tanh') counts as GELU, and an activation swapped after construction keeps the old
+    flag. Where the two disagree, the user's layer computes other numbers in eval without
+    grad than in training, and no traced copy can follow both."""
+    flag, act = getattr(layer, "activation_relu_or_gelu", 0), layer.activation
+    if flag == 1:
+        return act is F.relu or type(act) is nn.ReLU
+    if flag == 2:
+        return act is F.gelu or (type(act) is nn.GELU and act.approximate == "none")
+    return True
+
+
+def kept_whole_reason(module: nn.Module) -> str:
+    """Why a transformer layer of torch's stayed a leaf (for the rejection)."""
+    name = type(module).__name__
+    if isinstance(module, nn.TransformerEncoderLayer) and not _fused_activation_agrees(module):
+        return (f"{name}'s activation ({module.activation!r}) is not the one torch's fused eval path applies "
+                f"(activation_relu_or_gelu={module.activation_relu_or_gelu}, set when it was built): it computes "
+                "other numbers in eval without grad than in training, so it is kept whole, its feed-forward "
+                "width fixed; build the layer with the activation it should use")
+    if not _HELPERS:
+        return f"{name} is kept whole: this torch lacks the helpers its forward calls, which dcopt traces"
+    return f"{name} named a leaf module: it is kept whole, so its feed-forward widths and the features it reads " \
+           "keep their widths"
+
+
 def _own_methods(module: nn.Module, base: type, names: tuple[str, ...]) -> bool:
     """True when ``module`` runs ``base``'s own code for each of ``names`` (a subclass
     overriding any of them computes something the traced copy would not)."""
@@ -157,7 +188,8 @@ def traced_forward(tracer, module: nn.Module, args: tuple, kwargs: dict) -> Opti
     if not _HELPERS:
         return None
     if isinstance(module, nn.TransformerEncoderLayer):
-        if _own_methods(module, nn.TransformerEncoderLayer, ("forward", "_sa_block", "_ff_block")):
+        if _own_methods(module, nn.TransformerEncoderLayer, ("forward", "_sa_block", "_ff_block")) and \
+                _fused_activation_agrees(module):
             return partial(_encoder_layer, tracer, module)
         return None
     if isinstance(module, nn.TransformerDecoderLayer):
@@ -171,8 +203,6 @@ def traced_forward(tracer, module: nn.Module, args: tuple, kwargs: dict) -> Opti
             else None
     if isinstance(module, nn.TransformerEncoder):
         if not _own_methods(module, nn.TransformerEncoder, ("forward",)):
-            return None
-        if not all(isinstance(m, nn.TransformerEncoderLayer) for m in module.layers):
             return None
         padding = kwargs.get("src_key_padding_mask", args[2] if len(args) > 2 else None)
         mask = kwargs.get("mask", args[1] if len(args) > 1 else None)

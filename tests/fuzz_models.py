@@ -466,6 +466,9 @@ class Blk(nn.Module):
                 return x.mean(2).permute(0, 2, 1)
             if v == "view":
                 return x.view(x.size(0), kw["c"], -1).transpose(1, 2)
+            if v == "read_merge":   # the merged size computed from the width read off x
+                b_, c_, h_, w_ = x.shape
+                return x.permute(0, 3, 1, 2).reshape(b_, w_, c_ * h_)
             # (B, W, C*H): features become blocks
             return x.permute(0, 3, 1, 2).flatten(2)
         if k == "head_seq":
@@ -846,9 +849,9 @@ def generate(seed):
             blocks.append(b); tags.append(f"img:{b.kind}/{b.var}")
             tags += [f"img:{t_}" for t_ in b.kw.get("tags", [])]
         if fam == "crnn":
-            var = rng.choice(["flatten", "mean_h", "view", "perm_blocks"])
+            var = rng.choice(["flatten", "mean_h", "view", "perm_blocks", "read_merge"])
             b = Blk("img2seq", var, c=c); blocks.append(b); tags.append(f"trans:img2seq/{var}")
-            if var == "perm_blocks":
+            if var in ("perm_blocks", "read_merge"):
                 c, t = c * h, h
             elif var == "mean_h":
                 t = h

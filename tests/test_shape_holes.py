@@ -155,6 +155,52 @@ def test_view_as_a_tensor_of_another_width_keeps_the_group():
     assert_kept(Reshape("view_as_other"), X6, O6, "a", "view_as")
 
 
+class MergedWidth(nn.Module):
+    """A CRNN's conv features merged with the frequency dim, the merged size computed from
+    the width read off the tensor: ``b, c, f, t = h.shape; h.reshape(b, t, c * f)``."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        if how == "conv1d":
+            self.head = nn.Conv1d(8 * 5, 6, 1)
+        elif how == "square":
+            self.head = nn.Conv1d(8 * 8, 6, 1)
+        else:
+            self.gru = nn.GRU(8 * 5, 6, batch_first=True)
+
+    def forward(self, x):               # x: (B, 1, 5, T)
+        h = torch.relu(self.bn(self.conv(x)))
+        b, c, f, t = h.shape
+        if self.how == "channel_major":
+            return self.gru(h.permute(0, 3, 1, 2).reshape(b, t, c * f))[0]
+        if self.how == "frequency_major":
+            return self.gru(h.permute(0, 3, 2, 1).reshape(b, t, f * c))[0]
+        if self.how == "conv1d":
+            return self.head(h.reshape(b, c * f, t))
+        if self.how == "square":        # (f == c here) the width times itself is not a width times other dims
+            return self.head(h.reshape(b, c * c, t))
+        raise AssertionError(self.how)
+
+
+XMERGED = (torch.randn(2, 1, 5, 7),)
+OMERGED = ((torch.randn(3, 1, 5, 11),),)
+
+
+@pytest.mark.parametrize("how", ["channel_major", "frequency_major", "conv1d"])
+def test_width_times_other_dims_sizes_a_merged_reshape(how):
+    dm = exact_at_small_sizes(MergedWidth(how), XMERGED, OMERGED)
+    assert "conv" in dm.group_names
+
+
+def test_width_times_itself_keeps_the_group():
+    a = dcopt.analyze(MergedWidth("square"), (torch.randn(2, 1, 8, 7),))
+    assert a.group("conv").status != "dynamic"
+    assert any("uses it as a number" in r for r in a.group("conv").reasons), a.group("conv").reasons
+
+
 class Unflatten(nn.Module):
     """unflatten of the time dim, not of the features: nothing to rewrite."""
 

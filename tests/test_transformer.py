@@ -266,3 +266,40 @@ def test_decoder_with_memory_from_a_dynamic_encoder_stack():
     dm, _ = _roundtrip(Dec(), (torch.randn(2, T, D), torch.randn(2, 3, D), _padding(2, T, 4)),
                        [(torch.randn(3, 5, D), torch.randn(3, 8, D), _padding(3, 5, 2))])
     assert len(dm.analysis.dynamic_groups) == 2
+
+
+@pytest.mark.parametrize("swap", ["gelu_tanh", "replaced"])
+def test_activation_the_fused_path_ignores_keeps_that_layer_whole(swap):
+    """torch's fused eval path applies ReLU or erf-GELU by a flag set at construction:
+    GELU(approximate='tanh'), or an activation swapped afterwards, computes other numbers
+    in eval without grad than in training. That layer stays whole (with the reason); the
+    other layer's width is still learned, and the conversion is exact."""
+    torch.manual_seed(8)
+    model = Tagger()
+    if swap == "gelu_tanh":
+        model.enc.layers[1] = nn.TransformerEncoderLayer(D, 4, FF, batch_first=True,
+                                                         activation=nn.GELU(approximate="tanh"))
+    else:
+        model.enc.layers[1].activation = nn.functional.silu
+    dm, _ = _roundtrip(model, (torch.randn(3, T, 12),), [(torch.randn(2, 9, 12),)])
+    assert [g.name for g in dm.analysis.dynamic_groups] == ["enc.layers.0.linear1"]
+    assert any("fused eval path applies" in r.reason for r in dm.analysis.rejections)
+
+
+def test_a_layer_of_the_users_own_inside_an_encoder():
+    """The encoder calls its layers as modules: a user's layer in the stack is traced as
+    its own code, and torch's layers around it keep their learned widths."""
+    class Own(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(D, D)
+
+        def forward(self, src, src_mask=None, is_causal=None, src_key_padding_mask=None):
+            return src + self.lin(src)
+
+    torch.manual_seed(9)
+    model = Tagger()
+    model.enc.layers[1] = Own()
+    dm, _ = _roundtrip(model, (torch.randn(3, T, 12),), [(torch.randn(2, 9, 12),)])
+    assert [g.name for g in dm.analysis.dynamic_groups] == ["enc.layers.0.linear1"]
+    assert not any("named a leaf" in r.reason for r in dm.analysis.rejections)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fmap import FMap, Positions
-from .common import passthrough, per_row_weight
+from .common import Width, passthrough, per_row_weight, pin_widths, reads_widths, widths_in
 from .registry import register_rule
 
 __all__ = ["elementwise"]
@@ -127,3 +127,32 @@ def new_factory(ctx):
     given size (a size read from a tracked width keeps that group fixed, as everywhere)."""
     ctx.reads_only_metadata(ctx.arg(0))
     return None
+
+
+def _whole_number(ctx, arg) -> bool:
+    """A Python int (not a bool) that depends on no width: a literal, or a number the
+    forward computed (``x.size(2)`` of a dim without features)."""
+    if isinstance(arg, torch.fx.Node):
+        return arg.meta.get("type") is int and not widths_in(ctx.value(arg)) and ctx.fmap(arg) is None
+    return type(arg) is int
+
+
+@register_rule(operator.mul)
+@reads_widths
+def mul(ctx):
+    """``a * b``. On tensors, as every elementwise op. A width read from the features times
+    a whole number that depends on no width (``c * f`` after ``b, c, f, t = x.shape``) is
+    that width scaled (an inexact :class:`Width`): a reshape may take it as the size of
+    those features merged with other dims (``x.view(b, c * f, t)``), recomputed after
+    export as the kept width times ``f``. Any other use of a width keeps its group fixed."""
+    args = list(ctx.node.args[:2])
+    values = [ctx.value(a) if isinstance(a, torch.fx.Node) else a for a in args]
+    widths = widths_in(values)
+    if not widths:
+        return elementwise(ctx)
+    if len(args) == 2 and not ctx.node.kwargs:
+        for w, other in ((values[0], args[1]), (values[1], args[0])):
+            if isinstance(w, Width) and _whole_number(ctx, other):
+                return Width(w.pos, ctx.node.name, w.where, exact=False)
+    pin_widths(ctx, widths, "*")
+    return elementwise(ctx)

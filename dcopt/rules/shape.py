@@ -125,12 +125,27 @@ def _same_positions(a: Positions, b: Positions) -> bool:
     return len(a) == len(b) and torch.equal(a.gid, b.gid) and torch.equal(a.ch, b.ch)
 
 
+def _repeats(part: Positions, whole: Positions) -> bool:
+    """``whole`` holds each position of ``part`` the same number of times k and nothing
+    else: at any sizes it keeps k times what ``part`` keeps, which is what a width read
+    from ``part`` times k (a scaled :class:`Width`) computes."""
+    if not len(part) or len(whole) % len(part):
+        return False
+    k = len(whole) // len(part)
+
+    def multiset(p: Positions) -> list:
+        return sorted(zip(p.gid.tolist(), p.ch.tolist()))
+    return multiset(whole) == sorted(multiset(part) * k)
+
+
 def _reshape(ctx, literal_sizes: Optional[dict] = None):
     """Follow the features through a reshape. With a target shape in the call, the entry
     that holds the features must be an int literal (export rewrites it), ``-1`` (torch
-    infers it), or the width of these very positions read from a tensor (``B, C, H, W =
-    x.shape; x.view(B, C, H * W)``: it is recomputed after export); a computed number
-    (``T * 16`` with ``T = x.size(1)``) stays what it was, so the group keeps its width."""
+    infers it), the width of these very positions read from a tensor (``B, C, H, W =
+    x.shape; x.view(B, C, H * W)``: it is recomputed after export), or that width times
+    a number of other dims, for features merged with them (``x.view(B, C * H, W)``); any
+    other computed number (``T * 16`` with ``T = x.size(1)``) stays what it was, so the
+    group keeps its width."""
     x = ctx.arg(0, "input")
     fm = ctx.fmap(x)
     widths = widths_in([ctx.value(a) for a in ctx.node.all_input_nodes])
@@ -166,10 +181,12 @@ def _feature_size_entry(ctx, fm: FMap, entry, out: FMap, spec: dict, widths: lis
     if isinstance(entry, int) and not isinstance(entry, bool):
         ctx.rewrite(dict(kind="shape_literal", out_dim=out.dim, pos=out.pos, **spec))
         return widths
-    if isinstance(entry, Width) and entry.exact and _same_positions(entry.pos, out.pos):
+    if isinstance(entry, Width) and (_same_positions(entry.pos, out.pos) if entry.exact
+                                     else _repeats(entry.pos, out.pos)):
         return [w for w in widths if w is not entry]
     ctx.reject(fm, f"{_name(ctx)} computes the size of the feature dimension (target {ctx.out_shape}); "
-                   "only a literal, -1 or the width read from these features can be rewritten")
+                   "only a literal, -1, the width read from these features, or that width times a number "
+                   "of other dims (c * f) can be rewritten")
     pin_widths(ctx, widths, _name(ctx))
     return None
 

@@ -2,8 +2,9 @@
 
 dcopt normally traces through ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``
 (``dcopt/traceable.py``), so their feed-forward widths are ordinary groups. These rules
-only say why a group keeps its width when the user named such a module in
-``leaf_modules``, and read the one helper of torch's the traced encoder calls on a
+only say why a group keeps its width when such a module stays a leaf (the user named
+it in ``leaf_modules``, or an encoder layer's activation is not the one torch's fused
+path applies), and read the one helper of torch's the traced encoder calls on a
 feature tensor (``_get_seq_len``).
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules import transformer as _tx
 
+from ..traceable import kept_whole_reason
 from .common import reject_tracked, width_of
 from .registry import register_rule
 
@@ -25,17 +27,19 @@ def multihead_attention(ctx):
     return None
 
 
-@register_rule(nn.TransformerEncoderLayer)
-def encoder_layer(ctx):
-    reject_tracked(ctx, "nn.TransformerEncoderLayer named a leaf module: it is kept whole, so its feed-forward "
-                        "width and the features it reads keep their widths")
-    return None
-
-
-@register_rule(nn.TransformerEncoder)
-def encoder(ctx):
-    reject_tracked(ctx, "nn.TransformerEncoder named a leaf module: it is kept whole, so its feed-forward "
-                        "widths and the features it reads keep their widths")
+@register_rule(nn.TransformerEncoderLayer, nn.TransformerEncoder)
+def kept_whole(ctx):
+    """Whatever reaches it keeps its width, and so does each feed-forward width inside:
+    reported as a group of its own, so the reason shows even where the stream feeding
+    the layer was fixed already."""
+    reason = kept_whole_reason(ctx.module)
+    reject_tracked(ctx, reason)
+    inner = {"": ctx.module} if isinstance(ctx.module, nn.TransformerEncoderLayer) else \
+        {f".layers.{i}": layer for i, layer in enumerate(ctx.module.layers)}
+    for where, layer in inner.items():
+        lin = getattr(layer, "linear1", None)
+        if isinstance(lin, nn.Linear):
+            ctx.reject(ctx.new_group(lin.out_features, f"{ctx.target}{where}.linear1"), reason)
     return None
 
 
