@@ -107,11 +107,11 @@ def _arguments(cls: type) -> list[inspect.Parameter]:
 
 
 def _call_from_attributes(module: nn.Module) -> tuple[Optional[str], str]:
-    """``torch.nn.X(name=value, ...)`` for each constructor argument the layer keeps as an
+    """``torch.nn.X(name=value, ...)`` for every constructor argument the layer keeps as an
     attribute of that name (a ``bias=`` flag: whether its bias tensor exists), with the
     values' repr (so strings are quoted: ``padding='same'``); or None and why not."""
     cls = type(module)
-    kept, missing = [], []
+    kept, missing, unwritable = [], [], []
     for p in _arguments(cls):
         name = p.name
         if name.startswith("_") or name in ("device", "dtype"):
@@ -125,18 +125,20 @@ def _call_from_attributes(module: nn.Module) -> tuple[Optional[str], str]:
             continue
         else:
             value = vars(module)[name]
-        if p.default is not inspect.Parameter.empty and _same_value(value, p.default):
-            continue
+        # every argument written out, defaults too: the saved code must build this layer
+        # under a torch whose defaults have changed, not what that torch would default to
         text = repr(value)
         try:
             literal = _same_value(eval(text, {"torch": torch, **_NAMES}), value)
         except Exception:  # noqa: BLE001 - any failure means: not a literal
             literal = False
         if not literal:
-            return None, f"its {name} {text} is not a Python literal"
+            unwritable.append(f"its {name} {text} is not a Python literal")
         kept.append(f"{name}={text}")
     if missing:
         return None, f"no attribute holds its argument(s) {', '.join(missing)}"
+    if unwritable:
+        return None, "; ".join(unwritable)
     return f"torch.nn.{cls.__name__}({', '.join(kept)})", ""
 
 

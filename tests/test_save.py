@@ -192,6 +192,23 @@ def test_why_names_the_cause_when_a_torch_nn_layer_cannot_be_rebuilt():
     assert "d_model" in why and "not a plain torch.nn layer" not in why
 
 
+def test_saved_layers_do_not_depend_on_torchs_defaults(tmp_path, monkeypatch):
+    """Every constructor argument is written out, defaults too: loaded under a torch whose
+    default changed (here Conv2d's padding_mode), the code still builds the saved layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 2, 6, 6)
+    dcopt.save_exported(model, tmp_path / "m", example_inputs=(x,))
+    defaults = list(nn.Conv2d.__init__.__defaults__)
+    defaults[defaults.index("zeros")] = "reflect"
+    monkeypatch.setattr(nn.Conv2d.__init__, "__defaults__", tuple(defaults))
+    assert nn.Conv2d(2, 4, 3, padding=1).padding_mode == "reflect"     # the changed default took
+    loaded = _load_back(tmp_path / "m")
+    assert loaded.get_submodule("0").padding_mode == "zeros"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 # -- dtypes --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
