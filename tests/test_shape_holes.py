@@ -201,6 +201,36 @@ def test_width_times_itself_keeps_the_group():
     assert any("uses it as a number" in r for r in a.group("conv").reasons), a.group("conv").reasons
 
 
+class WidthTwice(nn.Module):
+    """One width read off the features fills two entries of a target size: the second
+    sizes a dim without features, which the export would not recompute (the model runs
+    at other T: ``[..., :t]``)."""
+
+    def __init__(self, scaled):
+        super().__init__()
+        self.scaled = scaled
+        self.conv = nn.Conv2d(1, 4, 3, padding=1) if scaled else nn.Conv1d(1, 8, 3, padding=1)
+        self.head = nn.Conv1d(8, 3, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if self.scaled:
+            b, c, f, t = h.shape
+            n = c * f
+            h = h.reshape(b, n, t)
+        else:
+            b, n, t = h.shape
+        return self.head(h.mean(2, keepdim=True).expand(b, n, n)[..., :t]).sum(-1)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_width_filling_two_entries_keeps_the_group(scaled):
+    ex = (torch.randn(2, 1, 2, 2),) if scaled else (torch.randn(2, 1, 2),)
+    a = dcopt.analyze(WidthTwice(scaled), ex)
+    assert a.group("conv").status != "dynamic"
+    assert any("uses it as a number" in r for r in a.group("conv").reasons), a.group("conv").reasons
+
+
 class Unflatten(nn.Module):
     """unflatten of the time dim, not of the features: nothing to rewrite."""
 

@@ -165,7 +165,7 @@ def _reshape(ctx, literal_sizes: Optional[dict] = None):
         if entries is not None and len(entries) == n and not 0 <= j < n:
             pass    # unflatten of other dims: no entry holds the features
         else:
-            widths = _feature_size_entry(ctx, fm, entry, out, literal_sizes, widths)
+            widths = _feature_size_entry(ctx, fm, entry, out, literal_sizes, widths, entries)
             if widths is None:
                 return None
     pin_widths(ctx, widths, _name(ctx))
@@ -173,16 +173,18 @@ def _reshape(ctx, literal_sizes: Optional[dict] = None):
     return out
 
 
-def _feature_size_entry(ctx, fm: FMap, entry, out: FMap, spec: dict, widths: list) -> Optional[list]:
+def _feature_size_entry(ctx, fm: FMap, entry, out: FMap, spec: dict, widths: list,
+                        entries: Optional[list]) -> Optional[list]:
     """The entry of a target size list (reshape, expand) that sizes the features ``out``:
     a literal is rewritten at export (``-1`` left as it is), the width read from these very
     features is recomputed; anything else keeps the groups fixed. Returns the widths still
-    to pin, or None when it rejected."""
+    to pin, or None when it rejected. A width that also fills another entry
+    (``m.expand(b, n, n)``) sizes a dim without features there: it stays pinned."""
     if isinstance(entry, int) and not isinstance(entry, bool):
         ctx.rewrite(dict(kind="shape_literal", out_dim=out.dim, pos=out.pos, **spec))
         return widths
-    if isinstance(entry, Width) and (_same_positions(entry.pos, out.pos) if entry.exact
-                                     else _repeats(entry.pos, out.pos)):
+    if isinstance(entry, Width) and sum(e is entry for e in entries or ()) == 1 and \
+            (_same_positions(entry.pos, out.pos) if entry.exact else _repeats(entry.pos, out.pos)):
         return [w for w in widths if w is not entry]
     ctx.reject(fm, f"{_name(ctx)} computes the size of the feature dimension (target {ctx.out_shape}); "
                    "only a literal, -1, the width read from these features, or that width times a number "
@@ -304,7 +306,7 @@ def expand(ctx):
         spec = dict(arg=1, nested=True) if len(ctx.node.args) > 1 else dict(kwarg="size")
     entries = _target_entries(ctx, spec)
     entry = entries[out.dim] if entries is not None and len(entries) == len(ctx.out_shape) else None
-    widths = _feature_size_entry(ctx, fm, entry, out, spec, widths)
+    widths = _feature_size_entry(ctx, fm, entry, out, spec, widths, entries)
     if widths is None:
         return None
     pin_widths(ctx, widths, _name(ctx))
