@@ -41,6 +41,7 @@ from .errors import TraceError, TraceRefusal, source_location
 from .inplace import functionalize, restore_dtypes
 from .numcheck import fresh_copies
 from .traceable import root_suggestion, traced_forward
+from .zero_state import drop_zero_initial_states
 from .shape_only import ValueGuard, shape_only_call, shapes_only_safe, value_blind
 
 __all__ = ["DcoptTracer", "Traced", "OpaqueLeaf", "trace", "ALWAYS_LEAF"]
@@ -700,7 +701,7 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     finally:
         _set_training(src, flags)
     _set_training(gm, {name: flags.get(name, src.training) for name, _ in gm.named_modules()})
-    if functionalize(gm):
+    if functionalize(gm) | drop_zero_initial_states(gm):
         gm.recompile()
     traced = Traced(gm=gm, example_inputs=tuple(example_inputs) if example_inputs is not None else (), source=src,
                     opaque=opaque, train_branch=train_branch, grad_mode_sites=grad_sites)
