@@ -10,7 +10,6 @@ that must stay rejected (with their reasons).
 """
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
@@ -327,9 +326,11 @@ def test_fit_trains(case):
         out = model(*xs)
     batches = [((torch.randn_like(xs[0]),), torch.randn_like(out)) for _ in range(3)]
     dm = dcopt.convert(model, xs, beta=5.0)
+    assert set(dm.group_names) == set(DYNAMIC[case])
     dcopt.fit(dm, batches, F.mse_loss, fixed_epochs=1, optimize_epochs=2, settle_epochs=0, size_lr=0.05,
               progress=False)
     assert all(torch.isfinite(k).all() for k in dm._kappas())
+    assert any(float(k) < 1.0 for k in dm._kappas())   # the sizes trained (the pressure moved them)
     assert_exact_export(dm, xs, others=others)
 
 
