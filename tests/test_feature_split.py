@@ -453,6 +453,26 @@ def test_rejecting_one_part_fixes_only_that_part():
     assert dict(small.named_parameters())["qkv.weight"].shape[0] == 2 + 4
 
 
+def test_fixing_the_whole_group_fixes_its_parts():
+    """The Linear's whole output also reaches the model output (a rejection recorded on the
+    group before the split): every part keeps its width."""
+
+    class Returned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 8)
+            self.o = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.lin(x)
+            a, b = y.chunk(2, -1)
+            return self.o(a * b), y
+
+    a = dcopt.analyze(Returned(), (torch.randn(2, 4),))
+    assert {g.name: g.status for g in a.groups} == {"lin[0:4]": "fixed", "o": "fixed"}
+    assert "reaches the model output" in _reasons(a, "lin[0:4]")
+
+
 def test_split_of_rnn_hidden_units_keeps_them_fixed():
     """GatedRNN removes hidden units by one size: parts of them with sizes of their own
     would be wrong inside the recurrence, so they stay fixed (the Linear before stays
