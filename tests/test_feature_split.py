@@ -160,6 +160,36 @@ class DifferentCuts(nn.Module):
         return out + self.head(torch.relu(y1 + y2))
 
 
+class ConformerBlocks(nn.Module):
+    """Two blocks of SwiGLU FFN, single-head attention from one qkv Linear (split by sizes)
+    and the convolution module, each around the residual stream: every split at once."""
+
+    class Block(nn.Module):
+        def __init__(self, c=16, h=24):
+            super().__init__()
+            self.w12, self.w3 = nn.Linear(c, 2 * h), nn.Linear(h, c)
+            self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+            self.pw1, self.pw2 = nn.Conv1d(c, 2 * c, 1), nn.Conv1d(c, c, 1)
+            self.dw, self.bn = nn.Conv1d(c, c, 5, padding=2, groups=c), nn.BatchNorm1d(c)
+
+        def forward(self, x):      # (B, T, c)
+            a, b = self.w12(x).chunk(2, -1)
+            x = x + 0.5 * self.w3(F.silu(a) * b)
+            q, k, v = self.qkv(x).split([16, 16, 16], dim=-1)
+            x = x + self.proj(torch.softmax(q @ k.transpose(1, 2) * 0.25, -1) @ v)
+            y = F.glu(self.pw1(x.transpose(1, 2)), dim=1)
+            return x + self.pw2(F.silu(self.bn(self.dw(y)))).transpose(1, 2)
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.Sequential(self.Block(), self.Block())
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.out(self.blocks(self.inp(x)))
+
+
 def _conformer_inputs():
     return (torch.randn(2, 4, 10),), [(torch.randn(5, 4, 17),), (torch.randn(1, 4, 3),)]
 
@@ -182,6 +212,7 @@ CASES = {
     "tensor_split": (TensorSplit, lambda: _vec_inputs(4)),
     "coupled_after_split": (CoupledAfterSplit, lambda: _vec_inputs(5)),
     "different_cuts": (DifferentCuts, lambda: _vec_inputs(4)),
+    "conformer_blocks": (ConformerBlocks, lambda: _seq_inputs(8)),
 }
 
 #: the groups each model must have as dynamic (name -> width N)
@@ -195,6 +226,8 @@ DYNAMIC = {
     "tensor_split": {"lin[0:2]": 2, "lin[2:9]": 7},
     "coupled_after_split": {"w12[0:6]": 6},
     "different_cuts": {"l1[0:2]": 2, "l1[2:3]": 1, "l2[3:6]": 3},
+    "conformer_blocks": {"inp": 16, **{f"blocks.{i}.{n}": w for i in (0, 1) for n, w in (
+        ("w12[0:24]", 24), ("qkv[0:16]", 16), ("qkv[32:48]", 16), ("pw1[0:16]", 16))}},
 }
 
 
@@ -239,7 +272,7 @@ def test_split_exports_exactly(case):
 def _check_shapes(case, small, sizes):
     """The producer keeps the rows of each part's kept channels (2k for GLU's halves)."""
     p = dict(small.named_parameters())
-    if case.startswith("conformer"):
+    if case.startswith("conformer_") and case != "conformer_blocks":
         k = sizes["pw1[0:8]"]
         assert small.get_submodule("pw1").out_channels == 2 * k and small.get_submodule("dw").groups == k
         assert p["pw1.weight"].shape[0] == 2 * k and p["dw.weight"].shape[0] == k
@@ -253,6 +286,12 @@ def _check_shapes(case, small, sizes):
     elif case == "qkv_attention":
         kq, kv = sizes["qkv[0:8]"], sizes["qkv[16:24]"]
         assert p["qkv.weight"].shape[0] == 2 * kq + kv and p["proj.weight"].shape[1] == kv
+    elif case == "conformer_blocks":
+        for i in (0, 1):
+            kq, kv = sizes[f"blocks.{i}.qkv[0:16]"], sizes[f"blocks.{i}.qkv[32:48]"]
+            assert p[f"blocks.{i}.qkv.weight"].shape[0] == 2 * kq + kv
+            assert p[f"blocks.{i}.pw1.weight"].shape[0] == 2 * sizes[f"blocks.{i}.pw1[0:16]"]
+            assert p[f"blocks.{i}.w12.weight"].shape[0] == 2 * sizes[f"blocks.{i}.w12[0:24]"]
     elif case == "unequal_split":
         ka, kb = sizes["lin[0:3]"], sizes["lin[3:8]"]
         assert p["lin.weight"].shape[0] == ka + kb
