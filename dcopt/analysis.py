@@ -159,6 +159,56 @@ class Ctx:
         for gid in _gids(what):
             self._w.reject(gid, self.node, reason, kind)
 
+    def split_features(self, pos: Positions, sizes: Sequence[int], what: str) -> Optional[list[Positions]]:
+        """The positions of each part when the feature dim holding ``pos`` is cut into
+        consecutive parts of ``sizes`` (chunk, split, GLU's halves); None after rejecting.
+
+        A cut inside one whole group (a layer's output split into gates, GLU's halves)
+        refines the group: each part becomes a group of its own, which keeps its first
+        channels and is coupled by later ops as usual. Where ``pos`` holds several groups
+        (a cat) or anything else, every cut must fall between whole pieces, and every
+        tracked piece must be a whole group in order: a cut inside one of several groups,
+        or parts of features flattened with another dim, are rejected, not guessed.
+        The export cuts the kept features at the kept sizes of the parts (a rule that
+        calls this must record that, or show the parts keep equal sizes)."""
+        gt = self._w.groups
+        if sum(sizes) != len(pos) or any(s < 0 for s in sizes):
+            self.reject(pos, f"{what} cuts {len(pos)} features into parts of {list(sizes)}, which dcopt cannot read")
+            return None
+        offsets = [0]
+        for s in sizes:
+            offsets.append(offsets[-1] + s)
+        cuts = offsets[1:-1]
+        why = _unsplittable(pos)
+        if why is not None:
+            self.reject(pos, f"{what} splits the feature dimension into parts of {list(sizes)}, but {why}; "
+                             "the features keep their width")
+            return None
+        single = _whole_group_of(pos, gt)
+        if single is not None:
+            gt.refine(single, cuts)
+        res = gt.resolve(pos)
+        why = _not_whole_pieces(res, gt)
+        if why is None:
+            inside = [c for c in cuts if 0 < c < len(res) and int(res.gid[c]) >= 0 and int(res.ch[c]) != 0]
+            if inside:
+                why = (f"the cut at feature {inside[0]} falls inside one of the groups it holds (channel "
+                       f"{int(res.ch[inside[0]])}), and they are not one group: a cut may refine a single "
+                       "group, or fall between groups")
+        if why is not None:
+            self.reject(pos, f"{what} splits the feature dimension into parts of {list(sizes)}, but {why}; "
+                             "the features keep their width")
+            return None
+        parts = []
+        for lo, hi in zip(offsets, offsets[1:]):
+            part = res[lo:hi]
+            g = int(part.gid[0]) if hi > lo else -1
+            if g >= 0 and bool((part.gid == g).all()) and gt.width[gt.find(g)] == hi - lo \
+                    and bool((part.ch == torch.arange(hi - lo)).all()):
+                part = Positions.group(g, hi - lo)     # a whole piece: the common, cheap case
+            parts.append(part)
+        return parts
+
     def unify(self, maps: Sequence[Positions], reason_where: str = "") -> Optional[Positions]:
         """Declare that these positions hold the same channels (residual add, SE multiply...).
 
@@ -174,6 +224,9 @@ class Ctx:
                 self.reject([first, other], f"combines feature maps of different lengths ({len(first)} vs {len(other)})")
                 continue
             a, b = first, other
+            if a.whole_group is None or b.whole_group is None:
+                # channels of a refined group are compared as the pieces they are now
+                a, b = self._w.groups.resolve(a), self._w.groups.resolve(b)
             if a.whole_group is not None and b.whole_group is not None:
                 # the common case (a residual add of two layers' outputs) without tensor work
                 why = self._w.groups.union(a.whole_group, b.whole_group)
@@ -262,6 +315,59 @@ class Ctx:
     def rnn_hidden(self, pos: Positions) -> None:
         """This RNN module's hidden units are a group: remove them inside the recurrence."""
         self._w.rnns[self.target] = pos
+
+
+def _whole_group_of(pos: Positions, gt: GroupTable) -> Optional[int]:
+    """The group ``pos`` is, whole and in order (channels 0..N-1 of one group), else None."""
+    if pos.whole_group is not None:
+        return pos.whole_group
+    n = len(pos)
+    if n == 0 or int(pos.gid[0]) < 0:
+        return None
+    g = int(pos.gid[0])
+    if gt.width[gt.find(g)] != n or not bool((pos.gid == g).all()) or not torch.equal(pos.ch, torch.arange(n)):
+        return None
+    return g
+
+
+def _unsplittable(pos: Positions) -> Optional[str]:
+    """Why cutting ``pos`` into parts of literal sizes cannot follow the kept features at
+    every input shape; None when it can. The parts' sizes are written into the export as
+    numbers: they stay right only where the dim holds group features alone, each once
+    (group widths do not depend on the input; a fixed-width position may, and a feature
+    repeated over another dim does)."""
+    if len(pos) == 0:
+        return "it holds no features"
+    if bool((pos.gid < 0).any()):
+        return ("it also holds fixed-width features (their number may depend on the input's shape, which "
+                "the export's literal part sizes could not follow)")
+    pairs = pos.gid * (int(pos.ch.max()) + 1) + pos.ch
+    if pairs.unique().numel() < pairs.numel():
+        return ("it holds some features several times (flattened with another dim, or concatenated with "
+                "themselves): where the cuts fall would depend on that dim's size")
+    return None
+
+
+def _not_whole_pieces(res: Positions, gt: GroupTable) -> Optional[str]:
+    """Why the tracked positions of ``res`` (resolved to pieces) are not a sequence of whole
+    groups, each in order 0..N-1; None when they are."""
+    tracked = res.gid >= 0
+    if not bool(tracked.any()):
+        return None
+    n = len(res)
+    prev_gid = torch.cat([torch.tensor([-2]), res.gid[:-1]])
+    prev_ch = torch.cat([torch.tensor([-2]), res.ch[:-1]])
+    start = tracked & ((res.gid != prev_gid) | (res.ch != prev_ch + 1))
+    next_start = torch.cat([start[1:] | ~tracked[1:], torch.tensor([True])])
+    end = tracked & next_start
+    gids = sorted(set(res.gid[tracked].tolist()))
+    width = torch.zeros(max(gids) + 1, dtype=torch.long)
+    for g in gids:
+        width[g] = gt.width[gt.find(g)]
+    if bool((res.ch[start] != 0).any()) or bool((res.ch[end] != width[res.gid[end]] - 1).any()):
+        return (f"its {n} features are not whole groups in order (a slice of a group, or features "
+                "flattened with another dim, each repeated)")
+    return None
 
 
 def _meta_shape(meta) -> Optional[tuple]:
@@ -654,9 +760,27 @@ def _pin_shared_modules(w: _Walker) -> None:
                                       "its full width")
 
 
+def _leaf_set(gt: GroupTable, gids: Iterable[int]) -> set[int]:
+    """The groups (unrefined roots) that ``gids`` stand for: their classes, or the pieces a
+    split of the feature dim cut them into."""
+    return {leaf for g in gids for _, leaf in gt.leaves(g)}
+
+
+def _pin_split_rnns(w: _Walker) -> None:
+    """An RNN's hidden units are removed inside the recurrence by one size (GatedRNN): a
+    split of its features (``out.chunk(2, -1)``) that cut them into parts with sizes of
+    their own keeps them all fixed."""
+    calls = {n.target: n for n in w.gm.graph.nodes if n.op == "call_module" and n.target in w.rnns}
+    for target, pos in w.rnns.items():
+        if any(len(w.groups.leaves(g)) > 1 for g in pos.gids()):
+            Ctx(w, calls[target]).reject(pos, f"the hidden units of {target} are split into parts further on; "
+                                              "dcopt removes an RNN's units by one size, so they keep their width")
+
+
 def _finalize(w: _Walker) -> Analysis:
     gt = w.groups
     _pin_shared_modules(w)
+    _pin_split_rnns(w)
     for qual, node in w.pinned.items():
         if qual in w.params:
             Ctx(w, node).reject([d for d in w.params[qual] if d is not None],
@@ -686,10 +810,12 @@ def _finalize(w: _Walker) -> Analysis:
         if missing and w.touched.get(node_name):
             Ctx(w, nodes[node_name]).reject(list(w.touched[node_name]),
                                             f"its MACs scale with {', '.join(missing)}, which is not a parameter")
-    roots = gt.roots()
+    # the groups are the unrefined roots; a rejection of a refined group covers its pieces
+    roots = gt.leaf_roots()
     bad: dict[int, list[Rejection]] = {}
     for gid, rej in w.pending:
-        bad.setdefault(gt.find(gid), []).append(rej)
+        for leaf in _leaf_set(gt, (gid,)):
+            bad.setdefault(leaf, []).append(rej)
     keys = _node_keys(w.gm)
 
     live_roots = [r for r in roots if r not in bad]
@@ -717,14 +843,15 @@ def _finalize(w: _Walker) -> Analysis:
         hit = mapped.get(id(pos))
         if hit is not None:
             return hit[1]
-        gid = torch.where(pos.gid >= 0, lut[pos.gid.clamp(min=0)], torch.full_like(pos.gid, FIXED))
-        ch = torch.where(gid >= 0, pos.ch, torch.zeros_like(pos.ch))
+        leaf = gt.resolve(pos)   # channels of a refined group: its pieces' own channels
+        gid = torch.where(leaf.gid >= 0, lut[leaf.gid.clamp(min=0)], torch.full_like(leaf.gid, FIXED))
+        ch = torch.where(gid >= 0, leaf.ch, torch.zeros_like(leaf.ch))
         out = Positions(gid, ch)
         mapped[id(pos)] = (pos, out)
         return out
 
     def is_live(gids: Iterable[int]) -> set[int]:
-        return {gt.find(g) for g in gids if gt.find(g) in live_index}
+        return {r for r in _leaf_set(gt, gids) if r in live_index}
 
     # roles
     roles: dict[str, str] = {}
@@ -796,7 +923,7 @@ def _finalize(w: _Walker) -> Analysis:
     # person-facing groups (every root, dynamic or not)
     members: dict[int, list[str]] = {r: [] for r in roots}
     for node in w.gm.graph.nodes:
-        for r in {gt.find(g) for g in w.touched.get(node.name, ())}:
+        for r in _leaf_set(gt, w.touched.get(node.name, ())):
             members[r].append(keys[node.name])
     groups: list[Group] = []
     rejections: list[Rejection] = []

@@ -93,6 +93,8 @@ def _rewrite_nodes(gm: torch.fx.GraphModule, plan: Plan, limits: torch.Tensor) -
             _rewrite_shape(node, spec, limits)
         elif spec["kind"] == "slice":
             _rewrite_slice(node, spec, limits)
+        elif spec["kind"] == "split":
+            _rewrite_split(gm.graph, node, spec, limits)
         else:
             raise ExportError(f"unknown rewrite {spec['kind']!r}", node=name)
 
@@ -119,6 +121,23 @@ def _rewrite_shape(node: torch.fx.Node, spec: dict, limits: torch.Tensor) -> Non
         if isinstance(args[k], int) and args[k] != -1:
             args[k] = width
     node.args = tuple(args)
+
+
+def _rewrite_split(graph: torch.fx.Graph, node: torch.fx.Node, spec: dict, limits: torch.Tensor) -> None:
+    """A split of the feature dim (chunk, split, tensor_split) becomes ``x.split(sizes, dim)``
+    with each part's kept size: the parts of a refined group keep their own sizes, which
+    ``chunk(n)`` of the sliced tensor would not give."""
+    keep = keep_mask(spec["pos"], limits).long()
+    sizes, lo = [], 0
+    for s in spec["sizes"]:
+        sizes.append(int(keep[lo:lo + s].sum()))
+        lo += s
+    x = node.args[0] if node.args else next(v for k, v in node.kwargs.items() if k in ("input", "tensor", "self"))
+    with graph.inserting_before(node):
+        new = graph.call_method("split", (x, sizes, spec["dim"]))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
 
 
 def _rewrite_slice(node: torch.fx.Node, spec: dict, limits: torch.Tensor) -> None:

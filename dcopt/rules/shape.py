@@ -7,6 +7,7 @@ import operator
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..fmap import FMap, Positions
@@ -489,6 +490,10 @@ def stack(ctx):
 @register_rule(torch.split, torch.chunk, torch.unbind, torch.tensor_split, "split", "chunk", "unbind",
                "tensor_split", "split_with_sizes")
 def split(ctx):
+    """On another dim every part carries the input's features. On the feature dim each
+    part gets its own positions (:meth:`~dcopt.analysis.Ctx.split_features`: a cut inside
+    one group makes each part a group of its own), and export cuts the kept features at
+    the parts' kept sizes: the call becomes ``x.split([k1, k2, ...], dim)``."""
     x = ctx.arg(0, "input")
     fm = ctx.fmap(x)
     n_out = n_outputs(ctx.node)
@@ -500,14 +505,57 @@ def split(ctx):
     dim = ctx.arg(1 if target == "unbind" else 2, "dim", default)
     dim = norm_dim(dim, nd)
     if dim == fm.dim:
-        ctx.reject(fm, f"{target} splits the feature dimension; no exact rule yet")
-        return None
+        return _split_features(ctx, fm, target)
     ctx.consumes(fm)
     if target == "unbind":
         out = fm.moved(fm.dim - 1 if dim < fm.dim else fm.dim)
     else:
         out = fm
     return tuple(out for _ in range(n_out))
+
+
+def _split_features(ctx, fm: FMap, target: str):
+    """chunk/split/tensor_split on the feature dim: parts read from the shapes the example
+    gave (chunk may return fewer parts than asked), each with its own positions."""
+    if target == "unbind":
+        ctx.reject(fm, "unbind makes each feature a tensor of its own: removing features would change how many "
+                       "tensors it returns")
+        return None
+    metas = ctx.node.meta.get("tensor_meta")
+    if not isinstance(metas, (tuple, list)) or not all(hasattr(m, "shape") for m in metas):
+        ctx.reject(fm, f"{target} splits the feature dimension, and its parts' shapes are unknown")
+        return None
+    sizes = [int(m.shape[fm.dim]) for m in metas]
+    parts = ctx.split_features(fm.pos, sizes, target)
+    if parts is None:
+        return None
+    ctx.consumes(fm)
+    ctx.rewrite(dict(kind="split", pos=fm.pos, sizes=sizes, dim=fm.dim))
+    return tuple(FMap(fm.dim, p) for p in parts)
+
+
+@register_rule(F.glu, nn.GLU)
+def glu(ctx):
+    """GLU = chunk(2) on ``dim``, then ``a * sigmoid(b)``: the halves are split like a
+    chunk and coupled like an elementwise product, so channel j of one half goes with
+    channel j of the other (export keeps rows j and N/2+j of the producer together); the
+    halves keep equal sizes, so GLU itself needs no rewrite."""
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    if fm is None:
+        return None
+    nd = len(ctx.shape(x))
+    dim = norm_dim(ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim", -1), nd)
+    if dim != fm.dim:
+        ctx.reject(fm, f"glu halves dim {dim}, where the features do not run: no rule yet; the features keep "
+                       "their width")
+        return None
+    n = len(fm.pos)
+    parts = ctx.split_features(fm.pos, [n // 2, n - n // 2], "glu")
+    if parts is None:
+        return None
+    ctx.consumes(fm)
+    return FMap(fm.dim, ctx.unify(parts, f" ({ctx.node.name}: glu multiplies its two halves)"))
 
 
 # -- reading sizes and attributes ---------------------------------------------------------
