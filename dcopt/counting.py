@@ -22,6 +22,8 @@ fused float32 LSTM kernel is handled separately, per module, in
 """
 from __future__ import annotations
 
+import contextlib
+
 import operator
 from typing import Callable, Hashable, Optional
 
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count, shape_wrapper
 
-__all__ = ["flop_counter", "EXTRA_FLOP_FORMULAS", "zero_flop_key", "conv_flops"]
+__all__ = ["flop_counter", "EXTRA_FLOP_FORMULAS", "zero_flop_key", "conv_flops", "parameters_without_grad"]
 
 aten = torch.ops.aten
 
@@ -82,6 +84,25 @@ def flop_counter() -> FlopCounterMode:
 
     missing = {op: f for op, f in EXTRA_FLOP_FORMULAS.items() if op not in flop_registry}
     return FlopCounterMode(display=False, custom_mapping=missing)
+
+
+@contextlib.contextmanager
+def parameters_without_grad(module: nn.Module):
+    """Run a count with ``module``'s parameters not requiring grad (restored after).
+
+    Why: ``FlopCounterMode``'s module tracker hooks every input of a submodule that
+    requires grad. Under ``no_grad`` a *view* of a parameter (``self.query.expand(B, -1,
+    -1)``, ``self.pos[:T]``) still requires grad but has no grad function, and torch
+    asserts when such a view is passed to a submodule (learned-query attention pooling).
+    A count needs no gradients."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------------------

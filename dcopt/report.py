@@ -9,7 +9,7 @@ from rich.console import Group as RichGroup
 from rich.table import Table
 from rich.text import Text
 
-from .counting import flop_counter
+from .counting import flop_counter, parameters_without_grad
 from .modes import eval_mode
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -115,7 +115,7 @@ def count_macs(model: torch.nn.Module, example_inputs) -> int:
     lstms = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
     handles = [m.register_forward_pre_hook(pre) for m in lstms] + [m.register_forward_hook(post) for m in lstms]
     try:
-        with eval_mode(model), torch.no_grad(), fc:
+        with eval_mode(model), torch.no_grad(), parameters_without_grad(model), fc:
             model(*example_inputs)
     finally:
         for h in handles:

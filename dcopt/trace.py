@@ -36,7 +36,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from .counting import _CONVS, conv_flops, flop_counter, zero_flop_key
+from .counting import _CONVS, conv_flops, flop_counter, parameters_without_grad, zero_flop_key
 from .errors import TraceError, TraceRefusal, source_location
 from .inplace import functionalize, restore_dtypes
 from .numcheck import fresh_copies
@@ -778,7 +778,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
             # copies: an in-place op on an input must not leave the fallback run other values
             inputs = fresh_copies(example_inputs)
             try:
-                with torch.no_grad():
+                with torch.no_grad(), parameters_without_grad(gm):
                     prop.propagate(*inputs)
                 gm.meta["shape_propagation"] = "shapes only"
                 return prop.macs
@@ -794,7 +794,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
         # copies: a leaf that changes its input in place must not change the user's tensors
         inputs = fresh_copies(example_inputs)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), parameters_without_grad(gm):
                 prop.propagate(*inputs)
         except Exception as exc:
             raise TraceError(f"running the model on the example inputs failed: {type(exc).__name__}: {exc}",

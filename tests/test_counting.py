@@ -238,3 +238,38 @@ def test_an_lstm_on_a_packed_sequence_counts_its_real_steps(batch_first):
     lengths = torch.tensor([5, 3, 2])
     lstm = 2 * 4 * 16 * (8 + 16) * int(lengths.sum())          # two directions, real steps only
     assert dcopt.count_macs(_PackedLSTM(batch_first), (x, lengths)) == lstm + 3 * 5 * 32 * 2
+
+
+class LearnedQueryPool(nn.Module):
+    """Attention pooling with a learned query (speaker/keyword embedding heads), and a
+    learned positional table sliced and projected: views of parameters passed straight
+    into submodules, which torch's FLOP counter asserted on under no_grad."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.pos = nn.Parameter(torch.randn(32, d))
+        self.pos_proj = nn.Linear(d, d)
+        self.ff = nn.Linear(d, 24)
+        self.ff2 = nn.Linear(24, d)
+        self.query = nn.Parameter(torch.randn(1, 1, d))
+        self.pool = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.inp(x) + self.pos_proj(self.pos[: x.size(1)])
+        h = h + self.ff2(torch.relu(self.ff(h)))
+        return self.out(self.pool(self.query.expand(x.size(0), -1, -1), h, h, need_weights=False)[0][:, 0])
+
+
+def test_views_of_parameters_into_submodules_are_counted():
+    torch.manual_seed(0)
+    model = LearnedQueryPool()
+    x = (torch.randn(2, 10, 8),)
+    dm = dcopt.convert(model, x)
+    assert dm.group_names == ["ff"]
+    dm.set_sizes({"ff": 9})
+    small = dcopt.export(dm)
+    assert dcopt.count_macs(small, x) == round(dm.complexity("kept").macs.item())
+    assert dcopt.count_macs(model, x) > 0
+    assert all(p.requires_grad for p in model.parameters())   # switched off for the count only
