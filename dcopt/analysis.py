@@ -617,7 +617,8 @@ class _Walker:
         for qual, node in self.derived.items():
             if qual in self.params:
                 Ctx(self, node).reject([d for d in self.params[qual] if d is not None],
-                                       f"{qual} is also read by {_op_name(node, None)}, which does not slice it "
+                                       f"{qual} is also read by {_op_name(node, self.modules.get(node.target))}"
+                                       ", which does not slice it "
                                        "with the group (a tied or reshaped weight); it keeps its shape")
 
     def value_of_args(self, node):

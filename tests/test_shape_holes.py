@@ -231,6 +231,51 @@ def test_a_width_filling_two_entries_keeps_the_group(scaled):
     assert any("uses it as a number" in r for r in a.group("conv").reasons), a.group("conv").reasons
 
 
+class ClassToken(nn.Module):
+    """A class token (a parameter expanded to the batch) joined before the frames on the
+    time dim: it holds the same features, so it is sliced with the frames' group."""
+
+    def __init__(self, how, d=16):
+        super().__init__()
+        self.how = how
+        self.patch = nn.Linear(8, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.scale = nn.Parameter(torch.randn(1, 1, d))
+        self.mlp = nn.Sequential(nn.Linear(d, 24), nn.ReLU(), nn.Linear(24, d))
+        self.bn = nn.BatchNorm1d(d)
+        self.head = nn.Linear(d, 3)
+        if how == "also_attended":
+            self.att = nn.MultiheadAttention(d, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.patch(x) * self.scale.expand(x.size(0), x.size(1), -1)   # expanded, elementwise
+        c = self.cls.expand(h.shape[0], 1, 16) if self.how == "literal" else self.cls.expand(h.shape[0], -1, -1)
+        h = torch.cat([c, h], 1)
+        h = h + self.mlp(h)
+        y = self.head(self.bn(h[:, 0]))
+        if self.how == "also_attended":   # the token read whole by a layer: it keeps its shape
+            y = y + self.att(c, c, c, need_weights=False)[0][:, 0, :3]
+        return y
+
+
+XCLS = (torch.randn(2, 10, 8),)
+OCLS = ((torch.randn(3, 6, 8),),)
+
+
+def test_class_token_is_sliced_with_the_frames():
+    dm = exact_at_small_sizes(ClassToken("plain"), XCLS, OCLS)
+    assert "patch" in dm.group_names
+    dm.set_sizes({"patch": 5})
+    small = dcopt.export(dm)
+    assert small.cls.shape == (1, 1, 5) and small.scale.shape == (1, 1, 5)
+
+
+@pytest.mark.parametrize("how, word", [("literal", "joined with expand"),
+                                       ("also_attended", "also read by MultiheadAttention")])
+def test_class_token_that_cannot_follow_keeps_the_group(how, word):
+    assert_kept(ClassToken(how), XCLS, OCLS, "patch", word)
+
+
 class Unflatten(nn.Module):
     """unflatten of the time dim, not of the features: nothing to rewrite."""
 

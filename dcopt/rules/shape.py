@@ -297,14 +297,17 @@ def expand(ctx):
     A literal left as it was would ask a sliced tensor for the old width (an export crash)."""
     fm = ctx.fmap(ctx.arg(0, "input"))
     widths = widths_in([ctx.value(a) for a in ctx.node.all_input_nodes])
-    out = _features_kept_whole(ctx, fm)
-    if out is None:
-        pin_widths(ctx, widths, _name(ctx))
-        return None
     if ctx.node.target == "expand":
         spec = _method_sizes(ctx)
     else:
         spec = dict(arg=1, nested=True) if len(ctx.node.args) > 1 else dict(kwarg="size")
+    if fm is None:
+        pin_widths(ctx, widths, _name(ctx))
+        return _expanded_param(ctx, _target_entries(ctx, spec))
+    out = _features_kept_whole(ctx, fm)
+    if out is None:
+        pin_widths(ctx, widths, _name(ctx))
+        return None
     entries = _target_entries(ctx, spec)
     entry = entries[out.dim] if entries is not None and len(entries) == len(ctx.out_shape) else None
     widths = _feature_size_entry(ctx, fm, entry, out, spec, widths, entries)
@@ -313,6 +316,23 @@ def expand(ctx):
     pin_widths(ctx, widths, _name(ctx))
     ctx.consumes(fm)
     return out
+
+
+def _expanded_param(ctx, entries: Optional[list]):
+    """A parameter grown along its size-1 dims (a class token ``self.cls.expand(B, -1,
+    -1)``, a learned query) is still that parameter along every dim it holds whole: a
+    later op may slice it with a group there, as for the parameter itself. A dim of size
+    > 1 whose entry is not ``-1`` holds a number export would not rewrite: not followed.
+    Only without new leading dims (the view's dims are the parameter's)."""
+    from ..analysis import ParamRef
+
+    ref = ctx.value(ctx.arg(0, "input"))
+    shape = ctx.shape(ctx.arg(0, "input"))
+    if not isinstance(ref, ParamRef) or shape is None or ctx.out_shape is None or \
+            len(ctx.out_shape) != len(shape) or entries is None or len(entries) != len(shape):
+        return None
+    fixed = {d for d, (n, e) in enumerate(zip(shape, entries)) if n > 1 and e != -1}
+    return ParamRef(ref.target, frozenset(ref.sliced | fixed))
 
 
 @register_rule("expand_as")
@@ -461,11 +481,36 @@ def cat(ctx):
         ctx.reject([f for f in fms if f is not None], "concatenates tensors whose features run along different dims")
         return None
     fd = tracked_dims.pop()
-    pos = ctx.unify([f.pos if f is not None else Positions.fixed(s[fd]) for f, s in zip(fms, shapes)],
-                    f" ({ctx.node.name})")
+    # a parameter joined along another dim (a class token before the frames) holds the
+    # same features along fd: it is sliced with them, as elementwise slices a layer scale
+    refs = _parameter_operands(ctx, tensors, fms, shapes, fd)
+    fixed = [t.name for t, f, r in zip(tensors if isinstance(tensors, (list, tuple)) else (), fms, refs)
+             if f is None and r is None and isinstance(t, torch.fx.Node)]
+    pos = ctx.unify([f.pos if f is not None else Positions.fixed(s[fd])
+                     for f, s, r in zip(fms, shapes, refs) if r is None],
+                    f" ({ctx.node.name}" + (f", joined with {', '.join(fixed)}" if fixed else "") + ")")
+    if pos is not None:
+        for ref, s in zip(refs, shapes):
+            if ref is not None:
+                ctx.plan_param(ref.target, tuple(pos if i == fd else None for i in range(len(s))), absolute=True)
     for f in fms:
         ctx.consumes(f)
     return FMap(fd, pos)
+
+
+def _parameter_operands(ctx, tensors, fms, shapes, fd: int) -> list:
+    """For each of cat's tensors: its ParamRef when it is an untracked parameter (or a view
+    holding it whole along ``fd``) as long as the features, else None."""
+    from ..analysis import ParamRef
+
+    nodes = tensors if isinstance(tensors, (list, tuple)) else [None] * len(fms)
+    n = len(next(f for f in fms if f is not None).pos)
+    out = []
+    for t, f, s in zip(nodes, fms, shapes):
+        ref = ctx.value(t) if isinstance(t, torch.fx.Node) and f is None else None
+        ok = isinstance(ref, ParamRef) and fd not in ref.sliced and fd < len(s) and s[fd] == n
+        out.append(ref if ok else None)
+    return out
 
 
 @register_rule(torch.stack)
