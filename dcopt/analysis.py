@@ -233,6 +233,8 @@ class Ctx:
                 if why:
                     self.reject([a.whole_group, b.whole_group], why)
                 continue
+            if self._w.groups.refined():
+                a, b = _align_pieces(self._w.groups, a, b)
             both = (a.gid >= 0) & (b.gid >= 0)
             one = (a.gid >= 0) ^ (b.gid >= 0)
             if one.any():
@@ -315,6 +317,33 @@ class Ctx:
     def rnn_hidden(self, pos: Positions) -> None:
         """This RNN module's hidden units are a group: remove them inside the recurrence."""
         self._w.rnns[self.target] = pos
+
+
+def _run_starts(p: Positions) -> torch.Tensor:
+    """Where a run of consecutive channels of one group begins (or a position is fixed)."""
+    prev_gid = torch.cat([torch.tensor([-2]), p.gid[:-1]])
+    prev_ch = torch.cat([torch.tensor([-2]), p.ch[:-1]])
+    return (p.gid < 0) | (p.gid != prev_gid) | (p.ch != prev_ch + 1)
+
+
+def _align_pieces(gt: GroupTable, a: Positions, b: Positions) -> tuple[Positions, Positions]:
+    """Cut the pieces of ``a`` and ``b`` (resolved) where the other side's runs begin, until
+    both sides' runs begin at the same places. Why: after a split, two tensors meeting
+    elementwise may hold the same channels cut differently (``h.split([3, 5])`` on one
+    side, GLU's halves of ``h`` on the other); coupled position by position, pieces of
+    different widths would meet, and whether the group stayed learnable would depend on
+    the order the forward wrote the two. Cutting is always exact (each piece keeps its
+    own first channels); each round adds a cut, so this ends."""
+    for _ in range(len(a) + 1):
+        starts = _run_starts(a) | _run_starts(b)
+        cuts = {(int(p.gid[i]), int(p.ch[i])) for p in (a, b)
+                for i in torch.nonzero(starts & ~_run_starts(p) & (a.gid >= 0) & (b.gid >= 0)).flatten().tolist()}
+        if not cuts:
+            break
+        for g, c in cuts:
+            gt.refine(g, [c])
+        a, b = gt.resolve(a), gt.resolve(b)
+    return a, b
 
 
 def _whole_group_of(pos: Positions, gt: GroupTable) -> Optional[int]:

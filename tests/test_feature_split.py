@@ -194,6 +194,30 @@ def _conformer_inputs():
     return (torch.randn(2, 4, 10),), [(torch.randn(5, 4, 17),), (torch.randn(1, 4, 3),)]
 
 
+class SplitAndGlu(nn.Module):
+    """One layer's output both split [3, 5] and halved by GLU (4 + 4), in either order:
+    the cuts are aligned (pieces 3 and 1 coupled across the halves) whichever op the
+    forward writes first; the order once decided whether the layer stayed learnable."""
+
+    def __init__(self, glu_first):
+        super().__init__()
+        self.glu_first = glu_first
+        self.a = nn.Linear(6, 8)
+        self.o = nn.Linear(4, 5)
+        self.p = nn.Linear(3, 5)
+        self.q = nn.Linear(5, 5)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.glu_first:
+            y = self.o(F.glu(h, -1))
+            u, v = h.split([3, 5], -1)
+        else:
+            u, v = h.split([3, 5], -1)
+            y = self.o(F.glu(h, -1))
+        return y + self.p(u) + self.q(v)
+
+
 def _seq_inputs(d):
     return (torch.randn(2, 5, d),), [(torch.randn(3, 9, d),), (torch.randn(1, 2, d),)]
 
@@ -213,6 +237,8 @@ CASES = {
     "coupled_after_split": (CoupledAfterSplit, lambda: _vec_inputs(5)),
     "different_cuts": (DifferentCuts, lambda: _vec_inputs(4)),
     "conformer_blocks": (ConformerBlocks, lambda: _seq_inputs(8)),
+    "glu_then_split": (lambda: SplitAndGlu(glu_first=True), lambda: _vec_inputs(6)),
+    "split_then_glu": (lambda: SplitAndGlu(glu_first=False), lambda: _vec_inputs(6)),
 }
 
 #: the groups each model must have as dynamic (name -> width N)
@@ -226,6 +252,8 @@ DYNAMIC = {
     "tensor_split": {"lin[0:2]": 2, "lin[2:9]": 7},
     "coupled_after_split": {"w12[0:6]": 6},
     "different_cuts": {"l1[0:2]": 2, "l1[2:3]": 1, "l2[3:6]": 3},
+    "glu_then_split": {"a[0:3]": 3, "a[3:4]": 1},
+    "split_then_glu": {"a[0:3]": 3, "a[3:4]": 1},
     "conformer_blocks": {"inp": 16, **{f"blocks.{i}.{n}": w for i in (0, 1) for n, w in (
         ("w12[0:24]", 24), ("qkv[0:16]", 16), ("qkv[32:48]", 16), ("pw1[0:16]", 16))}},
 }
