@@ -27,7 +27,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.fx
@@ -756,6 +756,29 @@ def _train_branch(src: nn.Module, gm: torch.fx.GraphModule, leaves: tuple, concr
     return None
 
 
+def _propagated(gm: torch.fx.GraphModule, example_inputs: tuple, make: Callable) -> "_MeasuringShapeProp":
+    """One measuring run under ``no_grad`` (on copies of the inputs). torch's FLOP counter
+    asserts when a view of a parameter that requires grad (a learned query
+    ``self.query.expand(B, -1, -1)``, a sliced positional table) is passed into a
+    submodule under ``no_grad``; such a run is made again with the parameters not
+    requiring grad (:func:`~dcopt.counting.parameters_without_grad`). Not every run:
+    the nodes' metadata then says ``requires_grad=False`` for parameters, unlike fx's."""
+    prop = make()
+    try:
+        with torch.no_grad():
+            prop.propagate(*fresh_copies(example_inputs))
+        return prop
+    except AssertionError:
+        pass
+    for node in gm.graph.nodes:
+        node.meta.pop("tensor_meta", None)
+        node.meta.pop("type", None)
+    prop = make()
+    with torch.no_grad(), parameters_without_grad(gm):
+        prop.propagate(*fresh_copies(example_inputs))
+    return prop
+
+
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_all: bool = False,
                      shapes_only: bool = True) -> dict[str, int]:
     """Run ShapeProp on the example inputs and return the MACs of each node.
@@ -774,12 +797,10 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
     try:
         why_real = why_real or shapes_only_safe(gm, modules)
         if why_real is None:
-            prop = _MeasuringShapeProp(gm, modules=modules, shapes_only=True)
-            # copies: an in-place op on an input must not leave the fallback run other values
-            inputs = fresh_copies(example_inputs)
             try:
-                with torch.no_grad(), parameters_without_grad(gm):
-                    prop.propagate(*inputs)
+                # copies: an in-place op on an input must not leave the fallback run other values
+                prop = _propagated(gm, example_inputs, lambda: _MeasuringShapeProp(gm, modules=modules,
+                                                                                  shapes_only=True))
                 gm.meta["shape_propagation"] = "shapes only"
                 return prop.macs
             except Exception as exc:
@@ -790,12 +811,10 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
                     node.meta.pop("tensor_meta", None)
                     node.meta.pop("type", None)
         gm.meta["shape_propagation"] = f"real tensors ({why_real})"
-        prop = _MeasuringShapeProp(gm, count_all=count_all, modules=modules)
-        # copies: a leaf that changes its input in place must not change the user's tensors
-        inputs = fresh_copies(example_inputs)
         try:
-            with torch.no_grad(), parameters_without_grad(gm):
-                prop.propagate(*inputs)
+            # copies: a leaf that changes its input in place must not change the user's tensors
+            prop = _propagated(gm, example_inputs, lambda: _MeasuringShapeProp(gm, count_all=count_all,
+                                                                              modules=modules))
         except Exception as exc:
             raise TraceError(f"running the model on the example inputs failed: {type(exc).__name__}: {exc}",
                              location=_user_frame(sys.exc_info()[2]),
