@@ -104,6 +104,32 @@ def reshape_fmap(fm: FMap, in_shape: tuple, out_shape: tuple) -> Optional[FMap]:
     return None
 
 
+def _into_heads_shapes(fm: FMap, in_shape: tuple, out_shape: tuple) -> bool:
+    """Whether the view splits the feature dim, and only it, into two: (…, H·D, …) →
+    (…, H, D, …) with H > 1 (attention heads)."""
+    d = fm.dim
+    if len(out_shape) != len(in_shape) + 1 or tuple(out_shape[:d]) != tuple(in_shape[:d]) \
+            or tuple(out_shape[d + 2:]) != tuple(in_shape[d + 1:]):
+        return False
+    return out_shape[d] > 1 and out_shape[d] * out_shape[d + 1] == in_shape[d]
+
+
+def _into_heads(ctx, fm: FMap, out_shape: tuple) -> Optional[FMap]:
+    """A layer's output viewed as H heads of D features (``q.view(B, T, H, D)``): the
+    group is cut into H parts (:meth:`~dcopt.analysis.Ctx.split_features`) and the parts
+    are coupled, so every head keeps the same first features; the features then run
+    along the D dim, the head dim holding no features. Exact: each head's kept features
+    are a prefix of that head, and merging the heads back (``view(B, T, H * D)``) tiles
+    the map as any flatten does. The D entry of the target sizes is rewritten at export
+    (or ``-1``); the H entry must stay as written."""
+    heads, dh = out_shape[fm.dim], out_shape[fm.dim + 1]
+    parts = ctx.split_features(fm.pos, [dh] * heads, f"{_name(ctx)} into {heads} heads")
+    if parts is None:
+        return None
+    pos = ctx.unify(parts, f" ({ctx.node.name}: heads keep the same features)")
+    return FMap(fm.dim + 1, pos) if pos is not None else None
+
+
 def _target_entries(ctx, spec: dict) -> Optional[list]:
     """The target sizes as written: an int literal, or for a computed entry the
     :class:`Width` it is (None: a number the analysis cannot name). None where not even
@@ -154,6 +180,11 @@ def _reshape(ctx, literal_sizes: Optional[dict] = None):
         pin_widths(ctx, widths, _name(ctx))
         return None
     out = reshape_fmap(fm, ctx.shape(x), ctx.out_shape)
+    if out is None and _into_heads_shapes(fm, ctx.shape(x), ctx.out_shape):
+        out = _into_heads(ctx, fm, ctx.out_shape)
+        if out is None:   # rejected, with the reason
+            pin_widths(ctx, widths, _name(ctx))
+            return None
     if out is None:
         ctx.reject(fm, f"reshapes {ctx.shape(x)} -> {ctx.out_shape}, splitting the feature dimension")
         pin_widths(ctx, widths, _name(ctx))

@@ -1,0 +1,103 @@
+"""Hand-written multi-head attention: a projection viewed as H heads of D features
+(``q.view(B, T, H, D)``) cuts its group into H coupled parts, so the head width D is
+learned (every head keeps the same first features) and the q/k/v/out projections shrink."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import dcopt
+from dcopt.numcheck import max_relative_error
+
+from checks import assert_exact_export
+
+D, HEADS = 16, 4
+
+
+class SelfAttention(nn.Module):
+    """``how`` spells the head split and merge the ways people write them."""
+
+    def __init__(self, how="view", norm=False):
+        super().__init__()
+        self.how = how
+        self.dh = D // HEADS
+        self.inp = nn.Linear(6, D)
+        self.norm = nn.LayerNorm(D) if norm else nn.Identity()
+        if how == "qkv":
+            self.qkv = nn.Linear(D, 3 * D)
+        else:
+            self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.o = nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def heads(self, x):
+        B, T, _ = x.shape
+        if self.how == "unflatten":
+            return x.unflatten(-1, (HEADS, self.dh)).transpose(1, 2)
+        if self.how in ("minus_one", "qkv"):
+            return x.view(B, -1, HEADS, self.dh).transpose(1, 2)
+        return x.view(B, T, HEADS, self.dh).transpose(1, 2)
+
+    def forward(self, x):
+        h = self.norm(self.inp(x))
+        B, T, _ = h.shape
+        if self.how == "qkv":
+            q, k, v = self.qkv(h).chunk(3, dim=-1)
+            q, k, v = self.heads(q), self.heads(k), self.heads(v)
+        else:
+            q, k, v = self.heads(self.q(h)), self.heads(self.k(h)), self.heads(self.v(h))
+        if self.how == "scale_from_width":   # the width read as a number: q and k keep theirs
+            a = torch.softmax(q @ k.transpose(-2, -1) * q.size(-1) ** -0.5, dim=-1)
+        else:
+            a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.dh), dim=-1)
+        y = a @ v
+        if self.how == "minus_one":
+            y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        else:
+            y = y.transpose(1, 2).reshape(B, T, HEADS * self.dh)
+        return self.head(h + self.o(y))
+
+
+X = (torch.randn(2, 5, 6),)
+OTHERS = [(torch.randn(3, 9, 6),), (torch.randn(1, 1, 6),)]
+
+
+def _exact(model):
+    torch.manual_seed(0)
+    dm = dcopt.convert(model, X, kappa_min=0.01)
+    model.eval()
+    with torch.no_grad():
+        for xs in (X, *OTHERS):
+            assert max_relative_error(model(*xs), dm.eval()(*xs)) <= 1e-6
+    names = dm.group_names
+    for sizes in ({n: 1 for n in names}, {n: 3 for n in names}, {n: g.width for n, g in zip(names, dm.plan.groups)}):
+        assert_exact_export(dm, X, sizes, others=OTHERS)
+    return dm
+
+
+@pytest.mark.parametrize("how", ["view", "minus_one", "unflatten"])
+def test_head_width_is_learned(how):
+    dm = _exact(SelfAttention(how))
+    widths = {g.name: g.width for g in dm.plan.groups}
+    assert widths["q[0:4]"] == D // HEADS and widths["v[0:4]"] == D // HEADS   # q and k coupled; v its own
+    dm.set_sizes({"q[0:4]": 2, "v[0:4]": 3})
+    small = dcopt.export(dm)
+    assert small.q.out_features == HEADS * 2 and small.k.out_features == HEADS * 2
+    assert small.v.out_features == HEADS * 3 and small.o.in_features == HEADS * 3
+
+
+def test_fused_qkv_then_heads():
+    dm = _exact(SelfAttention("qkv"))
+    assert sorted(g.width for g in dm.plan.groups if g.name.startswith("qkv")) == [D // HEADS, D // HEADS]
+
+
+def test_head_width_under_a_layernorm_stream():
+    """The stream (LayerNorm) stays fixed; the attention's inner width is still learned."""
+    dm = _exact(SelfAttention("view", norm=True))
+    assert "inp" not in dm.group_names and {"q[0:4]", "v[0:4]"} <= set(dm.group_names)
+
+
+def test_scale_read_from_the_head_width_keeps_q_and_k():
+    dm = _exact(SelfAttention("scale_from_width"))
+    assert "v[0:4]" in dm.group_names and not any(n.startswith(("q", "k")) for n in dm.group_names)
