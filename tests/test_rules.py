@@ -67,10 +67,37 @@ class Shuffle(nn.Module):
         return self.head(y)
 
 
-def test_channel_shuffle_is_rejected_with_reason():
-    a = dcopt.analyze(Shuffle(), (torch.randn(1, 3, 4, 4),))
-    assert a.group("conv").status == "rejected"
-    assert "splitting the feature dimension" in a.unsupported[0].reason
+def test_channel_shuffle_of_one_layer_keeps_the_blocks_coupled():
+    """view(b, 2, 4, h, w) cuts the conv's channels into 2 blocks (as attention heads),
+    coupled: each block keeps the same first channels, and the shuffle back interleaves
+    them exactly (the export keeps channels j and 4 + j together)."""
+    x = (torch.randn(2, 3, 4, 4),)
+    dm = dcopt.convert(Shuffle(), x, kappa_min=0.01)
+    assert {g.name: g.width for g in dm.plan.groups} == {"conv[0:4]": 4}
+    for n in (1, 3):
+        small = assert_exact_export(dm, x, {"conv[0:4]": n}, others=[(torch.randn(3, 3, 6, 5),)])
+        assert small.conv.out_channels == 2 * n
+
+
+class ShuffleOfCat(nn.Module):
+    """ShuffleNet's shuffle: the blocks cut a concatenation of two layers' outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 5, 1)
+        self.b = nn.Conv2d(3, 3, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        b_, c, h, w = x.shape
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        return self.head(y.view(b_, 2, 4, h, w).transpose(1, 2).reshape(b_, 8, h, w))
+
+
+def test_channel_shuffle_across_a_cat_is_rejected_with_reason():
+    a = dcopt.analyze(ShuffleOfCat(), (torch.randn(1, 3, 4, 4),))
+    assert a.group("a").status == "rejected"
+    assert any("falls inside one of the groups" in r.reason for r in a.unsupported), a.unsupported
 
 
 class AttentionMLP(nn.Module):
