@@ -73,7 +73,7 @@ def drop_zero_initial_states(gm: torch.fx.GraphModule) -> bool:
             node.args = node.args[:1] + node.args[2:]
         else:
             node.kwargs = {k: v for k, v in node.kwargs.items() if k != "hx"}
-        for s in states:
+        for s in dict.fromkeys(states):   # (z, z): one node given as both h0 and c0
             _erase_unused(gm.graph, s)
         changed = True
     return changed
@@ -85,7 +85,7 @@ def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     statistics, random draws — are part of what it computes)."""
     if node.users or not _is_zeros(node):
         return
-    inputs = [a for a in node.all_input_nodes if _is_zeros(a)]
+    inputs = [a for a in dict.fromkeys(node.all_input_nodes) if _is_zeros(a)]
     graph.erase_node(node)
     for a in inputs:
         _erase_unused(graph, a)
