@@ -137,6 +137,18 @@ class Blk(nn.Module):
             else:
                 a, b = x.tensor_split(2, dim=1)
             return torch.cat([b, a * 2.0], 1)
+        if k == "heads":   # hand-written multi-head self-attention
+            bs, ts, heads, dh = x.size(0), x.size(1), kw["heads"], kw["dh"]
+
+            def split(h):
+                if v == "minus_one":
+                    return h.view(bs, -1, heads, dh).transpose(1, 2)
+                if v == "unflatten":
+                    return h.unflatten(-1, (heads, dh)).transpose(1, 2)
+                return h.view(bs, ts, heads, dh).transpose(1, 2)
+            q, kk, vv = split(self.q(x)), split(self.k(x)), split(self.v(x))
+            a = torch.softmax(q @ kk.transpose(-2, -1) * kw["scale"], dim=-1)
+            return self.o((a @ vv).transpose(1, 2).reshape(bs, ts, heads * dh))
         if k == "chunk_feat":
             if v == "chunk":
                 a, b = x.chunk(2, -1)
@@ -524,6 +536,7 @@ SEQ_KINDS = {
     "res": ["add", "radd", "sub", "torch_add", "iadd", "add_", "mul"], "res_proj": [""],
     "cat_feat": ["xfirst", "yfirst", "yxy"], "cat_time": ["xy", "yx", "x_x0"],
     "chunk_time": ["chunk", "split", "tensor_split"], "chunk_feat": ["chunk", "split"],
+    "heads": ["view", "minus_one", "unflatten"],
     "se": ["unsqueeze", "none_index", "view_lit", "reshape_m1"],
     "expand": ["expand", "expand_as", "expand_lit", "broadcast_to"],
     "bparam": ["gamma", "time_bias", "buffer", "gamma_view"],
@@ -635,6 +648,11 @@ def make_seq_block(rng, c, t, depth=0):
         if t < 2:
             return None
         b.kw["s"] = rng.randint(1, t - 1); return b, c, t
+    if kind == "heads":
+        heads, dh = rng.choice([2, 3]), rng.randint(1, 4)
+        b.q, b.k, b.v = (nn.Linear(c, heads * dh) for _ in range(3))
+        w = W(); b.o = nn.Linear(heads * dh, w)
+        b.kw.update(heads=heads, dh=dh, scale=rng.choice([1.0, 0.5])); return b, w, t
     if kind == "chunk_feat":
         if c < 2 or (var == "chunk" and c % 2):
             return None
