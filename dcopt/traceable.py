@@ -53,30 +53,28 @@ def _is_proxy(x: Any) -> bool:
     return isinstance(x, torch.fx.Proxy)
 
 
-def _canonical_mask(tracer, mask, name: str, other, src, check_other: bool = True):
-    """``F._canonical_mask`` as the forward calls it: a bool mask becomes a float mask
-    with -inf, in ``src``'s dtype. A mask computed in the forward is a graph value, so the
-    conversion becomes a call in the graph (a torch function: the exported graph still
-    runs without dcopt); a constant mask is converted now."""
+def _canonical_mask(tracer, mask, name: str, other, other_name: str, src, check_other: bool = True):
+    """``F._canonical_mask`` as torch's forward calls it: a bool mask becomes a float mask
+    with -inf, in ``src``'s dtype. Where the mask (or the mask it is checked against) is a
+    graph value, the conversion is a call in the graph (of torch's own function: the
+    exported graph still runs without dcopt); a constant mask is converted now."""
     if mask is None:
         return None
-    if not _is_proxy(mask) and not _is_proxy(other):
-        return F._canonical_mask(mask=mask, mask_name=name, other_type=F._none_or_dtype(other),
-                                 other_name="src_mask" if name == "src_key_padding_mask" else "",
-                                 target_type=src.dtype, check_other=check_other)
-    other_type = (tracer.create_proxy("call_function", F._none_or_dtype, (other,), {})
-                  if _is_proxy(other) else F._none_or_dtype(other))
-    return tracer.create_proxy("call_function", F._canonical_mask, (), {
-        "mask": mask, "mask_name": name, "other_type": other_type,
-        "other_name": "src_mask" if name == "src_key_padding_mask" else "",
-        "target_type": src.dtype, "check_other": check_other})
+    other_type = (tracer.create_proxy("call_function", F._none_or_dtype, (other,), {}) if _is_proxy(other)
+                  else F._none_or_dtype(other))
+    kwargs = dict(mask=mask, mask_name=name, other_type=other_type, other_name=other_name, target_type=src.dtype,
+                  check_other=check_other)
+    if _is_proxy(mask) or _is_proxy(other_type):
+        return tracer.create_proxy("call_function", F._canonical_mask, (), kwargs)
+    return F._canonical_mask(**kwargs)
 
 
 def _encoder_layer(tracer, layer: nn.TransformerEncoderLayer, src, src_mask=None, src_key_padding_mask=None,
                    is_causal=False):
     """``nn.TransformerEncoderLayer.forward`` without the fused-kernel branch."""
-    src_key_padding_mask = _canonical_mask(tracer, src_key_padding_mask, "src_key_padding_mask", src_mask, src)
-    src_mask = _canonical_mask(tracer, src_mask, "src_mask", None, src, check_other=False)
+    src_key_padding_mask = _canonical_mask(tracer, src_key_padding_mask, "src_key_padding_mask", src_mask,
+                                           "src_mask", src)
+    src_mask = _canonical_mask(tracer, src_mask, "src_mask", None, "", src, check_other=False)
     x = src
     if layer.norm_first:
         x = x + layer._sa_block(layer.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
@@ -102,8 +100,8 @@ def _encoder(tracer, encoder: nn.TransformerEncoder, src, mask=None, src_key_pad
     layers are called as modules: each is traced as its own type says (a layer of the
     user's own class too)."""
     batch_first = encoder.layers[0].self_attn.batch_first   # read first, as torch does
-    src_key_padding_mask = _canonical_mask(tracer, src_key_padding_mask, "src_key_padding_mask", mask, src)
-    mask = _canonical_mask(tracer, mask, "mask", None, src, check_other=False)
+    src_key_padding_mask = _canonical_mask(tracer, src_key_padding_mask, "src_key_padding_mask", mask, "mask", src)
+    mask = _canonical_mask(tracer, mask, "mask", None, "", src, check_other=False)
     is_causal = _causal(tracer, mask, is_causal, src, batch_first)
     output = src
     for mod in encoder.layers:
