@@ -276,6 +276,24 @@ def test_class_token_that_cannot_follow_keeps_the_group(how, word):
     assert_kept(ClassToken(how), XCLS, OCLS, "patch", word)
 
 
+class BroadcastParam(nn.Module):
+    """One value broadcast along the features by expand (a (1, 1, 1) scale grown to
+    (B, T, 8)): no entry of it belongs to a feature, so it cannot be sliced with them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.s = nn.Parameter(torch.randn(1, 1, 1))
+        self.o = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.o(self.a(x) * self.s.expand(x.size(0), x.size(1), 8))
+
+
+def test_parameter_broadcast_along_the_features_keeps_the_group():
+    assert_kept(BroadcastParam(), (torch.randn(2, 5, 6),), ((torch.randn(3, 7, 6),),), "a", "meets a fixed-width")
+
+
 class Unflatten(nn.Module):
     """unflatten of the time dim, not of the features: nothing to rewrite."""
 

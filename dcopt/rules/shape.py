@@ -351,10 +351,12 @@ def expand(ctx):
 
 def _expanded_param(ctx, entries: Optional[list]):
     """A parameter grown along its size-1 dims (a class token ``self.cls.expand(B, -1,
-    -1)``, a learned query) is still that parameter along every dim it holds whole: a
-    later op may slice it with a group there, as for the parameter itself. A dim of size
-    > 1 whose entry is not ``-1`` holds a number export would not rewrite: not followed.
-    Only without new leading dims (the view's dims are the parameter's)."""
+    -1)``, a learned query) is still that parameter along every dim it holds as it is: a
+    later op may slice it with a group there, as for the parameter itself. Not followed
+    (``sliced``): a dim it grows (one value broadcast to many: slicing the parameter there
+    would slice its single entry), and a dim of size > 1 whose entry is not ``-1`` (a
+    number export would not rewrite). Only without new leading dims (the view's dims are
+    the parameter's)."""
     from ..analysis import ParamRef
 
     ref = ctx.value(ctx.arg(0, "input"))
@@ -362,7 +364,7 @@ def _expanded_param(ctx, entries: Optional[list]):
     if not isinstance(ref, ParamRef) or shape is None or ctx.out_shape is None or \
             len(ctx.out_shape) != len(shape) or entries is None or len(entries) != len(shape):
         return None
-    fixed = {d for d, (n, e) in enumerate(zip(shape, entries)) if n > 1 and e != -1}
+    fixed = {d for d, (n, m, e) in enumerate(zip(shape, ctx.out_shape, entries)) if n != m or (n > 1 and e != -1)}
     return ParamRef(ref.target, frozenset(ref.sliced | fixed))
 
 
