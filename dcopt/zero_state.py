@@ -3,7 +3,8 @@
 Why: tutorials and much real code write ``h0 = torch.zeros(self.num_layers, x.size(0),
 self.hidden_size)`` and pass it to a GRU/LSTM. The zeros are built with the hidden size
 as a literal, so to the analysis they are a fixed-width tensor meeting the hidden
-units, and the RNN kept its width. But torch's RNNs start from zeros of the right
+units, and the RNN kept its width. But torch's RNNs (their own forward; a subclass's
+may mean something else by no state) start from zeros of the right
 shape, dtype and device when no initial state is given (``hx=None``), so passing
 all-zero states computes the same numbers, bit for bit. This pass drops such states
 from the RNN calls of the traced graph, and the zeros no other node uses.
@@ -58,12 +59,19 @@ def _initial_state(node: torch.fx.Node) -> tuple[str, Any]:
     return "kwarg", node.kwargs.get("hx")
 
 
+def _torch_forward(module) -> bool:
+    """Whether ``module`` is an RNN that runs torch's own forward (a subclass may give
+    ``hx=None`` another meaning, such as a learned initial state)."""
+    return isinstance(module, nn.RNNBase) and type(module).forward in {
+        cls.forward for cls in (nn.RNNBase, nn.RNN, nn.GRU, nn.LSTM)}
+
+
 def drop_zero_initial_states(gm: torch.fx.GraphModule) -> bool:
     """Drop all-zero initial states from ``gm``'s RNN calls; True when the graph changed."""
     modules = dict(gm.named_modules())
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.RNNBase):
+        if node.op != "call_module" or not _torch_forward(modules.get(node.target)):
             continue
         where, state = _initial_state(node)
         states = list(state) if isinstance(state, (tuple, list)) else [state]

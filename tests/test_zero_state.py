@@ -116,3 +116,34 @@ def test_other_users_of_the_zeros_and_unused_calls_stay():
     dm, _ = _exact(SharedZeros())
     targets = [n.target for n in dm.gm.graph.nodes]
     assert torch.zeros in targets and "bn" in targets
+
+
+class LearnedWhenNone(nn.GRU):
+    """A user's GRU for which no state means "start from a learned state": its zeros
+    are not the same as none, so they stay (the GRU keeps its width)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.h_init = nn.Parameter(torch.ones(1, 1, self.hidden_size))
+
+    def forward(self, x, hx=None):
+        if hx is None:
+            hx = self.h_init.expand(1, x.size(0), -1).contiguous()
+        return super().forward(x, hx)
+
+
+class SubclassTagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = LearnedWhenNone(6, H, batch_first=True)
+        self.out = nn.Linear(H, 3)
+
+    def forward(self, x):
+        return self.out(self.rnn(x, torch.zeros(1, x.size(0), H))[0])
+
+
+def test_a_subclass_with_its_own_forward_keeps_its_zero_state():
+    model = SubclassTagger()
+    dm = dcopt.convert(model, X)   # was: the full-width check failed (the state had been dropped)
+    with torch.no_grad():
+        assert max_relative_error(model.eval()(*X), dm.eval()(*X)) == 0.0
