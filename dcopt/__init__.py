@@ -7,13 +7,13 @@ budget mode in your own loop), :func:`count_macs`,
 :func:`register_rule` and the exceptions.
 """
 from . import counting  # noqa: F401  (dcopt.counting.flop_counter)
-from .errors import ConversionError, DcoptError, ExportError, TraceError, UnsupportedOpError
+from .errors import ConversionError, DcoptError, ExportError, TraceError, TraceRefusal, UnsupportedOpError
 from .rules import register_rule
 from .analysis import Analysis, analyze
 
 __all__ = [
     "Analysis", "analyze", "register_rule",
-    "DcoptError", "TraceError", "ConversionError", "UnsupportedOpError", "ExportError",
+    "DcoptError", "TraceError", "TraceRefusal", "ConversionError", "UnsupportedOpError", "ExportError",
 ]
 from .config import Config
 from .rewrite import DynamicModel, SizeInfo, convert

@@ -23,7 +23,6 @@ fused float32 LSTM kernel is handled separately, per module, in
 from __future__ import annotations
 
 import contextlib
-
 import operator
 from typing import Callable, Hashable, Optional
 

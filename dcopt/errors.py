@@ -8,6 +8,7 @@ from typing import Optional
 __all__ = [
     "DcoptError",
     "TraceError",
+    "TraceRefusal",
     "ConversionError",
     "UnsupportedOpError",
     "ExportError",

@@ -40,9 +40,9 @@ from .counting import _CONVS, conv_flops, flop_counter, parameters_without_grad,
 from .errors import TraceError, TraceRefusal, source_location
 from .inplace import functionalize, restore_dtypes
 from .numcheck import fresh_copies
+from .shape_only import ValueGuard, shape_only_call, shapes_only_safe, value_blind
 from .traceable import root_suggestion, traced_forward
 from .zero_state import drop_zero_initial_states
-from .shape_only import ValueGuard, shape_only_call, shapes_only_safe, value_blind
 
 __all__ = ["DcoptTracer", "Traced", "OpaqueLeaf", "trace", "ALWAYS_LEAF"]
 
@@ -701,7 +701,9 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     finally:
         _set_training(src, flags)
     _set_training(gm, {name: flags.get(name, src.training) for name, _ in gm.named_modules()})
-    if functionalize(gm) | drop_zero_initial_states(gm):
+    changed = functionalize(gm)
+    changed = drop_zero_initial_states(gm) or changed   # both passes run
+    if changed:
         gm.recompile()
     traced = Traced(gm=gm, example_inputs=tuple(example_inputs) if example_inputs is not None else (), source=src,
                     opaque=opaque, train_branch=train_branch, grad_mode_sites=grad_sites)
@@ -757,7 +759,8 @@ def _train_branch(src: nn.Module, gm: torch.fx.GraphModule, leaves: tuple, concr
 
 
 def _propagated(gm: torch.fx.GraphModule, example_inputs: tuple, make: Callable) -> "_MeasuringShapeProp":
-    """One measuring run under ``no_grad`` (on copies of the inputs). torch's FLOP counter
+    """One measuring run under ``no_grad``, on copies of the inputs (an in-place op on an
+    input must leave neither the user's tensors nor a fallback run other values). torch's FLOP counter
     asserts when a view of a parameter that requires grad (a learned query
     ``self.query.expand(B, -1, -1)``, a sliced positional table) is passed into a
     submodule under ``no_grad``; such a run is made again with the parameters not
@@ -798,7 +801,6 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
         why_real = why_real or shapes_only_safe(gm, modules)
         if why_real is None:
             try:
-                # copies: an in-place op on an input must not leave the fallback run other values
                 prop = _propagated(gm, example_inputs, lambda: _MeasuringShapeProp(gm, modules=modules,
                                                                                   shapes_only=True))
                 gm.meta["shape_propagation"] = "shapes only"
@@ -812,7 +814,6 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
                     node.meta.pop("type", None)
         gm.meta["shape_propagation"] = f"real tensors ({why_real})"
         try:
-            # copies: a leaf that changes its input in place must not change the user's tensors
             prop = _propagated(gm, example_inputs, lambda: _MeasuringShapeProp(gm, count_all=count_all,
                                                                               modules=modules))
         except Exception as exc:

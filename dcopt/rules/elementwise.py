@@ -92,7 +92,7 @@ _UNARY_FUNCTIONS = [
     F.tanhshrink,
 ]
 _NARY_FUNCTIONS = [
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.add, operator.sub, operator.truediv, operator.iadd, operator.isub, operator.imul,
     operator.itruediv, operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
     torch.maximum, torch.minimum, torch.where, torch.clamp, torch.clip, torch.pow, torch.lerp,
     torch.addcmul, torch.addcdiv, torch.fmax, torch.fmin, torch.rsub, torch.sub, torch.multiply,

@@ -3,8 +3,8 @@
 dcopt normally traces through ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``
 (``dcopt/traceable.py``), so their feed-forward widths are ordinary groups. These rules
 only say why a group keeps its width when such a module stays a leaf (the user named
-it in ``leaf_modules``, or an encoder layer's activation is not the one torch's fused
-path applies), and read the one helper of torch's the traced encoder calls on a
+it in ``leaf_modules``, an encoder layer's activation is not the one torch's fused path
+applies, or this torch lacks the helpers the traced forwards call), and read the one helper of torch's the traced encoder calls on a
 feature tensor (``_get_seq_len``).
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ from torch.nn.modules import transformer as _tx
 from ..traceable import kept_whole_reason
 from .common import reject_tracked, width_of
 from .registry import register_rule
+
+__all__ = ["multihead_attention", "kept_whole", "seq_len"]
 
 
 @register_rule(nn.MultiheadAttention)
