@@ -202,9 +202,8 @@ class Ctx:
         parts = []
         for lo, hi in zip(offsets, offsets[1:]):
             part = res[lo:hi]
-            g = int(part.gid[0]) if hi > lo else -1
-            if g >= 0 and bool((part.gid == g).all()) and gt.width[gt.find(g)] == hi - lo \
-                    and bool((part.ch == torch.arange(hi - lo)).all()):
+            g = _whole_group_of(part, gt)
+            if g is not None:
                 part = Positions.group(g, hi - lo)     # a whole piece: the common, cheap case
             parts.append(part)
         return parts
@@ -384,9 +383,7 @@ def _not_whole_pieces(res: Positions, gt: GroupTable) -> Optional[str]:
     if not bool(tracked.any()):
         return None
     n = len(res)
-    prev_gid = torch.cat([torch.tensor([-2]), res.gid[:-1]])
-    prev_ch = torch.cat([torch.tensor([-2]), res.ch[:-1]])
-    start = tracked & ((res.gid != prev_gid) | (res.ch != prev_ch + 1))
+    start = tracked & _run_starts(res)
     next_start = torch.cat([start[1:] | ~tracked[1:], torch.tensor([True])])
     end = tracked & next_start
     gids = sorted(set(res.gid[tracked].tolist()))

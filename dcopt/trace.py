@@ -758,6 +758,13 @@ def _train_branch(src: nn.Module, gm: torch.fx.GraphModule, leaves: tuple, concr
     return None
 
 
+def _forget_shapes(gm: torch.fx.GraphModule) -> None:
+    """Drop what an abandoned measuring run wrote on the nodes (before the next run)."""
+    for node in gm.graph.nodes:
+        node.meta.pop("tensor_meta", None)
+        node.meta.pop("type", None)
+
+
 def _propagated(gm: torch.fx.GraphModule, example_inputs: tuple, make: Callable) -> "_MeasuringShapeProp":
     """One measuring run under ``no_grad``, on copies of the inputs (an in-place op on an
     input must leave neither the user's tensors nor a fallback run other values). torch's FLOP counter
@@ -773,9 +780,7 @@ def _propagated(gm: torch.fx.GraphModule, example_inputs: tuple, make: Callable)
         return prop
     except AssertionError:
         pass
-    for node in gm.graph.nodes:
-        node.meta.pop("tensor_meta", None)
-        node.meta.pop("type", None)
+    _forget_shapes(gm)
     prop = make()
     with torch.no_grad(), parameters_without_grad(gm):
         prop.propagate(*fresh_copies(example_inputs))
@@ -809,9 +814,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
                 # a value might have reached a shape, or zeros upset an op: forget this
                 # run's metadata and do it for real (which raises the real error, if any)
                 why_real = f"abandoned the shapes-only run: {type(exc).__name__}: {_first_line(str(exc))}"
-                for node in gm.graph.nodes:
-                    node.meta.pop("tensor_meta", None)
-                    node.meta.pop("type", None)
+                _forget_shapes(gm)
         gm.meta["shape_propagation"] = f"real tensors ({why_real})"
         try:
             prop = _propagated(gm, example_inputs, lambda: _MeasuringShapeProp(gm, count_all=count_all,
