@@ -95,6 +95,8 @@ def _rewrite_nodes(gm: torch.fx.GraphModule, plan: Plan, limits: torch.Tensor) -
             _rewrite_slice(node, spec, limits)
         elif spec["kind"] == "split":
             _rewrite_split(gm.graph, node, spec, limits)
+        elif spec["kind"] == "set_kwarg":
+            node.kwargs = {**node.kwargs, spec["name"]: spec["value"]}
         else:
             raise ExportError(f"unknown rewrite {spec['kind']!r}", node=name)
 

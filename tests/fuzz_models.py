@@ -147,8 +147,13 @@ class Blk(nn.Module):
                     return h.unflatten(-1, (heads, dh)).transpose(1, 2)
                 return h.view(bs, ts, heads, dh).transpose(1, 2)
             q, kk, vv = split(self.q(x)), split(self.k(x)), split(self.v(x))
-            a = torch.softmax(q @ kk.transpose(-2, -1) * kw["scale"], dim=-1)
-            return self.o((a @ vv).transpose(1, 2).reshape(bs, ts, heads * dh))
+            if v == "sdpa":            # torch's default scale 1/sqrt(dh): written into the export
+                y = F.scaled_dot_product_attention(q, kk, vv)
+            elif v == "sdpa_causal":
+                y = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=kw["scale"])
+            else:
+                y = torch.softmax(q @ kk.transpose(-2, -1) * kw["scale"], dim=-1) @ vv
+            return self.o(y.transpose(1, 2).reshape(bs, ts, heads * dh))
         if k == "chunk_feat":
             if v == "chunk":
                 a, b = x.chunk(2, -1)
@@ -536,7 +541,7 @@ SEQ_KINDS = {
     "res": ["add", "radd", "sub", "torch_add", "iadd", "add_", "mul"], "res_proj": [""],
     "cat_feat": ["xfirst", "yfirst", "yxy"], "cat_time": ["xy", "yx", "x_x0"],
     "chunk_time": ["chunk", "split", "tensor_split"], "chunk_feat": ["chunk", "split"],
-    "heads": ["view", "minus_one", "unflatten"],
+    "heads": ["view", "minus_one", "unflatten", "sdpa", "sdpa_causal"],
     "se": ["unsqueeze", "none_index", "view_lit", "reshape_m1"],
     "expand": ["expand", "expand_as", "expand_lit", "broadcast_to"],
     "bparam": ["gamma", "time_bias", "buffer", "gamma_view"],

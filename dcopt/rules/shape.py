@@ -307,6 +307,27 @@ def repeat(ctx):
     return out
 
 
+@register_rule(torch.repeat_interleave, "repeat_interleave")
+def repeat_interleave(ctx):
+    """``k.repeat_interleave(n, dim=1)``: each slice along another dim repeated in place
+    (grouped-query attention's key/value heads shared by n query heads). The features keep
+    their dim and length; without ``dim`` the tensor is flattened, and along the feature
+    dim each feature would be repeated: both keep their width."""
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    if fm is None:
+        return None
+    dim = ctx.arg(2, "dim")
+    if dim is None:
+        ctx.reject(fm, "repeat_interleave without dim flattens the tensor")
+        return None
+    if norm_dim(int(dim), len(ctx.shape(x))) == fm.dim or ctx.out_shape[fm.dim] != len(fm.pos):
+        ctx.reject(fm, "repeats along the feature dimension")
+        return None
+    ctx.consumes(fm)
+    return fm
+
+
 def _features_kept_whole(ctx, fm: Optional[FMap]) -> Optional[FMap]:
     """Where the features land when leading dims are added and other dims grown
     (repeat, tile, expand): the feature dim must keep its length, else rejected."""
