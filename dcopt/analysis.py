@@ -303,11 +303,12 @@ class Ctx:
             self._w.consumed.setdefault(self.node.name, set()).update(fm.pos.gids())
 
     def macs(self, params: Sequence[str] = (), coef: Optional[float] = None,
-             extra: Sequence[Positions] = ()) -> None:
+             extra: Sequence[Positions] = (), vanish_at_one: Sequence[int] = ()) -> None:
         """This node's MACs are ``coef * sum(numel(p) for p in params) * prod(width(e) for e in extra)``
-        at any sizes; ``coef`` defaults to what the counter measured at full size."""
+        at any sizes, or 0 where an ``extra[i]`` with ``i`` in ``vanish_at_one`` keeps one
+        position (see :class:`MacTerm`); ``coef`` defaults to what the counter measured at full size."""
         quals = [f"{self.target}.{p}" for p in params]
-        self._w.mac_terms[self.node.name] = (coef, quals, list(extra))
+        self._w.mac_terms[self.node.name] = (coef, quals, list(extra), list(vanish_at_one))
 
     def rewrite(self, spec: dict) -> None:
         """Export must edit this node's arguments (a literal width, a slice)."""
@@ -832,7 +833,7 @@ def _finalize(w: _Walker) -> Analysis:
         for q in (qual, alias):
             if q in w.params:
                 Ctx(w, nodes[w.param_nodes[q][0]]).reject([d for d in w.params[q] if d is not None], why)
-    for node_name, (_, quals, _) in w.mac_terms.items():
+    for node_name, (_, quals, _, _) in w.mac_terms.items():
         missing = [q for q in quals if q not in param_numel]
         if missing and w.touched.get(node_name):
             Ctx(w, nodes[node_name]).reject(list(w.touched[node_name]),
@@ -919,17 +920,18 @@ def _finalize(w: _Walker) -> Analysis:
         if term is None or not touching:
             const_macs += macs
             continue
-        coef, quals, extra = term
+        coef, quals, extra, vanish = term
         if coef is None:
             full = (sum(param_numel[q] for q in quals) if quals else 1) * math.prod(len(e) for e in extra)
             coef = macs / full if full else 0.0
-        mac_terms.append(MacTerm(node=node_name, coef=coef, params=quals, extra=[live(e) for e in extra]))
+        mac_terms.append(MacTerm(node=node_name, coef=coef, params=quals, extra=[live(e) for e in extra],
+                                 vanish_at_one=vanish))
         dynamic_macs += macs
         for r in touching:
             group_macs[r] += macs
     total_macs = sum(w.traced.macs.values())
     # MACs of nodes the counter does not see (LSTM) but a rule gave a formula for
-    for node_name, (coef, quals, extra) in w.mac_terms.items():
+    for node_name, (coef, quals, extra, vanish) in w.mac_terms.items():
         if node_name in w.traced.macs or coef is None:
             continue
         macs = int(round(coef * sum(param_numel[q] if q in param_numel else _fetch(w.gm, q).numel()
@@ -937,7 +939,8 @@ def _finalize(w: _Walker) -> Analysis:
         total_macs += macs
         touching = is_live(w.touched.get(node_name, ()))
         if touching:
-            mac_terms.append(MacTerm(node=node_name, coef=coef, params=quals, extra=[live(e) for e in extra]))
+            mac_terms.append(MacTerm(node=node_name, coef=coef, params=quals, extra=[live(e) for e in extra],
+                                     vanish_at_one=vanish))
             dynamic_macs += macs
             for r in touching:
                 group_macs[r] += macs

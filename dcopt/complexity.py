@@ -91,7 +91,8 @@ class ComplexityModel:
             self.dims[q] = [_Width(d, n, widths) for d, n in zip(dims, shape)]
         self.const_params = sum(n for q, n in plan.param_numel.items() if q not in self.dims)
         self.params_full = sum(plan.param_numel.values())
-        self.terms = [(t.coef, t.params, [_Width(e, len(e), widths) for e in t.extra]) for t in plan.mac_terms]
+        self.terms = [(t.coef, t.params, [_Width(e, len(e), widths) for e in t.extra], t.vanish_at_one)
+                      for t in plan.mac_terms]
         self.macs_full = plan.total_macs
         self.param_shapes = param_shapes
 
@@ -103,12 +104,17 @@ class ComplexityModel:
         return math.prod(self.param_shapes[q])
 
     def _macs(self, width):
-        """Σ coef · Σ numel(params) · Π extra widths over the MAC terms, plus the constant."""
+        """Σ coef · Σ numel(params) · Π extra widths over the MAC terms, plus the constant.
+        A term whose ``vanish_at_one`` width is 1 counts 0 (:class:`~dcopt.plan.MacTerm`);
+        the factor is a step, so it carries no gradient."""
         macs = self.plan.const_macs
-        for coef, quals, extra in self.terms:
+        for coef, quals, extra, vanish in self.terms:
             term = sum(self._numel(q, width) for q in quals) if quals else 1
-            for w in extra:
-                term = term * width(w)
+            for i, w in enumerate(extra):
+                n = width(w)
+                term = term * n
+                if i in vanish:
+                    term = term * ((n.detach() if isinstance(n, torch.Tensor) else n) > 1)
             macs = macs + coef * term
         return macs
 

@@ -34,11 +34,15 @@ class GateSpec:
 @dataclass
 class MacTerm:
     """MACs of one node: ``coef * sum(numel(p) for p in params) * prod(width(e) for e in extra)``
-    where ``numel`` and ``width`` are taken at the sizes being asked about."""
+    where ``numel`` and ``width`` are taken at the sizes being asked about — and 0 where an
+    entry of ``extra`` listed in ``vanish_at_one`` keeps a width of 1 (an einsum whose
+    summed feature index has one entry: torch runs a broadcast multiply there, which its
+    counter does not count)."""
     node: str
     coef: float
     params: list[str]
     extra: list = field(default_factory=list)
+    vanish_at_one: list[int] = field(default_factory=list)
 
 
 @dataclass

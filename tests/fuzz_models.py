@@ -151,6 +151,9 @@ class Blk(nn.Module):
                 y = F.scaled_dot_product_attention(q, kk, vv)
             elif v == "sdpa_causal":
                 y = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=kw["scale"])
+            elif v == "einsum":
+                a = torch.softmax(torch.einsum("bhid,bhjd->bhij", q, kk) * kw["scale"], dim=-1)
+                y = torch.einsum("bhij,bhjd->bhid", a, vv)
             else:
                 y = torch.softmax(q @ kk.transpose(-2, -1) * kw["scale"], dim=-1) @ vv
             return self.o(y.transpose(1, 2).reshape(bs, ts, heads * dh))
@@ -541,7 +544,7 @@ SEQ_KINDS = {
     "res": ["add", "radd", "sub", "torch_add", "iadd", "add_", "mul"], "res_proj": [""],
     "cat_feat": ["xfirst", "yfirst", "yxy"], "cat_time": ["xy", "yx", "x_x0"],
     "chunk_time": ["chunk", "split", "tensor_split"], "chunk_feat": ["chunk", "split"],
-    "heads": ["view", "minus_one", "unflatten", "sdpa", "sdpa_causal"],
+    "heads": ["view", "minus_one", "unflatten", "sdpa", "sdpa_causal", "einsum"],
     "se": ["unsqueeze", "none_index", "view_lit", "reshape_m1"],
     "expand": ["expand", "expand_as", "expand_lit", "broadcast_to"],
     "bparam": ["gamma", "time_bias", "buffer", "gamma_view"],
