@@ -300,8 +300,11 @@ def export(dynamic_model: DynamicModel, sizes: Optional[dict] = None, *, verify:
         if verify:
             check = agreement(reference, got, tol, float64_pair(sliced))
             if not check.ok:
-                raise ExportError(f"exported model differs from the gated model ({check.describe(tol)}); "
-                                  "please report this model: it is a dcopt bug")
+                random = getattr(dm, "_random_in_eval", ())
+                raise ExportError(f"exported model differs from the gated model ({check.describe(tol)}); " + (
+                    f"the model draws random numbers in eval mode ({', '.join(random)}), so no two runs agree: "
+                    "make that depend on self.training, or export with verify=False" if random else
+                    "please report this model: it is a dcopt bug"))
     if fold_batchnorm:
         sliced.eval()
         folded = fold(sliced, fresh_copies(dm.example_inputs))

@@ -172,12 +172,29 @@ class DynamicModel(nn.Module):
 
     def get_extra_state(self):
         # the sizing options travel with the state, so whoever loads it (the CLI's export)
-        # can rebuild the sizes this model keeps
-        return {"phase": self._phase, **{k: getattr(self.config, k) for k in self.SIZING_OPTIONS}}
+        # can rebuild the sizes this model keeps; so do the sliced buffers a state dict
+        # leaves out (``persistent=False``: a rotary cos/sin cache), which reordering
+        # permutes with their group: a model rebuilt from the state would read them in the
+        # old order against permuted weights
+        return {"phase": self._phase, **{k: getattr(self.config, k) for k in self.SIZING_OPTIONS},
+                "buffers": {q: t.detach().clone() for q, t in self._unsaved_buffers()}}
 
     def set_extra_state(self, state):
         self._set_phase(state.get("phase", "fixed"))
         self._loaded_sizing = {k: state[k] for k in self.SIZING_OPTIONS if k in state}
+        saved = state.get("buffers", {})
+        for q, t in self._unsaved_buffers():
+            if q in saved and saved[q].shape == t.shape:
+                with torch.no_grad():
+                    t.copy_(saved[q])
+
+    def _unsaved_buffers(self):
+        """(name, tensor) of every buffer the plan slices that ``state_dict`` leaves out."""
+        for q in self.plan.params:
+            owner, _, name = q.rpartition(".")
+            module = self.gm.get_submodule(owner) if owner else self.gm
+            if name in module._non_persistent_buffers_set:
+                yield q, module._buffers[name]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, then a warning when the state was saved under other
@@ -373,6 +390,14 @@ def convert(model: nn.Module, example_inputs: Optional[Sequence] = None, config:
                               analysis.unsupported)
     gm = build_gated(traced.gm, analysis.plan)
     dm = DynamicModel(gm, analysis, cfg, traced.source, example_inputs)
+    dm._random_in_eval = list(traced.gm.meta.get("random_in_eval", ()))
+    if dm._random_in_eval:
+        import warnings
+        warnings.warn(f"the model draws random numbers in eval mode ({', '.join(dm._random_in_eval)}): its "
+                      "outputs differ from run to run, so export cannot check the smaller model against the "
+                      "converted one. Make the randomness depend on self.training (F.scaled_dot_product_attention's "
+                      "dropout_p applies in eval too: dropout_p=self.p if self.training else 0.0), or export "
+                      "with verify=False", stacklevel=2)
     _check_traced_equals_model(model, dm)
     if traced.grad_mode_sites:
         _check_same_gradients(model, dm, traced.grad_mode_sites)

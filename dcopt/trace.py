@@ -443,6 +443,8 @@ class _MeasuringShapeProp(torch.fx.Interpreter):
         self._counter = flop_counter()
         self._zero: dict[Any, bool] = {}   # zero_flop_key -> its first call counted nothing
         self._modules = modules if modules is not None else dict(gm.named_modules())
+        #: nodes that drew random numbers in this (eval-mode) run: see :func:`random_in_eval`
+        self.random: list[torch.fx.Node] = []
 
     def propagate(self, *args):
         return self.run(*args)
@@ -452,12 +454,15 @@ class _MeasuringShapeProp(torch.fx.Interpreter):
         # preservation for re-tracing, which this never does)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         args, kwargs = _mutable(args), _mutable(kwargs)
+        rng = torch.default_generator.get_state()
         if self.shapes_only and n.op not in ("placeholder", "get_attr", "output") and not value_blind(
                 n, self._submodule(n.target) if n.op == "call_module" else None, args, kwargs):
             with self._guard:
                 out = self._run_counted(n, args, kwargs)
         else:
             out = self._run_counted(n, args, kwargs)
+        if not torch.equal(rng, torch.default_generator.get_state()):
+            self.random.append(n)
         if type(out) is torch.Tensor:
             n.meta["tensor_meta"] = _tensor_meta(out)
         else:
@@ -715,6 +720,13 @@ def trace(model: nn.Module, example_inputs: Optional[Sequence] = None, *, leaf_m
     return traced
 
 
+def _describe(node: torch.fx.Node, also: Optional[torch.fx.Node] = None) -> str:
+    """``'dropout' (call_function) at model.py:12``: a node as the user wrote it."""
+    where = source_location(node.stack_trace) or (source_location(also.stack_trace) if also is not None else None)
+    what = getattr(node.target, "__name__", None) or str(node.target)
+    return f"'{what}' ({node.op}){f' at {where}' if where else ''}"
+
+
 def _defaulted_none_hint(gm: torch.fx.GraphModule, given: int) -> Optional[str]:
     """The way out when the forward has arguments left at a default of None: fx traced
     them as tensors (``if mask is not None:`` was true while tracing), and the run with
@@ -749,9 +761,7 @@ def _train_branch(src: nn.Module, gm: torch.fx.GraphModule, leaves: tuple, concr
     mine, theirs = list(gm.graph.nodes), list(other.graph.nodes)
     for a, b in zip(mine, theirs):
         if sig(a) != sig(b):
-            where = source_location(b.stack_trace) or source_location(a.stack_trace)
-            what = getattr(b.target, "__name__", None) or str(b.target)
-            return f"'{what}' ({b.op}){f' at {where}' if where else ''}"
+            return _describe(b, also=a)
     if len(mine) != len(theirs):
         extra = (theirs or mine)[min(len(mine), len(theirs)) - 1]
         return f"the graphs end differently ({extra.name})"
@@ -809,6 +819,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
                 prop = _propagated(gm, example_inputs, lambda: _MeasuringShapeProp(gm, modules=modules,
                                                                                   shapes_only=True))
                 gm.meta["shape_propagation"] = "shapes only"
+                gm.meta["random_in_eval"] = [_describe(n) for n in prop.random]
                 return prop.macs
             except Exception as exc:
                 # a value might have reached a shape, or zeros upset an op: forget this
@@ -823,6 +834,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, *, count_a
             raise TraceError(f"running the model on the example inputs failed: {type(exc).__name__}: {exc}",
                              location=_user_frame(sys.exc_info()[2]),
                              suggestion=_defaulted_none_hint(gm, len(example_inputs))) from exc
+        gm.meta["random_in_eval"] = [_describe(n) for n in prop.random]
         return prop.macs
     finally:
         _set_training(modules, flags)

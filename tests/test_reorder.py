@@ -274,3 +274,30 @@ def test_a_factored_optimizer_state_is_refused_before_anything_moves():
         for k, v in state_before[id(p)].items():
             assert torch.equal(s[k], v), k
     reorder_by_importance(dm, importance=importance)   # without the optimizer it still reorders
+
+
+class _UnsavedBuffer(nn.Module):
+    """A per-feature table registered with ``persistent=False`` (as rotary cos/sin caches
+    are): reordering permutes it with the features, and the state dict leaves it out."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 2)
+        self.register_buffer("table", torch.linspace(-1, 1, 8), persistent=False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) * self.table)
+
+
+def test_a_reordered_state_carries_its_unsaved_buffers():
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+    dm = dcopt.convert(_UnsavedBuffer(), (x,))
+    with torch.no_grad():
+        dm.gm.a.weight.mul_(torch.arange(1.0, 9.0).flip(0)[:, None])   # an order to undo
+    reorder_by_importance(dm)
+    assert "table" not in dm.state_dict() and not torch.equal(dm.gm.table, torch.linspace(-1, 1, 8))
+    again = dcopt.convert(_UnsavedBuffer(), (x,))
+    again.load_state_dict(dm.state_dict())
+    assert torch.equal(again.gm.table, dm.gm.table)
+    assert max_relative_error(_out(dm, (x,)), _out(again, (x,))) == 0

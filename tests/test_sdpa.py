@@ -200,3 +200,27 @@ def test_features_on_a_sequence_dim_keep_their_width():
         assert any("sequence dim" in r.reason for r in a.rejections if r.group.startswith(name))
         assert not any(g.name.startswith(name) for g in a.dynamic_groups)
     _exact(Attention("across_features"))
+
+
+class RandomInEval(Attention):
+    """``dropout_p`` given as a constant: SDPA has no training flag, so it drops in eval too."""
+
+    def forward(self, x):
+        h = self.inp(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        return self.head(h + self.o(F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)))
+
+
+def test_a_model_random_in_eval_is_named_not_blamed_on_dcopt():
+    with pytest.warns(UserWarning, match=r"random numbers in eval mode \('scaled_dot_product_attention'.*test_sdpa.py"):
+        dm = dcopt.convert(RandomInEval("flat"), X)
+    dm.set_sizes({"q": 2})
+    with pytest.raises(dcopt.ExportError, match="random numbers in eval mode") as err:
+        dcopt.export(dm)
+    assert "dcopt bug" not in str(err.value)
+    assert dcopt.export(dm, verify=False).q.out_features == 2
+
+
+def test_a_deterministic_model_is_not_called_random(recwarn):
+    dcopt.convert(Attention("heads"), X)
+    assert not [w for w in recwarn if "random" in str(w.message)]

@@ -69,8 +69,8 @@ def scaled_dot_product_attention(ctx):
     ctx.consumes(kept)
     width = Positions.cat([qk if qk is not None else Positions.fixed(sq[-1]),
                            fv.pos if fv is not None else Positions.fixed(sv[-1])])
-    if qk is not None or fv is not None:
-        ctx.macs(extra=[width])
+    if any(f is not None for f in (ctx.fmap(q), ctx.fmap(k), ctx.fmap(v))):
+        ctx.macs(extra=[width])   # also when every operand was kept fixed: a constant, said here
     return kept
 
 

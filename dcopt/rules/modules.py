@@ -221,9 +221,7 @@ def rnn(ctx):
         ctx.reject(fm, f"{type(m).__name__} mixes time steps, and the features run along dim {fm.dim}")
         fm = None
     if getattr(m, "proj_size", 0):
-        if fm is not None:
-            ctx.reject(fm, "LSTM with proj_size: no rule yet")
-        return None
+        return _projected_lstm(ctx, x, fm)
     G = _GATES[m.mode]
     D = 2 if m.bidirectional else 1
     H = m.hidden_size
@@ -245,12 +243,7 @@ def rnn(ctx):
     if in_pos is not None:
         ctx.plan_attr("input_size", in_pos)
     ctx.rnn_hidden(hpos)
-    shape = ctx.shape(x)
-    if nd == 2:
-        steps, batch = shape[0], 1
-    else:
-        steps, batch = (shape[1], shape[0]) if m.batch_first else (shape[0], shape[1])
-    ctx.macs(weights, coef=float(steps * batch))  # per step and direction: G*H*(I+H)
+    ctx.macs(weights, coef=_rnn_steps(ctx, x))  # per step and direction: G*H*(I+H)
     h0 = ctx.arg(1, "hx")
     if h0 is not None:
         # ``(h0, c0)`` written in the call is a tuple of nodes; an encoder's whole state
@@ -268,6 +261,32 @@ def rnn(ctx):
     if m.mode == "LSTM":
         return (out, (hn, hn))
     return (out, hn)
+
+
+def _rnn_steps(ctx, x) -> float:
+    """Rows the recurrence runs: time steps × batch."""
+    shape = ctx.shape(x)
+    if len(shape) == 2:
+        return float(shape[0])
+    return float(shape[1] * shape[0])
+
+
+def _projected_lstm(ctx, x, fm):
+    """An LSTM with ``proj_size``: its input features are read by ``weight_ih_l0`` alone,
+    as a Linear reads them, so they are sliced there (gated in front) and the group that
+    feeds the LSTM is learned. The LSTM's own widths stay: its hidden units sit between
+    the cell and the projection, where no gate can put the size noise, and the
+    projection's output is what the recurrence reads back. MACs: per step, direction and
+    layer 4·H·(I+P) + P·H, the numel of its weights."""
+    m = ctx.module
+    weights = [n for n, _ in m.named_parameters() if n.startswith("weight")]
+    if fm is not None:
+        ctx.gate(x)
+        for sfx in ([""] + (["_reverse"] if m.bidirectional else [])):
+            ctx.plan_param(f"weight_ih_l0{sfx}", (None, fm.pos))
+        ctx.plan_attr("input_size", fm.pos)
+    ctx.macs(weights, coef=_rnn_steps(ctx, x))
+    return None
 
 
 def _pool(spatial: int):
