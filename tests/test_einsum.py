@@ -111,3 +111,32 @@ def test_equation_parsing():
     assert _parse("ij,jk->ik", [2, 3]) is None            # wrong rank
     assert _parse("i.j->ij", [2]) is None
     assert _parse("ba,cb", [2, 2])[1] == ["a", "c"]       # implicit: once-used letters, sorted
+
+
+def test_an_affine_count_is_not_taken_for_a_product():
+    """``btd,btd,bt->b`` costs B·T·d + B·T: off a product of widths by B·T, which rounds away
+    at 1, N−1 and N when B·T < N/2 — compared exactly, it keeps the features."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.w = nn.Linear(6, 64), nn.Linear(6, 64), nn.Linear(6, 1)
+
+        def forward(self, x):
+            return torch.einsum("btd,btd,bt->b", self.q(x), self.k(x), self.w(x)[..., 0]).unsqueeze(-1)
+
+    a = dcopt.analyze(M(), (torch.randn(1, 8, 6),))
+    assert not a.dynamic_groups and any("not a product" in r.reason for r in a.rejections)
+
+
+def test_the_sublist_form_is_named():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.o = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(1, 2)
+
+        def forward(self, x):
+            return self.o(torch.einsum(self.q(x), [0, 1, 2], self.k(x), [0, 1, 2], [0, 1]).unsqueeze(-1))
+
+    a = dcopt.analyze(M(), X)
+    reasons = {r.reason for r in a.rejections if r.group in ("q", "k")}
+    assert reasons == {"einsum's sublist form (operand, [indices], ...) is not read; write the equation string"}

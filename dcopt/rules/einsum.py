@@ -94,11 +94,19 @@ def einsum(ctx):
         operands = list(operands[0])
     fms = [ctx.fmap(o) for o in operands]
     tracked = [f for f in fms if f is not None]
+    if not isinstance(equation, str):   # torch's sublist form: einsum(a, [0, 1], b, [1, 2])
+        everything = [f for _, f in ctx.tracked_args()]
+        if everything:
+            ctx.macs()
+            ctx.reject(everything, "einsum's sublist form (operand, [indices], ...) is not read; write the "
+                                   "equation string")
+        return None
     if not tracked:
         return None
+    ctx.macs()   # a constant where the features are kept below; the accepted path says how they scale
     shapes = [ctx.shape(o) for o in operands]
-    parsed = _parse(equation, [len(s) for s in shapes]) if isinstance(equation, str) and \
-        all(s is not None for s in shapes) and ctx.out_shape is not None else None
+    parsed = _parse(equation, [len(s) for s in shapes]) if all(s is not None for s in shapes) and \
+        ctx.out_shape is not None else None
     if parsed is None:
         ctx.reject(tracked, f"an einsum dcopt cannot read ({equation!r})")
         return None
@@ -185,14 +193,16 @@ def _mac_widths(ctx, equation, ins, shapes, coupled) -> Optional[tuple[list, lis
         ctx.reject(list(coupled.values()), f"einsum {equation!r}: more feature indices than dcopt checks")
         return None
 
-    def predicted(at: dict) -> float:
+    def fits(at: dict, got: int) -> bool:
+        """``got == full · Π at/width`` (0 where a vanishing width is 1), in integers: a
+        rounded comparison let an affine count (``btd,btd,bt->b``: B·T·d + B·T) pass."""
         if any(at[t] == 1 for t in vanish):
-            return 0
-        return full * math.prod(at[t] / width[t] for t in linear)
+            return got == 0
+        return got * math.prod(width[t] for t in linear) == full * math.prod(at[t] for t in linear)
 
     for combo in itertools.product(*[sorted({1, width[t] - 1, width[t]} - {0}) for t in linear]):
         at = dict(zip(linear, combo))
-        if count(at) != round(predicted(at)):
+        if not fits(at, count(at)):
             ctx.reject(list(coupled.values()), f"einsum {equation!r}: its MACs are not a product of the "
                                                f"feature widths (at widths {combo} of {tuple(width[t] for t in linear)})")
             return None
