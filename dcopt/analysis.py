@@ -318,6 +318,19 @@ class Ctx:
         """This RNN module's hidden units are a group: remove them inside the recurrence."""
         self._w.rnns[self.target] = pos
 
+    def masked_norm(self, pos: Positions) -> bool:
+        """This norm module normalises over features ``pos``: the gated model takes its
+        statistics over the kept ones only (:class:`~dcopt.gates.MaskedNorm`). A module
+        called on two tensors must see the same features in both (coupled); False when
+        they cannot be (rejected)."""
+        seen = self._w.norms.get(self.target)
+        if seen is not None and seen is not pos:
+            pos = self.unify([seen, pos], f" ({self.target} normalises two tensors)")
+            if pos is None:
+                return False
+        self._w.norms[self.target] = pos
+        return True
+
 
 def _run_starts(p: Positions) -> torch.Tensor:
     """Where a run of consecutive channels of one group begins (or a position is fixed)."""
@@ -488,6 +501,7 @@ class _Walker:
         self.mac_terms: dict[str, tuple] = {}
         self.rewrites: dict[str, dict] = {}
         self.rnns: dict[str, Positions] = {}
+        self.norms: dict[str, Positions] = {}
         self.touched: dict[str, set[int]] = {}
         self.rejected_at: dict[str, set[int]] = {}   # node -> groups rejected there
         self.shape_read: dict[str, set[int]] = {}    # node -> groups it reads only the shape/dtype of
@@ -907,6 +921,7 @@ def _finalize(w: _Walker) -> Analysis:
     params = {q: dims for q, dims in params.items() if any(d is not None and not d.is_fixed() for d in dims)}
     attrs = {t: {a: (k, live(p)) for a, (k, p) in d.items()} for t, d in w.attrs.items()}
     rnns = {t: live(p) for t, p in w.rnns.items() if not live(p).is_fixed()}
+    norms = {t: live(p) for t, p in w.norms.items() if not live(p).is_fixed()}
     rewrites = {}
     for name, spec in w.rewrites.items():
         spec = {k: (live(v) if isinstance(v, Positions) else v) for k, v in spec.items()}
@@ -948,7 +963,8 @@ def _finalize(w: _Walker) -> Analysis:
             const_macs += macs
 
     plan = Plan(groups=specs, params=params, attrs=attrs, rewrites=rewrites, gates=gates, rnns=rnns,
-                mac_terms=mac_terms, const_macs=const_macs, total_macs=total_macs, param_numel=param_numel)
+                mac_terms=mac_terms, const_macs=const_macs, total_macs=total_macs, param_numel=param_numel,
+                norms=norms)
 
     # person-facing groups (every root, dynamic or not)
     members: dict[int, list[str]] = {r: [] for r in roots}

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import ExportError
 from .fold import fold_batchnorm as fold
-from .gates import FeatureGate, GatedRNN, round_size
+from .gates import FeatureGate, GatedRNN, MaskedNorm, round_size
 from .numcheck import agreement, float64_copy, fresh_copies, to_float64
 from .plan import Plan, keep_index, keep_mask, size_limits
 from .rewrite import GATES, SIZES, DynamicModel, _lookup, as_dynamic_model
@@ -46,13 +46,15 @@ def _strip_dcopt(gm: torch.fx.GraphModule) -> None:
     for node in list(graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), GatedRNN):
             node.args = node.args[1:]
+        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), MaskedNorm):
+            node.args = node.args[:1]
     for node in list(graph.nodes):
         if node.op == "get_attr" and str(node.target).startswith(SIZES + "."):
             graph.erase_node(node)
     for name, mod in list(gm.named_modules()):
-        if isinstance(mod, GatedRNN):
+        if isinstance(mod, (GatedRNN, MaskedNorm)):
             parent, _, attr = name.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, attr, mod.rnn)
+            setattr(gm.get_submodule(parent) if parent else gm, attr, mod.rnn if isinstance(mod, GatedRNN) else mod.norm)
     for attr in (GATES, SIZES):
         if hasattr(gm, attr):
             delattr(gm, attr)
@@ -79,7 +81,8 @@ def _slice_tensors(gm: nn.Module, plan: Plan, limits: torch.Tensor) -> None:
     for target, attrs in plan.attrs.items():
         module = gm.get_submodule(target)
         for attr, (kind, pos) in attrs.items():
-            setattr(module, attr, int(keep_mask(pos, limits).sum()))
+            n = int(keep_mask(pos, limits).sum())
+            setattr(module, attr, (n,) if kind == "shape" else n)
     for module in gm.modules():
         if isinstance(module, nn.RNNBase):
             module._init_flat_weights()

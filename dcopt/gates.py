@@ -15,7 +15,7 @@ from torch.func import functional_call
 from .errors import TraceError
 from .rnn_noise import SigmaCache, step_noise_forward
 
-__all__ = ["FeatureGate", "GatedRNN", "consolidated", "kept_size", "round_size", "kappa_for", "floor_size",
+__all__ = ["FeatureGate", "GatedRNN", "MaskedNorm", "consolidated", "kept_size", "round_size", "kappa_for", "floor_size",
            "LAMBDA_EPS", "INT_TOL"]
 
 #: λ is mapped affinely into [ε, 1-ε]: sqrt(λ) and sqrt(1-λ) keep finite derivatives.
@@ -146,6 +146,21 @@ class FeatureGate(nn.Module):
             suggestion="Convert with example inputs shaped like your data (a batch of at least 2), "
                        "or give squeeze() its dim")
 
+    def kept(self, kappas: Sequence[torch.Tensor], device) -> torch.Tensor | None:
+        """Per position, whether it carries a feature now (None: all of them): in eval the
+        first ⌈s⌉ channels of each group, with the noise on in training those up to the
+        boundary channel m as well (which :meth:`forward` makes noisy)."""
+        if self.training and self.noise:
+            dt = torch.promote_types(kappas[0].dtype, torch.float32)
+            widths = torch.tensor(self.widths, device=device, dtype=dt)
+            s = torch.stack([k.to(dt).reshape(()) for k in kappas]) * widths
+            m, _ = _boundary(s, widths)
+            return (self.group < 0) | (self.ch <= self._per_position(m.long(), 1 << 62))
+        keep = [consolidated(k, n, self.round_to) for k, n in zip(kappas, self.widths)]
+        if keep == self.widths:
+            return None
+        return self.ch < self._per_position(torch.tensor(keep, device=device), 1 << 62)
+
     def forward(self, x: torch.Tensor, *kappas: torch.Tensor) -> torch.Tensor:
         self._check_shape(x)
         if self.training and self.noise:
@@ -225,6 +240,45 @@ class _NoisyGate(torch.autograd.Function):
                 gx, gn = gx.sum(reduce), gn.sum(reduce)
             grad_lam = gx / (2 * lam_b.sqrt()) - gn / (2 * (1 - lam_b).sqrt())
         return grad_x, grad_lam, None, None, None, None
+
+
+class MaskedNorm(nn.Module):
+    """A ``LayerNorm`` or ``RMSNorm`` over features whose width is being learned, with its
+    statistics taken over the kept features only.
+
+    A plain norm would average over the removed features' zeros too (DESIGN, "traps"),
+    so the smaller model — a norm over the kept features — would compute other numbers.
+    Masked, the gated model at any size computes what the exported ``LayerNorm(n)`` does:
+    mean and variance (or mean square) over the kept positions, the removed ones 0. Its
+    input has a :class:`FeatureGate` in front (the size noise on the boundary feature,
+    which the statistics then include); ``self.gate`` here is only its positions and
+    sizes, for the mask. The norm's own ``weight``/``bias`` stay on ``self.norm`` (export
+    puts that module back, sliced)."""
+
+    def __init__(self, norm: nn.Module, gate: FeatureGate):
+        super().__init__()
+        self.norm = norm
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor, *kappas: torch.Tensor) -> torch.Tensor:
+        kept = self.gate.kept(kappas, x.device)
+        if kept is None:
+            return self.norm(x)
+        norm = self.norm
+        zero = x.new_zeros(())
+        x = torch.where(kept, x, zero)   # already 0 there (gated); never 0·inf
+        count = kept.sum().to(x.dtype)
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps   # RMSNorm's default
+        if isinstance(norm, nn.LayerNorm):
+            centred = torch.where(kept, x - x.sum(-1, keepdim=True) / count, zero)
+            y = centred * torch.rsqrt((centred * centred).sum(-1, keepdim=True) / count + eps)
+        else:
+            y = x * torch.rsqrt((x * x).sum(-1, keepdim=True) / count + eps)
+        if norm.weight is not None:
+            y = y * norm.weight
+        if getattr(norm, "bias", None) is not None:
+            y = y + norm.bias
+        return torch.where(kept, y, y.new_zeros(()))
 
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}

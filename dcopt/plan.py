@@ -57,6 +57,7 @@ class Plan:
     const_macs: int
     total_macs: int
     param_numel: dict[str, int]         # every parameter of the model -> numel at full size
+    norms: dict[str, Positions] = field(default_factory=dict)   # LayerNorm/RMSNorm target -> its features (MaskedNorm)
 
     def live(self) -> bool:
         return bool(self.groups)

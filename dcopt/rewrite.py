@@ -13,7 +13,7 @@ from .analysis import Analysis, run_analysis
 from .complexity import Complexity, ComplexityModel
 from .config import Config
 from .errors import ConversionError, TraceError, source_location
-from .gates import FeatureGate, GatedRNN, consolidated, floor_size, kappa_for
+from .gates import FeatureGate, GatedRNN, MaskedNorm, consolidated, floor_size, kappa_for
 from .modes import eval_mode
 from .numcheck import input_tuple
 from .plan import Plan
@@ -78,6 +78,18 @@ def build_gated(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         for node in graph.nodes:
             if node.op == "call_module" and node.target in plan.rnns:
                 calls.setdefault(node.target, []).append(node)
+    for target, pos in plan.norms.items():
+        local = sorted(pos.gids())
+        local_t = torch.tensor(local, dtype=torch.long)
+        group = torch.where(pos.gid >= 0, torch.searchsorted(local_t, pos.gid.clamp(min=0)), pos.gid)
+        parent, _, attr = target.rpartition(".")
+        norm = gm.get_submodule(target)
+        gate = FeatureGate(-1, group, pos.ch, [plan.groups[g].width for g in local])
+        setattr(gm.get_submodule(parent) if parent else gm, attr, MaskedNorm(norm, gate))
+        for node in graph.nodes:
+            if node.op == "call_module" and node.target == target:
+                with graph.inserting_before(node):
+                    node.args = (*node.args, *[size_node(g) for g in local])
     for target, pos in plan.rnns.items():
         (g,) = pos.gids()
         rnn = gm.get_submodule(target)
@@ -353,6 +365,8 @@ def _lookup(gm: nn.Module, qual: str) -> torch.Tensor:
     owner = gm.get_submodule(mod) if mod else gm
     if isinstance(owner, GatedRNN):
         owner = owner.rnn
+    if isinstance(owner, MaskedNorm):
+        owner = owner.norm
     return getattr(owner, name)
 
 
@@ -495,11 +509,13 @@ def _check_same_gradients(model: nn.Module, dm: "DynamicModel", sites: list[str]
     gated = copy.deepcopy(dm).eval()
     # the converted model's parameter names: under gm., an RNN's inside its GatedRNN
     names = {}
-    rnns = [q for q, mod in gated.gm.named_modules() if isinstance(mod, GatedRNN)]
+    wrapped = [(q, "rnn" if isinstance(mod, GatedRNN) else "norm") for q, mod in gated.gm.named_modules()
+               if isinstance(mod, (GatedRNN, MaskedNorm))]
     for n, _ in gated.named_parameters():
         plain = n.removeprefix("gm.")
-        for q in rnns:
-            plain = plain.replace(f"{q}.rnn.", f"{q}.", 1) if plain.startswith(f"{q}.rnn.") else plain
+        for q, inner in wrapped:
+            prefix = f"{q}.{inner}." if q else f"{inner}."
+            plain = plain.replace(prefix, f"{q}." if q else "", 1) if plain.startswith(prefix) else plain
         names[n] = plain
     common = {n for n, _ in model.named_parameters()} & set(names.values())
     where = "; ".join(source_location(s) or s for s in sites)

@@ -78,18 +78,20 @@ def test_transformer_ffn_hidden_group_and_fixed_stream():
     assert down.status == "fixed"  # added to the model input: the stream keeps its width
 
 
-def test_layernorm_over_features_is_rejected_with_reason():
+def test_layernorm_over_features_and_another_dim_is_rejected_with_reason():
+    """Over the features alone a LayerNorm is learned (masked statistics, tests/test_masked_norm.py);
+    over the features and another dim at once it keeps them."""
     class M(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = nn.Linear(6, 10)
-            self.norm = nn.LayerNorm(10)
+            self.norm = nn.LayerNorm((3, 10))
             self.b = nn.Linear(10, 2)
 
         def forward(self, x):
             return self.b(self.norm(self.a(x)))
 
-    a = dcopt.analyze(M(), (torch.randn(2, 6),))
+    a = dcopt.analyze(M(), (torch.randn(2, 3, 6),))
     assert a.group("a").status == "rejected"
     (r,) = a.unsupported
     assert r.node == "norm" and "LayerNorm normalizes over the feature dimension" in r.reason

@@ -140,10 +140,10 @@ def test_regularizers():
 
 
 def test_strict_raises_conversion_error_with_rejections():
-    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    model = nn.Sequential(nn.Linear(4, 8), nn.GroupNorm(2, 8), nn.Linear(8, 2))
     with pytest.raises(dcopt.ConversionError) as info:
         dcopt.convert(model, (torch.randn(2, 4),), strict=True)
-    assert info.value.rejections and "LayerNorm" in str(info.value)
+    assert info.value.rejections and "GroupNorm" in str(info.value)
 
 
 def test_state_dict_round_trip_and_pickle_and_dtype():

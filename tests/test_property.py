@@ -527,7 +527,7 @@ def build(spec):
             elif k == "res":
                 blocks.append(Residual(nn.Sequential(nn.Linear(c, d["w"], bias=d["bias"]), nn.ReLU(),
                                                      nn.Linear(d["w"], c)), d["how"]))
-            elif k == "ln_feat":  # normalizes over the features: the group must stay fixed
+            elif k == "ln_feat":  # normalizes over the features: learned, statistics over the kept ones
                 blocks.append(nn.LayerNorm(c))
             elif k == "ln_time":  # normalizes over the (fixed) time dim
                 blocks.append(Transposed(nn.LayerNorm(t), d["how"]))

@@ -169,9 +169,27 @@ def groupnorm(ctx):
     return _per_channel(ctx, True, attrs=("num_groups", "num_channels"))
 
 
-@register_rule(nn.LayerNorm)
+@register_rule(nn.LayerNorm, nn.RMSNorm)
 def layernorm(ctx):
-    return normalizes_last(ctx, len(ctx.module.normalized_shape), "LayerNorm")
+    """A norm over the last dim alone, where the features run: learned, with statistics
+    over the kept features only in the gated model (:class:`~dcopt.gates.MaskedNorm`), so
+    the export is the same norm over fewer features (``normalized_shape`` and the affine
+    parameters sliced). Features on a dim it does not normalise pass through; features
+    inside a multi-dim ``normalized_shape`` keep their width."""
+    m = ctx.module
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
+    if fm is None or len(m.normalized_shape) != 1 or fm.dim != len(ctx.shape(x)) - 1:
+        return normalizes_last(ctx, len(m.normalized_shape), type(m).__name__)
+    ctx.gate(x)
+    if not ctx.masked_norm(fm.pos):
+        return None
+    for name in ("weight", "bias"):
+        if getattr(m, name, None) is not None:
+            ctx.plan_param(name, (fm.pos,))
+    ctx.plan_attr("normalized_shape", fm.pos, kind="shape")
+    ctx.consumes(fm)
+    return FMap(fm.dim, fm.pos)
 
 
 @register_rule(nn.PReLU)

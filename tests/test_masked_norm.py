@@ -1,0 +1,141 @@
+"""LayerNorm / RMSNorm over the feature dim: the gated model takes the statistics over the
+kept features only (``dcopt.gates.MaskedNorm``), so the stream a norm sits on (a
+transformer's d_model) is learned and the export is the same norm over fewer features."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dcopt
+from dcopt.gates import MaskedNorm
+from dcopt.numcheck import max_relative_error
+
+from checks import assert_exact_export
+
+D, HEADS = 16, 4
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block as people write it, with ``norm`` for its norms."""
+
+    def __init__(self, norm=nn.LayerNorm, **kw):
+        super().__init__()
+        self.inp = nn.Linear(6, D)
+        self.n1, self.n2, self.nf = norm(D, **kw), norm(D, **kw), norm(D, **kw)
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+        self.f1, self.f2 = nn.Linear(D, 24), nn.Linear(24, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, T, _ = x.shape
+        y = self.n1(x)
+        q, k, v = (m(y).view(B, T, HEADS, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))
+        x = x + self.f2(F.gelu(self.f1(self.n2(x))))
+        return self.head(self.nf(x))
+
+
+X = (torch.randn(2, 5, 6),)
+OTHERS = [(torch.randn(3, 9, 6),), (torch.randn(1, 1, 6),)]
+
+
+def _exact(model, inputs=X, others=OTHERS):
+    torch.manual_seed(0)
+    dm = dcopt.convert(model, inputs, kappa_min=0.01)
+    model.eval()
+    with torch.no_grad():
+        for xs in (inputs, *others):
+            assert max_relative_error(model(*xs), dm.eval()(*xs)) <= 1e-6
+    names = dm.group_names
+    widths = [g.width for g in dm.plan.groups]
+    mixed = {n: (1 if i % 2 else w) for i, (n, w) in enumerate(zip(names, widths))}
+    mixed2 = {n: (w if i % 2 else max(1, w // 3)) for i, (n, w) in enumerate(zip(names, widths))}
+    for sizes in ({n: 1 for n in names}, {n: 3 for n in names}, mixed, mixed2, dict(zip(names, widths))):
+        assert_exact_export(dm, inputs, sizes, others=others)
+    return dm
+
+
+@pytest.mark.parametrize("norm, kw", [(nn.LayerNorm, {}), (nn.LayerNorm, {"elementwise_affine": False}),
+                                      (nn.LayerNorm, {"bias": False}), (nn.RMSNorm, {}),
+                                      (nn.RMSNorm, {"eps": 1e-3})])
+def test_the_stream_through_norms_is_learned(norm, kw):
+    dm = _exact(Block(norm, **kw))
+    assert "inp" in dm.group_names and dm.plan.groups[dm.group_names.index("inp")].width == D
+    dm.set_sizes({"inp": 5})
+    small = dcopt.export(dm)
+    assert small.n1.normalized_shape == (5,) and small.inp.out_features == 5 and small.f1.in_features == 5
+    if small.n1.weight is not None:
+        assert small.n1.weight.shape == (5,)
+    assert type(small.n1) is norm
+
+
+def test_the_statistics_are_those_of_the_kept_features():
+    """At size 5 the gated norm is a norm over the first 5 features, not over 16 with zeros."""
+    torch.manual_seed(0)
+    lin, ln = nn.Linear(4, 8), nn.LayerNorm(8)
+    model = nn.Sequential(lin, ln, nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    dm = dcopt.convert(model, (x,), kappa_min=0.01)
+    dm.set_sizes({"0": 5})
+    dm.eval()
+    wrapped = dm.gm.get_submodule("1")
+    assert isinstance(wrapped, MaskedNorm)
+    h = lin(x)
+    want = F.layer_norm(h[:, :5], (5,), ln.weight[:5], ln.bias[:5])
+    got = wrapped(torch.cat([h[:, :5], torch.zeros(3, 3)], 1), dm.gm.get_parameter(f"{dcopt.rewrite.SIZES}.{dm.plan.groups[0].key}"))
+    assert max_relative_error(got[:, :5], want) < 1e-6 and bool((got[:, 5:] == 0).all())
+
+
+def test_the_size_noise_reaches_the_stream_in_training():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5, 6), torch.randn(16, 5, 3)
+    dm = dcopt.convert(Block(), (x[:2],), kappa_min=0.1)
+    dm.optimize_sizes().train()
+    kappa = dict(zip(dm.group_names, dm.size_parameters()))["inp"]
+    with torch.no_grad():
+        kappa.fill_(0.6)   # s = 9.6: the boundary feature is noisy
+    F.mse_loss(dm(x), y).backward()
+    assert kappa.grad is not None and float(kappa.grad) != 0
+
+
+def test_one_norm_called_on_two_streams_couples_them():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.n, self.c = nn.Linear(6, 8), nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.c(self.n(self.a(x)) * self.n(self.b(x)))
+
+    dm = _exact(Shared(), (torch.randn(2, 6),), [(torch.randn(5, 6),)])
+    assert dm.group_names == ["a"] and set(dm.plan.groups[0].producers) == {"a", "b"}
+
+
+def test_a_norm_over_features_and_time_keeps_them():
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.n, self.c = nn.Linear(6, 8), nn.LayerNorm((5, 8)), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.c(self.n(self.a(x)))
+
+    a = dcopt.analyze(Both(), X)
+    assert not a.dynamic_groups and "normalizes over the feature dimension" in a.unsupported[0].reason
+
+
+def test_reorder_and_save_keep_the_norm_exact(tmp_path):
+    torch.manual_seed(0)
+    dm = dcopt.convert(Block(), X, kappa_min=0.01)
+    with torch.no_grad():
+        dm.gm.inp.weight.mul_(torch.linspace(0.2, 3, D)[:, None])
+    dcopt.reorder_by_importance(dm)
+    dm.set_sizes({"inp": 7})
+    small = assert_exact_export(dm, X, others=OTHERS)
+    dcopt.save_exported(small, tmp_path / "m", X)
+    loaded = dcopt.load_exported(tmp_path / "m")
+    assert (tmp_path / "m" / "__init__.py").exists() and loaded.n1.normalized_shape == (7,)
+    small.eval()
+    with torch.no_grad():
+        assert max_relative_error(loaded(*X), small(*X)) == 0
