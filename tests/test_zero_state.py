@@ -18,7 +18,7 @@ class Tagger(nn.Module):
         self.how, self.cell = how, cell
         self.inp = nn.Linear(6, 10)
         self.rnn = getattr(nn, cell)(10, H, num_layers=2, batch_first=True, bidirectional=bidirectional)
-        if how in ("zeros_like", "learned"):   # only where the forward reads it (an unused one is counted apart)
+        if how in ("zeros_like", "learned", "learned_both", "learned_literal"):   # only where the forward reads it (an unused one is counted apart)
             self.h0 = nn.Parameter(torch.randn(self.rnn.num_layers * (2 if bidirectional else 1), 1, H))
         self.out = nn.Linear(H * (2 if bidirectional else 1), 3)
 
@@ -30,8 +30,12 @@ class Tagger(nn.Module):
             h0 = x.new_zeros(layers, x.size(0), H).to(x.device).contiguous()
         elif self.how == "zeros_like":
             h0 = torch.zeros_like(self.h0.expand(-1, x.size(0), -1))
+        elif self.how == "learned_literal":   # H written as a number: export would not rewrite it
+            h0 = self.h0.expand(layers, x.size(0), H)
         else:   # "learned": a trained initial state is not zeros
             h0 = self.h0.expand(-1, x.size(0), -1).contiguous()
+        if self.how == "learned_both" and self.cell == "LSTM":
+            return self.out(self.rnn(self.inp(x), (h0, h0))[0])
         if self.cell == "LSTM":
             state = (h0, h0) if self.how == "zeros" else (h0, torch.zeros_like(h0))
         else:
@@ -69,10 +73,26 @@ def test_bidirectional_zero_state():
     assert "rnn" in _exact(Tagger("zeros", "GRU", bidirectional=True))[0].group_names
 
 
-def test_a_learned_initial_state_keeps_the_width():
-    a = dcopt.analyze(Tagger("learned"), X)
+@pytest.mark.parametrize("cell, how, bidirectional", [("GRU", "learned", False), ("GRU", "learned", True),
+                                                      ("LSTM", "learned", False), ("LSTM", "learned_both", True)])
+def test_a_learned_initial_state_is_sliced_with_the_units(cell, how, bidirectional):
+    """A removed unit starts from its learned value but never reaches a kept one (its
+    columns are masked inside the recurrence) and its outputs are gated: exact. An LSTM's
+    c0 of zeros beside a learned h0 is a fixed tensor: it keeps the width."""
+    model = Tagger(how, cell, bidirectional)
+    if cell == "LSTM" and how == "learned":
+        a = dcopt.analyze(model, X)
+        assert a.group("rnn").status != "dynamic"
+        assert any("initial hidden state" in r for r in a.group("rnn").reasons)
+        return
+    dm, exported = _exact(model)
+    assert "rnn" in dm.group_names
+    assert exported[5].get_parameter("h0").shape[-1] == 5 and exported[5].get_submodule("rnn").hidden_size == 5
+
+
+def test_a_learned_state_expanded_to_a_literal_width_keeps_it():
+    a = dcopt.analyze(Tagger("learned_literal"), X)
     assert a.group("rnn").status != "dynamic"
-    assert any("initial hidden state" in r for r in a.group("rnn").reasons)
 
 
 class HalfZero(nn.Module):

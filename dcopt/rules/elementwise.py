@@ -36,11 +36,18 @@ def _operands(ctx):
     return out
 
 
+#: ops that hand on a tensor's very values: a parameter (view) through them is still that
+#: parameter, which a later rule may slice (``self.h0.expand(-1, B, -1).contiguous()``)
+_SAME_VALUES = {"contiguous", "clone", "detach"}
+
+
 def elementwise(ctx):
     out_shape = ctx.out_shape
     ops = _operands(ctx)
     tracked = [(a, s, fm) for a, s, fm, _ in ops if fm is not None]
     if not tracked:
+        if ctx.node.target in _SAME_VALUES and len(ops) == 1 and ops[0][3] is not None:
+            return ops[0][3]
         return None
     if out_shape is None:
         ctx.reject([fm for _, _, fm in tracked], "elementwise op with a non-tensor result")

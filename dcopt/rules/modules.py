@@ -1,6 +1,7 @@
 """Rules for ``torch.nn`` layers: producers (DCL), consumers (ACL) and per-channel layers."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..fmap import FMap, Positions
@@ -271,7 +272,10 @@ def rnn(ctx):
         else:
             value = ctx.value(h0)
             states = list(value) if isinstance(value, (tuple, list)) else [value]
-        for sfm in states:
+        nodes = list(h0) if isinstance(h0, (tuple, list)) else [h0] * len(states)
+        for sfm, node in zip(states, nodes):
+            if _learned_state(ctx, sfm, node, H, hpos):
+                continue
             sfm = sfm if isinstance(sfm, FMap) else None
             ctx.unify([hpos, sfm.pos if sfm is not None else Positions.fixed(H)], " (initial hidden state)")
     out = FMap(nd - 1, Positions.cat([hpos] * D))
@@ -279,6 +283,20 @@ def rnn(ctx):
     if m.mode == "LSTM":
         return (out, (hn, hn))
     return (out, hn)
+
+
+def _learned_state(ctx, value, node, H: int, hpos: Positions) -> bool:
+    """A learned initial state: a parameter holding the units whole along its last dim,
+    expanded to the batch (``self.h0.expand(-1, B, -1)``). Sliced with the hidden units:
+    a removed unit starts from its own value but, its rows and columns masked inside the
+    recurrence, never reaches a kept one, and its outputs are gated."""
+    from ..analysis import ParamRef
+
+    shape = ctx.shape(node) if isinstance(node, torch.fx.Node) else None
+    if not isinstance(value, ParamRef) or shape is None or shape[-1] != H or len(shape) - 1 in value.sliced:
+        return False
+    ctx.plan_param(value.target, (None,) * (len(shape) - 1) + (hpos,), absolute=True)
+    return True
 
 
 def _rnn_steps(ctx, x) -> float:
