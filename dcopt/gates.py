@@ -265,6 +265,12 @@ class MaskedNorm(nn.Module):
         if kept is None:
             return self.norm(x)
         norm = self.norm
+        # statistics in float32 at least, as torch's norm kernels take them (a count of 512
+        # is not even a bfloat16 number); the result in the dtype torch's norm returns:
+        # float32 under autocast (layer_norm is on its float32 list), else the input's
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        out_dtype = torch.float32 if low and torch.is_autocast_enabled(x.device.type) else x.dtype
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         zero = x.new_zeros(())
         x = torch.where(kept, x, zero)   # already 0 there (gated); never 0·inf
         count = kept.sum().to(x.dtype)
@@ -278,7 +284,7 @@ class MaskedNorm(nn.Module):
             y = y * norm.weight
         if getattr(norm, "bias", None) is not None:
             y = y + norm.bias
-        return torch.where(kept, y, y.new_zeros(()))
+        return torch.where(kept, y, y.new_zeros(())).to(out_dtype)
 
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
