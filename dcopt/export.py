@@ -52,6 +52,11 @@ def _strip_dcopt(gm: torch.fx.GraphModule) -> None:
         if node.op == "get_attr" and str(node.target).startswith(SIZES + "."):
             graph.erase_node(node)
     for name, mod in list(gm.named_modules()):
+        if isinstance(mod, MaskedNorm):   # a read of the norm's weight, retargeted by build_gated, goes back
+            inner = f"{name}.norm." if name else "norm."
+            for node in graph.nodes:
+                if node.op == "get_attr" and str(node.target).startswith(inner):
+                    node.target = f"{name}.{node.target[len(inner):]}" if name else node.target[len(inner):]
         if isinstance(mod, (GatedRNN, MaskedNorm)):
             parent, _, attr = name.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, attr, mod.rnn if isinstance(mod, GatedRNN) else mod.norm)

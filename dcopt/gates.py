@@ -265,11 +265,11 @@ class MaskedNorm(nn.Module):
         if kept is None:
             return self.norm(x)
         norm = self.norm
-        # statistics in float32 at least, as torch's norm kernels take them (a count of 512
-        # is not even a bfloat16 number); the result in the dtype torch's norm returns:
-        # float32 under autocast (layer_norm is on its float32 list), else the input's
-        low = x.dtype in (torch.float16, torch.bfloat16)
-        out_dtype = torch.float32 if low and torch.is_autocast_enabled(x.device.type) else x.dtype
+        # statistics in float32 at least, as torch's norm kernels take them (in float16 a
+        # sum of squares overflows; a count of 512 is not even a bfloat16 number), and the
+        # result in the dtype torch's norm returns here (under autocast that depends on the
+        # device: the input's on CPU, float32 on CUDA): asked of the norm on one row
+        out_dtype = self.norm(x.reshape(-1, x.shape[-1])[:1]).dtype
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         zero = x.new_zeros(())
         x = torch.where(kept, x, zero)   # already 0 there (gated); never 0·inf

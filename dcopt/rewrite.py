@@ -86,10 +86,17 @@ def build_gated(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         norm = gm.get_submodule(target)
         gate = FeatureGate(-1, group, pos.ch, [plan.groups[g].width for g in local])
         setattr(gm.get_submodule(parent) if parent else gm, attr, MaskedNorm(norm, gate))
-        for node in graph.nodes:
+        prefix = f"{target}." if target else ""
+        for node in list(graph.nodes):
             if node.op == "call_module" and node.target == target:
+                args, kwargs = node.args, dict(node.kwargs)
+                if "input" in kwargs:   # ``self.ln(input=x)``: the κ follow the input
+                    args = (kwargs.pop("input"), *args)
                 with graph.inserting_before(node):
-                    node.args = (*node.args, *[size_node(g) for g in local])
+                    node.args = (*args, *[size_node(g) for g in local])
+                node.kwargs = kwargs
+            elif node.op == "get_attr" and str(node.target).startswith(prefix) and "." not in node.target[len(prefix):]:
+                node.target = f"{prefix}norm.{node.target[len(prefix):]}"   # the forward reads ``self.ln.bias``
     for target, pos in plan.rnns.items():
         (g,) = pos.gids()
         rnn = gm.get_submodule(target)

@@ -139,3 +139,52 @@ def test_reorder_and_save_keep_the_norm_exact(tmp_path):
     small.eval()
     with torch.no_grad():
         assert max_relative_error(loaded(*X), small(*X)) == 0
+
+
+class Offset(nn.Module):
+    """A stream far from zero mean (offset 300): the statistics need float32 sums."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.a, self.n, self.b = nn.Linear(6, 64), norm(64), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.b(self.n(self.a(x) + 300.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
+def test_low_precision_statistics_match_torch_s_norm(dtype, norm):
+    torch.manual_seed(0)
+    model = Offset(norm).to(dtype)
+    x = torch.randn(4, 5, 6, dtype=dtype)
+    dm = dcopt.convert(model, (x,), kappa_min=0.01)
+    dm.set_sizes({"a": 40})
+    small = dcopt.export(dm)
+    dm.eval()
+    small.eval()
+    with torch.no_grad():
+        got, want = dm(x), small(x)
+    assert got.dtype == want.dtype == dtype
+    assert max_relative_error(got.double(), want.double()) < 0.02   # rounding of dtype, not a wrong norm
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model32 = Offset(norm)
+        dm32 = dcopt.convert(model32, (x.float(),), kappa_min=0.01)
+        dm32.set_sizes({"a": 40})
+        small32 = dcopt.export(dm32).eval()
+        got, want = dm32.eval()(x.float()), small32(x.float())
+    assert got.dtype == want.dtype and max_relative_error(got.double(), want.double()) < 0.02
+
+
+def test_a_norm_called_by_keyword_or_read_by_the_forward():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.n, self.b = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = self.n(input=self.a(x))
+            return self.b(y * self.n.bias)
+
+    dm = _exact(M(), (torch.randn(2, 6),), [(torch.randn(5, 6),)])
+    assert dm.group_names == ["a"]
