@@ -331,6 +331,13 @@ class Ctx:
         self._w.norms[self.target] = pos
         return True
 
+    def masked_function_norm(self, pos: Positions) -> None:
+        """This ``F.layer_norm`` / ``F.rms_norm`` call normalises over features ``pos``:
+        in the gated graph it takes its statistics over the kept ones only
+        (:func:`~dcopt.gates.masked_layer_norm`), and export writes the kept count into
+        its ``normalized_shape``."""
+        self._w.fnorms[self.node.name] = pos
+
 
 def _run_starts(p: Positions) -> torch.Tensor:
     """Where a run of consecutive channels of one group begins (or a position is fixed)."""
@@ -502,6 +509,7 @@ class _Walker:
         self.rewrites: dict[str, dict] = {}
         self.rnns: dict[str, Positions] = {}
         self.norms: dict[str, Positions] = {}
+        self.fnorms: dict[str, Positions] = {}
         self.touched: dict[str, set[int]] = {}
         self.rejected_at: dict[str, set[int]] = {}   # node -> groups rejected there
         self.shape_read: dict[str, set[int]] = {}    # node -> groups it reads only the shape/dtype of
@@ -922,6 +930,7 @@ def _finalize(w: _Walker) -> Analysis:
     attrs = {t: {a: (k, live(p)) for a, (k, p) in d.items()} for t, d in w.attrs.items()}
     rnns = {t: live(p) for t, p in w.rnns.items() if not live(p).is_fixed()}
     norms = {t: live(p) for t, p in w.norms.items() if not live(p).is_fixed()}
+    fnorms = {t: live(p) for t, p in w.fnorms.items() if not live(p).is_fixed()}
     rewrites = {}
     for name, spec in w.rewrites.items():
         spec = {k: (live(v) if isinstance(v, Positions) else v) for k, v in spec.items()}
@@ -964,7 +973,7 @@ def _finalize(w: _Walker) -> Analysis:
 
     plan = Plan(groups=specs, params=params, attrs=attrs, rewrites=rewrites, gates=gates, rnns=rnns,
                 mac_terms=mac_terms, const_macs=const_macs, total_macs=total_macs, param_numel=param_numel,
-                norms=norms)
+                norms=norms, fnorms=fnorms)
 
     # person-facing groups (every root, dynamic or not)
     members: dict[int, list[str]] = {r: [] for r in roots}

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import ExportError
 from .fold import fold_batchnorm as fold
-from .gates import FeatureGate, GatedRNN, MaskedNorm, round_size
+from .gates import MASKED_FUNCTIONS, FeatureGate, GatedRNN, MaskedNorm, NormMask, round_size
 from .numcheck import agreement, float64_copy, fresh_copies, to_float64
 from .plan import Plan, keep_index, keep_mask, size_limits
 from .rewrite import GATES, SIZES, DynamicModel, _lookup, as_dynamic_model
@@ -42,6 +42,14 @@ def _strip_dcopt(gm: torch.fx.GraphModule) -> None:
     for node in list(graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), FeatureGate):
             node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    native = {masked: fn for fn, masked in MASKED_FUNCTIONS.items()}
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in native:   # F.layer_norm again, without its mask
+            node.target = native[node.target]
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "kept"}
+    for node in list(graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), NormMask):
             graph.erase_node(node)
     for node in list(graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), GatedRNN):
@@ -105,6 +113,12 @@ def _rewrite_nodes(gm: torch.fx.GraphModule, plan: Plan, limits: torch.Tensor) -
             _rewrite_split(gm.graph, node, spec, limits)
         elif spec["kind"] == "set_kwarg":
             node.kwargs = {**node.kwargs, spec["name"]: spec["value"]}
+        elif spec["kind"] == "norm_shape":   # F.layer_norm(x, (C,), ...): the kept count
+            shape = (int(keep_mask(spec["pos"], limits).sum()),)
+            if len(node.args) > 1:
+                node.args = (node.args[0], shape, *node.args[2:])
+            else:
+                node.kwargs = {**node.kwargs, "normalized_shape": shape}
         else:
             raise ExportError(f"unknown rewrite {spec['kind']!r}", node=name)
 

@@ -5,17 +5,19 @@ They are leaves on purpose (DESIGN invariant 6): fx would bake ``torch.randn`` a
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from .errors import TraceError
 from .rnn_noise import SigmaCache, step_noise_forward
 
-__all__ = ["FeatureGate", "GatedRNN", "MaskedNorm", "consolidated", "kept_size", "round_size", "kappa_for", "floor_size",
+__all__ = ["FeatureGate", "GatedRNN", "MaskedNorm", "NormMask", "masked_norm", "masked_layer_norm", "masked_rms_norm", "consolidated", "kept_size", "round_size", "kappa_for", "floor_size",
            "LAMBDA_EPS", "INT_TOL"]
 
 #: λ is mapped affinely into [ε, 1-ε]: sqrt(λ) and sqrt(1-λ) keep finite derivatives.
@@ -265,26 +267,67 @@ class MaskedNorm(nn.Module):
         if kept is None:
             return self.norm(x)
         norm = self.norm
-        # statistics in float32 at least, as torch's norm kernels take them (in float16 a
-        # sum of squares overflows; a count of 512 is not even a bfloat16 number), and the
-        # result in the dtype torch's norm returns here (under autocast that depends on the
-        # device: the input's on CPU, float32 on CUDA): asked of the norm on one row
-        out_dtype = self.norm(x.reshape(-1, x.shape[-1])[:1]).dtype
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
-        zero = x.new_zeros(())
-        x = torch.where(kept, x, zero)   # already 0 there (gated); never 0·inf
-        count = kept.sum().to(x.dtype)
-        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps   # RMSNorm's default
-        if isinstance(norm, nn.LayerNorm):
-            centred = torch.where(kept, x - x.sum(-1, keepdim=True) / count, zero)
-            y = centred * torch.rsqrt((centred * centred).sum(-1, keepdim=True) / count + eps)
-        else:
-            y = x * torch.rsqrt((x * x).sum(-1, keepdim=True) / count + eps)
-        if norm.weight is not None:
-            y = y * norm.weight
-        if getattr(norm, "bias", None) is not None:
-            y = y + norm.bias
-        return torch.where(kept, y, y.new_zeros(())).to(out_dtype)
+        return masked_norm(x, kept, norm.weight, getattr(norm, "bias", None), norm.eps,
+                           rms=not isinstance(norm, nn.LayerNorm), native=norm)
+
+
+def masked_norm(x: torch.Tensor, kept: torch.Tensor, weight, bias, eps, *, rms: bool, native) -> torch.Tensor:
+    """LayerNorm (or RMSNorm, ``rms``) of ``x`` over its last dim, the statistics over the
+    positions ``kept`` only, the others 0. In float32 at least, as torch's norm kernels
+    take them (in float16 a sum of squares overflows; a count of 512 is not even a
+    bfloat16 number); the result in the dtype ``native`` (the norm itself) returns here,
+    asked of it on one row: under autocast that is the input's on CPU, float32 on CUDA."""
+    out_dtype = native(x.reshape(-1, x.shape[-1])[:1]).dtype
+    if eps is None:   # RMSNorm's default: the input dtype's
+        eps = torch.finfo(x.dtype).eps
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    zero = x.new_zeros(())
+    x = torch.where(kept, x, zero)   # already 0 there (gated); never 0·inf
+    count = kept.sum().to(x.dtype)
+    if rms:
+        y = x * torch.rsqrt((x * x).sum(-1, keepdim=True) / count + eps)
+    else:
+        centred = torch.where(kept, x - x.sum(-1, keepdim=True) / count, zero)
+        y = centred * torch.rsqrt((centred * centred).sum(-1, keepdim=True) / count + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return torch.where(kept, y, y.new_zeros(())).to(out_dtype)
+
+
+class NormMask(nn.Module):
+    """The kept positions of a functional norm's features (``F.layer_norm``,
+    ``F.rms_norm``: what a LayerNorm subclass with its own forward calls), for
+    :func:`masked_layer_norm` / :func:`masked_rms_norm`, which replace the call in the
+    gated graph; None while every feature is kept."""
+
+    def __init__(self, gate: FeatureGate):
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, *kappas: torch.Tensor):
+        return self.gate.kept(kappas, kappas[0].device)
+
+
+def masked_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, kept=None):
+    """``F.layer_norm`` with its statistics over the ``kept`` features (see :func:`masked_norm`)."""
+    native = functools.partial(F.layer_norm, normalized_shape=normalized_shape, weight=weight, bias=bias, eps=eps)
+    if kept is None:
+        return native(input)
+    return masked_norm(input, kept, weight, bias, eps, rms=False, native=native)
+
+
+def masked_rms_norm(input, normalized_shape, weight=None, eps=None, *, kept=None):
+    """``F.rms_norm`` with its statistics over the ``kept`` features (see :func:`masked_norm`)."""
+    native = functools.partial(F.rms_norm, normalized_shape=normalized_shape, weight=weight, eps=eps)
+    if kept is None:
+        return native(input)
+    return masked_norm(input, kept, weight, None, eps, rms=True, native=native)
+
+
+#: the functional norms dcopt masks, and the masked function that stands for each in the gated graph
+MASKED_FUNCTIONS = {F.layer_norm: masked_layer_norm, F.rms_norm: masked_rms_norm}
 
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}

@@ -58,6 +58,7 @@ class Plan:
     total_macs: int
     param_numel: dict[str, int]         # every parameter of the model -> numel at full size
     norms: dict[str, Positions] = field(default_factory=dict)   # LayerNorm/RMSNorm target -> its features (MaskedNorm)
+    fnorms: dict[str, Positions] = field(default_factory=dict)  # F.layer_norm/F.rms_norm node -> its features
 
     def live(self) -> bool:
         return bool(self.groups)

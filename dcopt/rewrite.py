@@ -13,7 +13,7 @@ from .analysis import Analysis, run_analysis
 from .complexity import Complexity, ComplexityModel
 from .config import Config
 from .errors import ConversionError, TraceError, source_location
-from .gates import FeatureGate, GatedRNN, MaskedNorm, consolidated, floor_size, kappa_for
+from .gates import MASKED_FUNCTIONS, FeatureGate, GatedRNN, MaskedNorm, NormMask, consolidated, floor_size, kappa_for
 from .modes import eval_mode
 from .numcheck import input_tuple
 from .plan import Plan
@@ -78,13 +78,25 @@ def build_gated(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         for node in graph.nodes:
             if node.op == "call_module" and node.target in plan.rnns:
                 calls.setdefault(node.target, []).append(node)
-    for target, pos in plan.norms.items():
+    def positions_of(pos) -> tuple[list[int], FeatureGate]:
+        """The groups ``pos`` holds, and a FeatureGate of its positions (for a norm's mask)."""
         local = sorted(pos.gids())
         local_t = torch.tensor(local, dtype=torch.long)
         group = torch.where(pos.gid >= 0, torch.searchsorted(local_t, pos.gid.clamp(min=0)), pos.gid)
+        return local, FeatureGate(-1, group, pos.ch, [plan.groups[g].width for g in local])
+
+    for i, (name, pos) in enumerate(plan.fnorms.items()):
+        node = nodes[name]
+        local, gate = positions_of(pos)
+        getattr(gm, GATES).add_module(f"n{i}_{name}", NormMask(gate))
+        with graph.inserting_before(node):
+            mask = graph.call_module(f"{GATES}.n{i}_{name}", tuple(size_node(g) for g in local))
+        node.target = MASKED_FUNCTIONS[node.target]
+        node.kwargs = {**node.kwargs, "kept": mask}
+    for target, pos in plan.norms.items():
+        local, gate = positions_of(pos)
         parent, _, attr = target.rpartition(".")
         norm = gm.get_submodule(target)
-        gate = FeatureGate(-1, group, pos.ch, [plan.groups[g].width for g in local])
         setattr(gm.get_submodule(parent) if parent else gm, attr, MaskedNorm(norm, gate))
         prefix = f"{target}." if target else ""
         for node in list(graph.nodes):

@@ -188,3 +188,48 @@ def test_a_norm_called_by_keyword_or_read_by_the_forward():
 
     dm = _exact(M(), (torch.randn(2, 6),), [(torch.randn(5, 6),)])
     assert dm.group_names == ["a"]
+
+
+class SubclassNorm(nn.LayerNorm):
+    """ESPnet's kind: normalise dim 1 by transposing; fx traces its forward down to F.layer_norm."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, -1)).transpose(1, -1)
+
+
+class Functional(nn.Module):
+    def __init__(self, how="plain"):
+        super().__init__()
+        self.how = how
+        self.a, self.b, self.c = nn.Conv1d(4, 8, 3, padding=1), nn.Conv1d(8, 8, 1), nn.Conv1d(8, 2, 1)
+        self.n = SubclassNorm(8)
+        self.r = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        h = self.n(self.a(x))
+        t = self.b(h).transpose(1, 2)
+        if self.how == "computed_weight":
+            t = F.layer_norm(t, (8,), self.r * 2)
+        elif self.how == "shape_from_tensor":
+            t = F.layer_norm(t, t.shape[-1:])
+        else:
+            t = F.rms_norm(t, (8,), self.r)
+        return self.c(t.transpose(1, 2))
+
+
+def test_functional_norms_are_learned():
+    x, others = (torch.randn(2, 4, 10),), [(torch.randn(3, 4, 7),)]
+    dm = _exact(Functional(), x, others)
+    assert dm.group_names == ["a", "b"]
+    dm.set_sizes({"a": 3, "b": 5})
+    small = dcopt.export(dm)
+    assert "(3,)" in small.code and "(5,)" in small.code and "dcopt" not in small.code
+    assert small.n.weight.shape == (3,) and small.r.shape == (5,)
+
+
+@pytest.mark.parametrize("how, reason", [("computed_weight", "computed in the forward"),
+                                         ("shape_from_tensor", "")])
+def test_functional_norms_it_cannot_slice_keep_their_width(how, reason):
+    a = dcopt.analyze(Functional(how), (torch.randn(2, 4, 10),))
+    assert [g.name for g in a.dynamic_groups] == ["a"]
+    assert any(reason in r.reason for r in a.rejections if r.group == "b")

@@ -176,7 +176,36 @@ def _pad(ctx):
     return _spatial(lambda c, nd: len(pad) // 2)(ctx)
 
 
-@register_rule(F.layer_norm)
+@register_rule(F.layer_norm, F.rms_norm)
 def _layer_norm(ctx):
+    """``F.layer_norm(x, (C,), w, b)`` over the features alone (what a LayerNorm subclass
+    with its own forward, ESPnet's or torchvision's LayerNorm2d, calls): learned as the
+    module is (statistics over the kept features in the gated graph,
+    :func:`~dcopt.gates.masked_layer_norm`); the weight and bias, parameters read whole,
+    are sliced, and export writes the kept count into ``normalized_shape``. A weight
+    computed in the forward, a shape read from the tensor, features inside a multi-dim
+    shape keep their width."""
+    from ..analysis import ParamRef
+
+    x = ctx.arg(0, "input")
+    fm = ctx.fmap(x)
     shape = ctx.arg(1, "normalized_shape")
-    return normalizes_last(ctx, len(shape) if isinstance(shape, (tuple, list)) else 1, "layer_norm")
+    n_dims = len(shape) if isinstance(shape, (tuple, list)) else 1
+    name = "rms_norm" if ctx.node.target is F.rms_norm else "layer_norm"
+    if fm is None or n_dims != 1 or fm.dim != len(ctx.shape(x)) - 1:
+        return normalizes_last(ctx, n_dims, name)
+    if not (isinstance(shape, (tuple, list)) and isinstance(shape[0], int)):
+        ctx.reject(fm, f"{name}'s normalized_shape is computed in the forward, not a number export can rewrite")
+        return None
+    params = [ctx.arg(2, "weight")] + ([ctx.arg(3, "bias")] if name == "layer_norm" else [])
+    refs = [ctx.value(p) for p in params if p is not None]
+    if any(not isinstance(r, ParamRef) or 0 in r.sliced for r in refs):
+        ctx.reject(fm, f"{name} with a weight or bias computed in the forward: dcopt cannot slice it")
+        return None
+    ctx.gate(x)
+    for ref in refs:
+        ctx.plan_param(ref.target, (fm.pos,), absolute=True)
+    ctx.masked_function_norm(fm.pos)
+    ctx.rewrite({"kind": "norm_shape", "pos": fm.pos})
+    ctx.consumes(fm)
+    return FMap(fm.dim, fm.pos)
