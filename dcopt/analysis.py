@@ -334,7 +334,7 @@ class Ctx:
     def masked_function_norm(self, pos: Positions) -> None:
         """This ``F.layer_norm`` / ``F.rms_norm`` call normalises over features ``pos``:
         in the gated graph it takes its statistics over the kept ones only
-        (:func:`~dcopt.gates.masked_layer_norm`), and export writes the kept count into
+        (:class:`~dcopt.gates.FunctionalNorm`), and export writes the kept count into
         its ``normalized_shape``."""
         self._w.fnorms[self.node.name] = pos
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import ExportError
 from .fold import fold_batchnorm as fold
-from .gates import MASKED_FUNCTIONS, FeatureGate, GatedRNN, MaskedNorm, NormMask, round_size
+from .gates import FeatureGate, FunctionalNorm, GatedRNN, MaskedNorm, round_size
 from .numcheck import agreement, float64_copy, fresh_copies, to_float64
 from .plan import Plan, keep_index, keep_mask, size_limits
 from .rewrite import GATES, SIZES, DynamicModel, _lookup, as_dynamic_model
@@ -36,21 +36,22 @@ def _resolve_sizes(dm: DynamicModel, sizes: Optional[dict]) -> list[int]:
     return kept
 
 
-def _strip_dcopt(gm: torch.fx.GraphModule) -> None:
-    """Remove gates, size parameters and RNN wrappers from a copy of the gated graph."""
+def _strip_dcopt(gm: torch.fx.GraphModule, sizes: Optional[list[int]] = None) -> None:
+    """Remove gates, size parameters and RNN wrappers from a copy of the gated graph
+    (functional norms normalise the features ``sizes`` keep, when given)."""
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), FeatureGate):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-    native = {masked: fn for fn, masked in MASKED_FUNCTIONS.items()}
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in native:   # F.layer_norm again, without its mask
-            node.target = native[node.target]
-            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "kept"}
-    for node in list(graph.nodes):
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), NormMask):
-            graph.erase_node(node)
+        if node.op == "call_module" and isinstance(mod := gm.get_submodule(node.target), FunctionalNorm):
+            # torch's F.layer_norm / F.rms_norm again, under the node's own name (the plan's
+            # rewrite of normalized_shape names it)
+            # (here, not by the plan's rewrite: a GraphModule unpickled is traced again from
+            # its code, which names this node after the module, not as the plan does)
+            node.op, node.target = "call_function", mod.fn
+            node.args, node.kwargs = mod.call_args(*node.args[:3], (mod.kept_count(sizes),) if sizes else None)
     for node in list(graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), GatedRNN):
             node.args = node.args[1:]
@@ -104,6 +105,8 @@ def _slice_tensors(gm: nn.Module, plan: Plan, limits: torch.Tensor) -> None:
 def _rewrite_nodes(gm: torch.fx.GraphModule, plan: Plan, limits: torch.Tensor) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, spec in plan.rewrites.items():
+        if spec["kind"] == "norm_shape":
+            continue   # written by _strip_dcopt, which finds the node by its module (see there)
         node = nodes[name]
         if spec["kind"] == "shape_literal":
             _rewrite_shape(node, spec, limits)
@@ -113,12 +116,6 @@ def _rewrite_nodes(gm: torch.fx.GraphModule, plan: Plan, limits: torch.Tensor) -
             _rewrite_split(gm.graph, node, spec, limits)
         elif spec["kind"] == "set_kwarg":
             node.kwargs = {**node.kwargs, spec["name"]: spec["value"]}
-        elif spec["kind"] == "norm_shape":   # F.layer_norm(x, (C,), ...): the kept count
-            shape = (int(keep_mask(spec["pos"], limits).sum()),)
-            if len(node.args) > 1:
-                node.args = (node.args[0], shape, *node.args[2:])
-            else:
-                node.kwargs = {**node.kwargs, "normalized_shape": shape}
         else:
             raise ExportError(f"unknown rewrite {spec['kind']!r}", node=name)
 
@@ -204,7 +201,7 @@ def slice_graph_module(gm: torch.fx.GraphModule, plan: Plan, sizes: list[int]) -
         t = _lookup(gm, qual)
         memo[id(t)] = t
     gm = copy.deepcopy(gm, memo)
-    _strip_dcopt(gm)
+    _strip_dcopt(gm, sizes)
     limits = size_limits(sizes)
     _slice_tensors(gm, plan, limits)
     _rewrite_nodes(gm, plan, limits)

@@ -5,7 +5,6 @@ They are leaves on purpose (DESIGN invariant 6): fx would bake ``torch.randn`` a
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
@@ -17,7 +16,7 @@ from torch.func import functional_call
 from .errors import TraceError
 from .rnn_noise import SigmaCache, step_noise_forward
 
-__all__ = ["FeatureGate", "GatedRNN", "MaskedNorm", "NormMask", "masked_norm", "masked_layer_norm", "masked_rms_norm", "consolidated", "kept_size", "round_size", "kappa_for", "floor_size",
+__all__ = ["FeatureGate", "GatedRNN", "MaskedNorm", "FunctionalNorm", "masked_norm", "consolidated", "kept_size", "round_size", "kappa_for", "floor_size",
            "LAMBDA_EPS", "INT_TOL"]
 
 #: λ is mapped affinely into [ε, 1-ε]: sqrt(λ) and sqrt(1-λ) keep finite derivatives.
@@ -278,9 +277,9 @@ def masked_norm(x: torch.Tensor, kept: torch.Tensor, weight, bias, eps, *, rms: 
     bfloat16 number); the result in the dtype ``native`` (the norm itself) returns here,
     asked of it on one row: under autocast that is the input's on CPU, float32 on CUDA."""
     out_dtype = native(x.reshape(-1, x.shape[-1])[:1]).dtype
-    if eps is None:   # RMSNorm's default: the input dtype's
-        eps = torch.finfo(x.dtype).eps
     x = x.to(torch.promote_types(x.dtype, torch.float32))
+    if eps is None:   # RMSNorm's default: that of the dtype it computes in (float32 for half inputs)
+        eps = torch.finfo(x.dtype).eps
     zero = x.new_zeros(())
     x = torch.where(kept, x, zero)   # already 0 there (gated); never 0·inf
     count = kept.sum().to(x.dtype)
@@ -296,38 +295,45 @@ def masked_norm(x: torch.Tensor, kept: torch.Tensor, weight, bias, eps, *, rms: 
     return torch.where(kept, y, y.new_zeros(())).to(out_dtype)
 
 
-class NormMask(nn.Module):
-    """The kept positions of a functional norm's features (``F.layer_norm``,
-    ``F.rms_norm``: what a LayerNorm subclass with its own forward calls), for
-    :func:`masked_layer_norm` / :func:`masked_rms_norm`, which replace the call in the
-    gated graph; None while every feature is kept."""
+class FunctionalNorm(nn.Module):
+    """``F.layer_norm`` / ``F.rms_norm`` over learned features (what a LayerNorm subclass
+    with its own forward calls) in the gated graph: the call's node becomes a call of
+    this module with ``(x, weight, bias, *kappas)``, which takes the statistics over the
+    kept features (:func:`masked_norm`); export turns the node back into torch's call.
+    A module, not a function the graph calls: a pickled GraphModule is traced again from
+    its code, which would inline a function (and its ``kept`` argument with it)."""
 
-    def __init__(self, gate: FeatureGate):
+    def __init__(self, fn, gate: FeatureGate, groups: Sequence[int], normalized_shape, eps):
         super().__init__()
-        self.gate = gate
+        self.fn, self.gate, self.groups = fn, gate, list(groups)   # groups: the gate's local → the plan's
+        self.normalized_shape, self.eps = tuple(normalized_shape), eps
 
-    def forward(self, *kappas: torch.Tensor):
-        return self.gate.kept(kappas, kappas[0].device)
+    def kept_count(self, sizes: Sequence[int]) -> int:
+        """How many of its features the plan's group ``sizes`` keep."""
+        limit = torch.tensor([int(sizes[g]) for g in self.groups] + [1 << 62])
+        group = torch.where(self.gate.group >= 0, self.gate.group, torch.full_like(self.gate.group, len(self.groups)))
+        return int((self.gate.ch < limit[group]).sum())
+
+    def call_args(self, x, weight, bias, normalized_shape=None) -> tuple[tuple, dict]:
+        """torch's call, as the graph held it before (and export writes it again, with the
+        kept count as ``normalized_shape``)."""
+        kwargs = {"weight": weight, "eps": self.eps}
+        if self.fn is F.layer_norm:
+            kwargs["bias"] = bias
+        return (x, tuple(normalized_shape or self.normalized_shape)), kwargs
+
+    def forward(self, x, weight, bias, *kappas):
+        kept = self.gate.kept(kappas, x.device)
+        args, kwargs = self.call_args(x, weight, bias)
+        if kept is None:
+            return self.fn(*args, **kwargs)
+        return masked_norm(x, kept, weight, bias if self.fn is F.layer_norm else None, self.eps,
+                           rms=self.fn is F.rms_norm, native=lambda r: self.fn(r, *args[1:], **kwargs))
 
 
-def masked_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, kept=None):
-    """``F.layer_norm`` with its statistics over the ``kept`` features (see :func:`masked_norm`)."""
-    native = functools.partial(F.layer_norm, normalized_shape=normalized_shape, weight=weight, bias=bias, eps=eps)
-    if kept is None:
-        return native(input)
-    return masked_norm(input, kept, weight, bias, eps, rms=False, native=native)
-
-
-def masked_rms_norm(input, normalized_shape, weight=None, eps=None, *, kept=None):
-    """``F.rms_norm`` with its statistics over the ``kept`` features (see :func:`masked_norm`)."""
-    native = functools.partial(F.rms_norm, normalized_shape=normalized_shape, weight=weight, eps=eps)
-    if kept is None:
-        return native(input)
-    return masked_norm(input, kept, weight, None, eps, rms=True, native=native)
-
-
-#: the functional norms dcopt masks, and the masked function that stands for each in the gated graph
-MASKED_FUNCTIONS = {F.layer_norm: masked_layer_norm, F.rms_norm: masked_rms_norm}
+#: the functional norms dcopt masks: their arguments after ``input``, with defaults
+NORM_FUNCTIONS = {F.layer_norm: (("normalized_shape", None), ("weight", None), ("bias", None), ("eps", 1e-5)),
+                  F.rms_norm: (("normalized_shape", None), ("weight", None), ("eps", None))}
 
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}

@@ -13,7 +13,7 @@ from .analysis import Analysis, run_analysis
 from .complexity import Complexity, ComplexityModel
 from .config import Config
 from .errors import ConversionError, TraceError, source_location
-from .gates import MASKED_FUNCTIONS, FeatureGate, GatedRNN, MaskedNorm, NormMask, consolidated, floor_size, kappa_for
+from .gates import NORM_FUNCTIONS, FeatureGate, FunctionalNorm, GatedRNN, MaskedNorm, consolidated, floor_size, kappa_for
 from .modes import eval_mode
 from .numcheck import input_tuple
 from .plan import Plan
@@ -88,11 +88,17 @@ def build_gated(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     for i, (name, pos) in enumerate(plan.fnorms.items()):
         node = nodes[name]
         local, gate = positions_of(pos)
-        getattr(gm, GATES).add_module(f"n{i}_{name}", NormMask(gate))
+        params = NORM_FUNCTIONS[node.target]
+        bound = dict(params)
+        bound.update(zip([p for p, _ in params], node.args[1:]))
+        bound.update(node.kwargs)
+        getattr(gm, GATES).add_module(f"n{i}_{name}", FunctionalNorm(node.target, gate, local,
+                                                                      bound["normalized_shape"], bound["eps"]))
         with graph.inserting_before(node):
-            mask = graph.call_module(f"{GATES}.n{i}_{name}", tuple(size_node(g) for g in local))
-        node.target = MASKED_FUNCTIONS[node.target]
-        node.kwargs = {**node.kwargs, "kept": mask}
+            kappas = [size_node(g) for g in local]
+        # the node itself becomes the module's call (its name is what the plan's rewrite names)
+        node.op, node.target = "call_module", f"{GATES}.n{i}_{name}"
+        node.args, node.kwargs = (node.args[0], bound["weight"], bound.get("bias"), *kappas), {}
     for target, pos in plan.norms.items():
         local, gate = positions_of(pos)
         parent, _, attr = target.rpartition(".")

@@ -227,9 +227,46 @@ def test_functional_norms_are_learned():
     assert small.n.weight.shape == (3,) and small.r.shape == (5,)
 
 
-@pytest.mark.parametrize("how, reason", [("computed_weight", "computed in the forward"),
+@pytest.mark.parametrize("how, reason", [("computed_weight", "not a parameter read whole"),
                                          ("shape_from_tensor", "")])
 def test_functional_norms_it_cannot_slice_keep_their_width(how, reason):
     a = dcopt.analyze(Functional(how), (torch.randn(2, 4, 10),))
     assert [g.name for g in a.dynamic_groups] == ["a"]
     assert any(reason in r.reason for r in a.rejections if r.group == "b")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("functional", [False, True])
+def test_rms_norm_default_eps_is_that_of_float32(dtype, functional):
+    """Small activations (mean square ~1e-3): RMSNorm's eps=None means float32's eps, the
+    dtype torch computes half inputs in — the half dtype's own eps moved the outputs by 25-80 %."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.n, self.b = nn.Linear(6, 16), nn.RMSNorm(16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.a(x) * 0.03
+            return self.b(F.rms_norm(h, (16,), self.n.weight) if functional else self.n(h))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 6, dtype=dtype)
+    dm = dcopt.convert(M().to(dtype), (x,), kappa_min=0.01)
+    dm.set_sizes({"a": 9})
+    small = dcopt.export(dm).eval()
+    with torch.no_grad():
+        assert max_relative_error(dm.eval()(x).double(), small(x).double()) < 0.02
+
+
+def test_a_pickled_model_with_a_functional_norm_exports():
+    import io
+    torch.manual_seed(0)
+    x = (torch.randn(2, 4, 10),)
+    dm = dcopt.convert(Functional(), x, kappa_min=0.01)
+    buf = io.BytesIO()
+    torch.save(dm, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    again.set_sizes({"a": 3, "b": 5})
+    small = assert_exact_export(again, x, others=[(torch.randn(3, 4, 7),)])
+    assert small.n.weight.shape == (3,) and "(3,)" in small.code

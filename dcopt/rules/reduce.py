@@ -181,7 +181,7 @@ def _layer_norm(ctx):
     """``F.layer_norm(x, (C,), w, b)`` over the features alone (what a LayerNorm subclass
     with its own forward, ESPnet's or torchvision's LayerNorm2d, calls): learned as the
     module is (statistics over the kept features in the gated graph,
-    :func:`~dcopt.gates.masked_layer_norm`); the weight and bias, parameters read whole,
+    :class:`~dcopt.gates.FunctionalNorm`); the weight and bias, parameters read whole,
     are sliced, and export writes the kept count into ``normalized_shape``. A weight
     computed in the forward, a shape read from the tensor, features inside a multi-dim
     shape keep their width."""
@@ -200,7 +200,8 @@ def _layer_norm(ctx):
     params = [ctx.arg(2, "weight")] + ([ctx.arg(3, "bias")] if name == "layer_norm" else [])
     refs = [ctx.value(p) for p in params if p is not None]
     if any(not isinstance(r, ParamRef) or 0 in r.sliced for r in refs):
-        ctx.reject(fm, f"{name} with a weight or bias computed in the forward: dcopt cannot slice it")
+        ctx.reject(fm, f"{name} with a weight or bias that is not a parameter read whole (computed, cast or "
+                       "sliced in the forward): dcopt cannot slice it with the features")
         return None
     ctx.gate(x)
     for ref in refs:
