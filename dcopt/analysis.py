@@ -934,6 +934,8 @@ def _finalize(w: _Walker) -> Analysis:
     rewrites = {}
     for name, spec in w.rewrites.items():
         spec = {k: (live(v) if isinstance(v, Positions) else v) for k, v in spec.items()}
+        if spec["kind"] == "set_kwarg" and spec["pos"].is_fixed():
+            continue   # the width it stands for stays: torch's own default is that number
         rewrites[name] = spec
 
     mac_terms, const_macs, dynamic_macs = [], 0, 0
@@ -945,10 +947,14 @@ def _finalize(w: _Walker) -> Analysis:
             const_macs += macs
             continue
         coef, quals, extra, vanish = term
+        extra_live = [live(e) for e in extra]
+        if not quals and all(e.is_fixed() for e in extra_live):
+            const_macs += macs   # a constant a rule stated (features kept here): not dynamic MACs
+            continue
         if coef is None:
             full = (sum(param_numel[q] for q in quals) if quals else 1) * math.prod(len(e) for e in extra)
             coef = macs / full if full else 0.0
-        mac_terms.append(MacTerm(node=node_name, coef=coef, params=quals, extra=[live(e) for e in extra],
+        mac_terms.append(MacTerm(node=node_name, coef=coef, params=quals, extra=extra_live,
                                  vanish_at_one=vanish))
         dynamic_macs += macs
         for r in touching:

@@ -37,8 +37,9 @@ def _resolve_sizes(dm: DynamicModel, sizes: Optional[dict]) -> list[int]:
 
 
 def _strip_dcopt(gm: torch.fx.GraphModule, sizes: Optional[list[int]] = None) -> None:
-    """Remove gates, size parameters and RNN wrappers from a copy of the gated graph
-    (functional norms normalise the features ``sizes`` keep, when given)."""
+    """Remove gates, size parameters and the RNN and norm wrappers from a copy of the gated
+    graph; a functional norm becomes torch's call again, over the features ``sizes`` keep
+    (when given)."""
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), FeatureGate):
@@ -46,10 +47,9 @@ def _strip_dcopt(gm: torch.fx.GraphModule, sizes: Optional[list[int]] = None) ->
             graph.erase_node(node)
     for node in list(graph.nodes):
         if node.op == "call_module" and isinstance(mod := gm.get_submodule(node.target), FunctionalNorm):
-            # torch's F.layer_norm / F.rms_norm again, under the node's own name (the plan's
-            # rewrite of normalized_shape names it)
-            # (here, not by the plan's rewrite: a GraphModule unpickled is traced again from
-            # its code, which names this node after the module, not as the plan does)
+            # torch's F.layer_norm / F.rms_norm again, with the kept count as normalized_shape:
+            # written here from the module's positions, not by the plan's rewrite, because an
+            # unpickled GraphModule is traced again from its code, which renames this node
             node.op, node.target = "call_function", mod.fn
             node.args, node.kwargs = mod.call_args(*node.args[:3], (mod.kept_count(sizes),) if sizes else None)
     for node in list(graph.nodes):

@@ -147,42 +147,46 @@ class FeatureGate(nn.Module):
             suggestion="Convert with example inputs shaped like your data (a batch of at least 2), "
                        "or give squeeze() its dim")
 
-    def kept(self, kappas: Sequence[torch.Tensor], device) -> torch.Tensor | None:
-        """Per position, whether it carries a feature now (None: all of them): in eval the
-        first ⌈s⌉ channels of each group, with the noise on in training those up to the
-        boundary channel m as well (which :meth:`forward` makes noisy)."""
-        if self.training and self.noise:
-            dt = torch.promote_types(kappas[0].dtype, torch.float32)
-            widths = torch.tensor(self.widths, device=device, dtype=dt)
-            s = torch.stack([k.to(dt).reshape(()) for k in kappas]) * widths
-            m, _ = _boundary(s, widths)
-            return (self.group < 0) | (self.ch <= self._per_position(m.long(), 1 << 62))
+    def _eval_limit(self, kappas, device) -> torch.Tensor | None:
+        """Per position, the size its group keeps (the first ⌈s⌉ channels); None: all."""
         keep = [consolidated(k, n, self.round_to) for k, n in zip(kappas, self.widths)]
         if keep == self.widths:
             return None
-        return self.ch < self._per_position(torch.tensor(keep, device=device), 1 << 62)
+        return self._per_position(torch.tensor(keep, device=device), 1 << 62)
+
+    def _boundary_at(self, kappas, x_dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per position, its group's boundary channel m; and λ per group. In at least
+        float32, whatever the activations' dtype: in bfloat16 (autocast) s = κ·N rounds to
+        the nearest few features, so the train-mode model would use features eval and
+        export drop (and at κ = 1 a width bfloat16 cannot hold put the boundary past the
+        last feature: no gradient reached κ)."""
+        dt = torch.promote_types(x_dtype, torch.float32)
+        widths = torch.tensor(self.widths, device=device, dtype=dt)
+        s = torch.stack([k.to(dt).reshape(()) for k in kappas]) * widths
+        m, lam = _boundary(s, widths)
+        return self._per_position(m.long(), 1 << 62), lam
+
+    def kept(self, kappas: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor | None:
+        """Per position, whether it carries a feature of ``x`` now, as :meth:`forward` would
+        gate ``x`` (None: all of them): in eval the first ⌈s⌉ channels of each group, with
+        the noise on in training those up to the boundary channel m, which is noisy."""
+        if self.training and self.noise:
+            m_pos, _ = self._boundary_at(kappas, x.dtype, x.device)
+            return (self.group < 0) | (self.ch <= m_pos)
+        limit = self._eval_limit(kappas, x.device)
+        return None if limit is None else self.ch < limit
 
     def forward(self, x: torch.Tensor, *kappas: torch.Tensor) -> torch.Tensor:
         self._check_shape(x)
         if self.training and self.noise:
             return self._noisy(x, kappas)
-        keep = [consolidated(k, n, self.round_to) for k, n in zip(kappas, self.widths)]
-        if keep == self.widths:
+        limit = self._eval_limit(kappas, x.device)
+        if limit is None:
             return x
-        limit = self._per_position(torch.tensor(keep, device=x.device), 1 << 62)
-        mask = self.ch < limit
-        return torch.where(self._view(mask, x), x, x.new_zeros(()))
+        return torch.where(self._view(self.ch < limit, x), x, x.new_zeros(()))
 
     def _noisy(self, x: torch.Tensor, kappas) -> torch.Tensor:
-        # the boundary in at least float32, whatever the activations' dtype: in bfloat16
-        # (autocast) s = κ·N rounds to the nearest few features, so the train-mode model
-        # would use features eval and export drop (and at κ = 1 a width bfloat16 cannot
-        # hold put the boundary past the last feature: no gradient reached κ)
-        dt = torch.promote_types(x.dtype, torch.float32)
-        widths = torch.tensor(self.widths, device=x.device, dtype=dt)
-        s = torch.stack([k.to(dt).reshape(()) for k in kappas]) * widths
-        m, lam = _boundary(s, widths)
-        m_pos = self._per_position(m.long(), 1 << 62)
+        m_pos, lam = self._boundary_at(kappas, x.dtype, x.device)
         fixed = self.group < 0
         clean = fixed | (self.ch < m_pos)
         boundary = ~fixed & (self.ch == m_pos)
@@ -262,7 +266,7 @@ class MaskedNorm(nn.Module):
         self.gate = gate
 
     def forward(self, x: torch.Tensor, *kappas: torch.Tensor) -> torch.Tensor:
-        kept = self.gate.kept(kappas, x.device)
+        kept = self.gate.kept(kappas, x)
         if kept is None:
             return self.norm(x)
         norm = self.norm
@@ -323,7 +327,7 @@ class FunctionalNorm(nn.Module):
         return (x, tuple(normalized_shape or self.normalized_shape)), kwargs
 
     def forward(self, x, weight, bias, *kappas):
-        kept = self.gate.kept(kappas, x.device)
+        kept = self.gate.kept(kappas, x)
         args, kwargs = self.call_args(x, weight, bias)
         if kept is None:
             return self.fn(*args, **kwargs)

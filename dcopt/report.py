@@ -87,7 +87,8 @@ def render_analysis(a: "Analysis", *, show_layers: bool = True):
 def count_macs(model: torch.nn.Module, example_inputs) -> int:
     """MACs as ``FlopCounterMode`` counts them (÷2; with the fused CPU attention kernels
     torch does not count, :mod:`dcopt.counting`), with every LSTM by formula,
-    4·H·(I+H) per step, direction and layer (for a packed sequence, per real step): the
+    the numel of its weights per step, direction and layer (4·H·(I+H), 4·H·(I+P) + P·H with
+    ``proj_size``; for a packed sequence, per real step): the
     counter misses the fused float32 LSTM kernel but does see the matmuls of the float64
     fallback, so whatever it saw inside an LSTM is replaced by the formula. The model runs in eval mode (a train-mode run would
     move BatchNorm's running statistics: counting must not change the model) and gets its

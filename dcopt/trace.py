@@ -443,7 +443,8 @@ class _MeasuringShapeProp(torch.fx.Interpreter):
         self._counter = flop_counter()
         self._zero: dict[Any, bool] = {}   # zero_flop_key -> its first call counted nothing
         self._modules = modules if modules is not None else dict(gm.named_modules())
-        #: nodes that drew random numbers in this (eval-mode) run: see :func:`random_in_eval`
+        #: nodes that drew random numbers (moved the CPU generator) in this eval-mode run;
+        #: propagate_shapes lists them in ``gm.meta["random_in_eval"]``
         self.random: list[torch.fx.Node] = []
 
     def propagate(self, *args):

@@ -140,3 +140,20 @@ def test_the_sublist_form_is_named():
     a = dcopt.analyze(M(), X)
     reasons = {r.reason for r in a.rejections if r.group in ("q", "k")}
     assert reasons == {"einsum's sublist form (operand, [indices], ...) is not read; write the equation string"}
+
+
+def test_a_constant_einsum_is_not_dynamic_macs():
+    """``btd,btj->bj`` sums q's features away before its matmul: its MACs do not scale with
+    q, so they count as constant, not as q's."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.o = nn.Linear(6, 8), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.o(torch.einsum("btd,btj->bj", self.q(x), x))
+
+    a = dcopt.analyze(M(), X)
+    einsum_macs = a.macs - 2 * 5 * 6 * 8 - 2 * 6 * 2
+    assert einsum_macs > 0 and a.dynamic_fraction == pytest.approx(1 - einsum_macs / a.macs - 2 * 6 * 2 / a.macs)
+    _exact(M())

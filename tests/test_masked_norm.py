@@ -228,7 +228,7 @@ def test_functional_norms_are_learned():
 
 
 @pytest.mark.parametrize("how, reason", [("computed_weight", "not a parameter read whole"),
-                                         ("shape_from_tensor", "")])
+                                         ("shape_from_tensor", "normalized_shape is computed in the forward")])
 def test_functional_norms_it_cannot_slice_keep_their_width(how, reason):
     a = dcopt.analyze(Functional(how), (torch.randn(2, 4, 10),))
     assert [g.name for g in a.dynamic_groups] == ["a"]
@@ -270,3 +270,23 @@ def test_a_pickled_model_with_a_functional_norm_exports():
     again.set_sizes({"a": 3, "b": 5})
     small = assert_exact_export(again, x, others=[(torch.randn(3, 4, 7),)])
     assert small.n.weight.shape == (3,) and "(3,)" in small.code
+
+
+def test_in_noisy_training_the_statistics_cover_the_boundary_feature():
+    """s = 9.6: the gate passes channels 0-8 and a noisy channel 9 and zeroes the rest, so
+    the norm normalises over those 10 (not the ⌈s⌉ rounded up to round_to=4 of eval: 12)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.Linear(16, 2))
+    x = torch.randn(5, 4)
+    dm = dcopt.convert(model, (x,), kappa_min=0.01, round_to=4)
+    dm.optimize_sizes().train()
+    kappa = next(iter(dm.size_parameters()))
+    with torch.no_grad():
+        kappa.fill_(9.6 / 16)
+    norm = dm.gm.get_submodule("1")
+    h = torch.cat([torch.randn(5, 10), torch.zeros(5, 6)], 1)   # as the gate hands it on
+    want = F.layer_norm(h[:, :10], (10,), norm.norm.weight[:10], norm.norm.bias[:10])
+    got = norm(h, kappa)
+    assert max_relative_error(got[:, :10], want) < 1e-6 and bool((got[:, 10:] == 0).all())
+    dm.eval()
+    assert int(norm.gate.kept([kappa], h).sum()) == 12

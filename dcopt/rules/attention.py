@@ -38,7 +38,7 @@ def scaled_dot_product_attention(ctx):
     mask = ctx.arg(3, "attn_mask")
     fq, fk, fv, fm = ctx.fmap(q), ctx.fmap(k), ctx.fmap(v), ctx.fmap(mask)
     if fm is not None:
-        ctx.reject(fm, "features in an attention mask (it is added to the scores of every feature)")
+        ctx.reject(fm, "features reach the attention mask, whose entries are not sliced with them")
     sq, sk, sv, so = ctx.shape(q), ctx.shape(k), ctx.shape(v), ctx.out_shape
     if any(s is None or len(s) < 2 for s in (sq, sk, sv, so)):
         ctx.reject([f for f in (fq, fk, fv) if f is not None], "attention on operands of unknown shape")
@@ -63,7 +63,7 @@ def scaled_dot_product_attention(ctx):
             ctx.gate(q)
             ctx.gate(k)
             if ctx.node.kwargs.get("scale") is None and not qk.is_fixed():   # keyword-only
-                ctx.rewrite({"kind": "set_kwarg", "name": "scale",
+                ctx.rewrite({"kind": "set_kwarg", "name": "scale", "pos": qk,
                              "value": 1.0 / math.sqrt(sq[-1])})
     kept = FMap(len(so) - 1, fv.pos) if fv is not None else None
     ctx.consumes(kept)

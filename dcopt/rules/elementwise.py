@@ -46,7 +46,8 @@ def elementwise(ctx):
     ops = _operands(ctx)
     tracked = [(a, s, fm) for a, s, fm, _ in ops if fm is not None]
     if not tracked:
-        if ctx.node.target in _SAME_VALUES and len(ops) == 1 and ops[0][3] is not None:
+        same = ctx.node.target in _SAME_VALUES or ctx.node.target in (torch.clone, torch.detach)
+        if same and len(ops) == 1 and ops[0][3] is not None:
             return ops[0][3]
         return None
     if out_shape is None:

@@ -207,6 +207,9 @@ def _layer_norm(ctx):
     for ref in refs:
         ctx.plan_param(ref.target, (fm.pos,), absolute=True)
     ctx.masked_function_norm(fm.pos)
+    # the export writes normalized_shape from FunctionalNorm's own positions (a retraced graph
+    # renames this node); this spec says the forward needs rewriting, so the export is a
+    # GraphModule: the user's class would keep its LayerNorm subclass's normalized_shape
     ctx.rewrite({"kind": "norm_shape", "pos": fm.pos})
     ctx.consumes(fm)
     return FMap(fm.dim, fm.pos)
