@@ -24,3 +24,24 @@ def assert_exact_export(dm, inputs, sizes=None, *, others=(), tol=1e-5):
     assert dcopt.count_macs(small, inputs) == round(kept.macs.item()), sizes
     assert sum(p.numel() for p in small.parameters()) == round(kept.params.item()), sizes
     return small
+
+
+def converted_exactly(model, inputs, others=(), kappa_min=0.01):
+    """Convert ``model`` (seeded), check that the gated model at full width computes what
+    ``model`` does on ``inputs`` and each of ``others``, then export at every group of size
+    1, of size 3, at two mixes that keep groups at different sizes (a MACs formula wrong
+    for one group can pass when all share a size), and at full width, each checked by
+    :func:`assert_exact_export`. Returns the DynamicModel."""
+    torch.manual_seed(0)
+    dm = dcopt.convert(model, inputs, kappa_min=kappa_min)
+    model.eval()
+    with torch.no_grad():
+        for xs in (inputs, *others):
+            assert max_relative_error(model(*xs), dm.eval()(*xs)) <= 1e-6
+    names = dm.group_names
+    widths = [g.width for g in dm.plan.groups]
+    mixed = {n: (1 if i % 2 else w) for i, (n, w) in enumerate(zip(names, widths))}
+    mixed2 = {n: (w if i % 2 else max(1, w // 3)) for i, (n, w) in enumerate(zip(names, widths))}
+    for sizes in ({n: 1 for n in names}, {n: 3 for n in names}, mixed, mixed2, dict(zip(names, widths))):
+        assert_exact_export(dm, inputs, sizes, others=others)
+    return dm

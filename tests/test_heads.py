@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 import dcopt
-from dcopt.numcheck import max_relative_error
 
-from checks import assert_exact_export
+from checks import assert_exact_export, converted_exactly
 
 D, HEADS = 16, 4
 
@@ -64,16 +63,7 @@ OTHERS = [(torch.randn(3, 9, 6),), (torch.randn(1, 1, 6),)]
 
 
 def _exact(model):
-    torch.manual_seed(0)
-    dm = dcopt.convert(model, X, kappa_min=0.01)
-    model.eval()
-    with torch.no_grad():
-        for xs in (X, *OTHERS):
-            assert max_relative_error(model(*xs), dm.eval()(*xs)) <= 1e-6
-    names = dm.group_names
-    for sizes in ({n: 1 for n in names}, {n: 3 for n in names}, {n: g.width for n, g in zip(names, dm.plan.groups)}):
-        assert_exact_export(dm, X, sizes, others=OTHERS)
-    return dm
+    return converted_exactly(model, X, OTHERS)
 
 
 @pytest.mark.parametrize("how", ["view", "minus_one", "unflatten"])

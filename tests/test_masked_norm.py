@@ -10,7 +10,7 @@ import dcopt
 from dcopt.gates import MaskedNorm
 from dcopt.numcheck import max_relative_error
 
-from checks import assert_exact_export
+from checks import assert_exact_export, converted_exactly
 
 D, HEADS = 16, 4
 
@@ -41,19 +41,7 @@ OTHERS = [(torch.randn(3, 9, 6),), (torch.randn(1, 1, 6),)]
 
 
 def _exact(model, inputs=X, others=OTHERS):
-    torch.manual_seed(0)
-    dm = dcopt.convert(model, inputs, kappa_min=0.01)
-    model.eval()
-    with torch.no_grad():
-        for xs in (inputs, *others):
-            assert max_relative_error(model(*xs), dm.eval()(*xs)) <= 1e-6
-    names = dm.group_names
-    widths = [g.width for g in dm.plan.groups]
-    mixed = {n: (1 if i % 2 else w) for i, (n, w) in enumerate(zip(names, widths))}
-    mixed2 = {n: (w if i % 2 else max(1, w // 3)) for i, (n, w) in enumerate(zip(names, widths))}
-    for sizes in ({n: 1 for n in names}, {n: 3 for n in names}, mixed, mixed2, dict(zip(names, widths))):
-        assert_exact_export(dm, inputs, sizes, others=others)
-    return dm
+    return converted_exactly(model, inputs, others)
 
 
 @pytest.mark.parametrize("norm, kw", [(nn.LayerNorm, {}), (nn.LayerNorm, {"elementwise_affine": False}),
