@@ -34,8 +34,18 @@ class SizeInfo:
     kappa: float
 
 
+def _local_groups(pos) -> tuple[list[int], torch.Tensor]:
+    """The groups ``pos`` holds (sorted), and each position's index among them (-1: fixed):
+    a gate's own numbering, without a table of all groups per gate (quadratic in the
+    number of groups)."""
+    local = sorted(pos.gids())
+    local_t = torch.tensor(local, dtype=torch.long)
+    return local, torch.where(pos.gid >= 0, torch.searchsorted(local_t, pos.gid.clamp(min=0)), pos.gid)
+
+
 def build_gated(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
-    """Insert one FeatureGate per gated tensor and wrap RNN producers, in place."""
+    """Insert one FeatureGate per gated tensor, and wrap RNN producers and norms over
+    learned features (masked statistics), in place."""
     sizes = nn.Module()
     for g in plan.groups:
         sizes.register_parameter(g.key, nn.Parameter(torch.ones(())))
@@ -49,12 +59,7 @@ def build_gated(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
 
     for i, spec in enumerate(plan.gates):
         src = nodes[spec.source]
-        local = sorted(spec.pos.gids())
-        # global group index -> index among this gate's groups (no table of all groups per
-        # gate: that is quadratic in the number of groups)
-        local_t = torch.tensor(local, dtype=torch.long)
-        group = torch.where(spec.pos.gid >= 0, torch.searchsorted(local_t, spec.pos.gid.clamp(min=0)),
-                            spec.pos.gid)
+        local, group = _local_groups(spec.pos)
         meta = src.meta.get("tensor_meta")
         gate = FeatureGate(spec.dim, group, spec.pos.ch, [plan.groups[g].width for g in local],
                            rank=len(meta.shape) if hasattr(meta, "shape") else None,
@@ -78,11 +83,10 @@ def build_gated(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         for node in graph.nodes:
             if node.op == "call_module" and node.target in plan.rnns:
                 calls.setdefault(node.target, []).append(node)
+
     def positions_of(pos) -> tuple[list[int], FeatureGate]:
-        """The groups ``pos`` holds, and a FeatureGate of its positions (for a norm's mask)."""
-        local = sorted(pos.gids())
-        local_t = torch.tensor(local, dtype=torch.long)
-        group = torch.where(pos.gid >= 0, torch.searchsorted(local_t, pos.gid.clamp(min=0)), pos.gid)
+        """The groups ``pos`` holds, and a FeatureGate of its positions (a norm's mask)."""
+        local, group = _local_groups(pos)
         return local, FeatureGate(-1, group, pos.ch, [plan.groups[g].width for g in local])
 
     for i, (name, pos) in enumerate(plan.fnorms.items()):
@@ -96,7 +100,7 @@ def build_gated(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
                                                                       bound["normalized_shape"], bound["eps"]))
         with graph.inserting_before(node):
             kappas = [size_node(g) for g in local]
-        # the node itself becomes the module's call (its name is what the plan's rewrite names)
+        # the node itself becomes the module's call (in place: its users and position stay)
         node.op, node.target = "call_module", f"{GATES}.n{i}_{name}"
         node.args, node.kwargs = (node.args[0], bound["weight"], bound.get("bias"), *kappas), {}
     for target, pos in plan.norms.items():
