@@ -68,7 +68,7 @@ def _strip_dcopt(gm: torch.fx.GraphModule, sizes: Optional[list[int]] = None) ->
                     node.target = f"{name}.{node.target[len(inner):]}" if name else node.target[len(inner):]
         if isinstance(mod, (GatedRNN, MaskedNorm)):
             parent, _, attr = name.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, attr, mod.rnn if isinstance(mod, GatedRNN) else mod.norm)
+            setattr(gm.get_submodule(parent) if parent else gm, attr, mod.inner)
     for attr in (GATES, SIZES):
         if hasattr(gm, attr):
             delattr(gm, attr)
@@ -105,8 +105,6 @@ def _slice_tensors(gm: nn.Module, plan: Plan, limits: torch.Tensor) -> None:
 def _rewrite_nodes(gm: torch.fx.GraphModule, plan: Plan, limits: torch.Tensor) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, spec in plan.rewrites.items():
-        if spec["kind"] == "norm_shape":
-            continue   # written by _strip_dcopt, which finds the node by its module (see there)
         node = nodes[name]
         if spec["kind"] == "shape_literal":
             _rewrite_shape(node, spec, limits)
@@ -215,8 +213,9 @@ def slice_graph_module(gm: torch.fx.GraphModule, plan: Plan, sizes: list[int]) -
 
 
 def _as_user_class(dm: DynamicModel, sliced: torch.fx.GraphModule) -> Optional[nn.Module]:
-    """The user's own class with resized submodules, when nothing in its forward needed rewriting."""
-    if dm.plan.rewrites or dm.config.concrete_args:
+    """The user's own class with resized submodules, when nothing in its forward needed
+    rewriting (a functional norm's ``normalized_shape`` is a number in the forward, too)."""
+    if dm.plan.rewrites or dm.plan.fnorms or dm.config.concrete_args:
         return None
     touched_modules = set(dm.plan.attrs) | {q.rpartition(".")[0] for q in dm.plan.params}
     if "" in touched_modules:

@@ -265,6 +265,11 @@ class MaskedNorm(nn.Module):
         self.norm = norm
         self.gate = gate
 
+    @property
+    def inner(self) -> nn.Module:
+        """The user's module this wraps (export puts it back)."""
+        return self.norm
+
     def forward(self, x: torch.Tensor, *kappas: torch.Tensor) -> torch.Tensor:
         kept = self.gate.kept(kappas, x)
         if kept is None:
@@ -363,6 +368,11 @@ class GatedRNN(nn.Module):
         self.round_to = 1   # kept sizes are multiples of this (set by DynamicModel from its Config)
         self.noise = False  # the optimize phase's per-step recurrent noise (DynamicModel sets it when Config.rnn_noise)
         self._sigmas = SigmaCache()  # the recurrent noise's per-unit σ, kept between forwards
+
+    @property
+    def inner(self) -> nn.Module:
+        """The user's module this wraps (export puts it back)."""
+        return self.rnn
 
     def noise_state(self) -> dict:
         """The recurrent noise's cached σ (not in the state dict: a loaded model measures it

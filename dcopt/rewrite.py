@@ -392,10 +392,8 @@ def _st_clamp(k: torch.Tensor, lo: float) -> torch.Tensor:
 def _lookup(gm: nn.Module, qual: str) -> torch.Tensor:
     mod, _, name = qual.rpartition(".")
     owner = gm.get_submodule(mod) if mod else gm
-    if isinstance(owner, GatedRNN):
-        owner = owner.rnn
-    if isinstance(owner, MaskedNorm):
-        owner = owner.norm
+    if isinstance(owner, (GatedRNN, MaskedNorm)):
+        owner = owner.inner
     return getattr(owner, name)
 
 
@@ -538,13 +536,13 @@ def _check_same_gradients(model: nn.Module, dm: "DynamicModel", sites: list[str]
     gated = copy.deepcopy(dm).eval()
     # the converted model's parameter names: under gm., an RNN's inside its GatedRNN
     names = {}
-    wrapped = [(q, "rnn" if isinstance(mod, GatedRNN) else "norm") for q, mod in gated.gm.named_modules()
-               if isinstance(mod, (GatedRNN, MaskedNorm))]
-    for n, _ in gated.named_parameters():
+    wrapped = [(f"{q}." if q else "", {id(p) for p in mod.inner.parameters()})
+               for q, mod in gated.gm.named_modules() if isinstance(mod, (GatedRNN, MaskedNorm))]
+    for n, p in gated.named_parameters():
         plain = n.removeprefix("gm.")
         for q, inner in wrapped:
-            prefix = f"{q}.{inner}." if q else f"{inner}."
-            plain = plain.replace(prefix, f"{q}." if q else "", 1) if plain.startswith(prefix) else plain
+            if id(p) in inner:   # "<q>.<inner attr>.<name>" is "<q>.<name>" in the user's model
+                plain = q + plain[len(q):].split(".", 1)[1]
         names[n] = plain
     common = {n for n, _ in model.named_parameters()} & set(names.values())
     where = "; ".join(source_location(s) or s for s in sites)

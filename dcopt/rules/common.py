@@ -7,7 +7,7 @@ from typing import Any, Optional
 from ..errors import source_location
 from ..fmap import FMap, Positions
 
-__all__ = ["normalizes_last", "passthrough", "norm_dim", "norm_dims", "reject_tracked", "n_outputs", "Width",
+__all__ = ["normalizes_features_alone", "normalizes_last", "passthrough", "norm_dim", "norm_dims", "reject_tracked", "n_outputs", "Width",
            "width_of", "widths_in", "reads_widths", "pin_widths", "selects",
            "per_row_weight"]
 
@@ -48,6 +48,13 @@ def passthrough(ctx) -> Optional[FMap]:
 def reject_tracked(ctx, reason: str) -> None:
     for _, fm in ctx.tracked_args():
         ctx.reject(fm, reason)
+
+
+def normalizes_features_alone(ctx, x, fm: Optional[FMap], n_dims: int) -> bool:
+    """A norm over the last ``n_dims`` dims whose statistics run over ``x``'s features and
+    nothing else (``n_dims == 1``, the features last): the norm dcopt learns with masked
+    statistics. Otherwise :func:`normalizes_last` says what becomes of the features."""
+    return fm is not None and n_dims == 1 and fm.dim == len(ctx.shape(x)) - 1
 
 
 def normalizes_last(ctx, n_dims: int, what: str):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..fmap import FMap, Positions
-from .common import norm_dim, normalizes_last, passthrough
+from .common import norm_dim, normalizes_features_alone, normalizes_last, passthrough
 from .registry import register_rule
 
 __all__ = ["writes_own_weights"]
@@ -180,7 +180,7 @@ def layernorm(ctx):
     m = ctx.module
     x = ctx.arg(0, "input")
     fm = ctx.fmap(x)
-    if fm is None or len(m.normalized_shape) != 1 or fm.dim != len(ctx.shape(x)) - 1:
+    if not normalizes_features_alone(ctx, x, fm, len(m.normalized_shape)):
         return normalizes_last(ctx, len(m.normalized_shape), type(m).__name__)
     ctx.gate(x)
     if not ctx.masked_norm(fm.pos):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fmap import FMap
-from .common import n_outputs, norm_dim, norm_dims, normalizes_last
+from .common import n_outputs, norm_dim, norm_dims, normalizes_features_alone, normalizes_last
 from .elementwise import elementwise
 from .registry import register_rule
 
@@ -192,7 +192,7 @@ def _layer_norm(ctx):
     shape = ctx.arg(1, "normalized_shape")
     n_dims = len(shape) if isinstance(shape, (tuple, list)) else 1
     name = "rms_norm" if ctx.node.target is F.rms_norm else "layer_norm"
-    if fm is None or n_dims != 1 or fm.dim != len(ctx.shape(x)) - 1:
+    if not normalizes_features_alone(ctx, x, fm, n_dims):
         return normalizes_last(ctx, n_dims, name)
     if not (isinstance(shape, (tuple, list)) and isinstance(shape[0], int)):
         ctx.reject(fm, f"{name}'s normalized_shape is computed in the forward, not a number export can rewrite")
@@ -207,9 +207,5 @@ def _layer_norm(ctx):
     for ref in refs:
         ctx.plan_param(ref.target, (fm.pos,), absolute=True)
     ctx.masked_function_norm(fm.pos)
-    # the export writes normalized_shape from FunctionalNorm's own positions (a retraced graph
-    # renames this node); this spec says the forward needs rewriting, so the export is a
-    # GraphModule: the user's class would keep its LayerNorm subclass's normalized_shape
-    ctx.rewrite({"kind": "norm_shape", "pos": fm.pos})
     ctx.consumes(fm)
     return FMap(fm.dim, fm.pos)
