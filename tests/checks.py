@@ -45,3 +45,14 @@ def converted_exactly(model, inputs, others=(), kappa_min=0.01):
     for sizes in ({n: 1 for n in names}, {n: 3 for n in names}, mixed, mixed2, dict(zip(names, widths))):
         assert_exact_export(dm, inputs, sizes, others=others)
     return dm
+
+
+def assert_head_widths_learned(dm, heads: int, d_head: int):
+    """``q[0:d]`` (q and k coupled) and ``v[0:d]`` are head-width groups; at sizes 2 and 3
+    every projection of the export has ``heads`` heads of that width."""
+    widths = {g.name: g.width for g in dm.plan.groups}
+    assert widths["q[0:4]"] == d_head and widths["v[0:4]"] == d_head   # q and k coupled; v its own
+    dm.set_sizes({"q[0:4]": 2, "v[0:4]": 3})
+    small = dcopt.export(dm)
+    assert small.q.out_features == heads * 2 and small.k.out_features == heads * 2
+    assert small.v.out_features == heads * 3 and small.o.in_features == heads * 3

@@ -156,3 +156,25 @@ def test_a_returned_parameter_keeps_its_shape(how):
     other = "b" if how == "tuple" else "a"
     assert status[other] == "dynamic"
     assert_exact_export(dm, (x,), {other: 3}, others=[(torch.randn(5, 4),)])
+
+
+class FrozenWrapped(nn.Module):
+    """A GRU and a LayerNorm frozen by no_grad: dcopt wraps them (GatedRNN, MaskedNorm), so
+    the gradient check must find their parameters under your names to see them frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.norm = nn.LayerNorm(8)
+        self.rnn = nn.GRU(8, 10, batch_first=True)
+        self.out = nn.Linear(10, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h, _ = self.rnn(self.norm(self.a(x)))
+        return self.out(h)
+
+
+def test_frozen_wrapped_layers_are_named():
+    with pytest.raises(TraceError, match=r"norm\.bias, norm\.weight, rnn\.bias_hh_l0 and 3 more"):
+        dcopt.convert(FrozenWrapped(), (torch.randn(2, 5, 6),))

@@ -9,7 +9,7 @@ from torch import nn
 
 import dcopt
 
-from checks import assert_exact_export, converted_exactly
+from checks import assert_head_widths_learned, converted_exactly
 
 D, HEADS = 16, 4
 
@@ -69,12 +69,7 @@ def _exact(model):
 @pytest.mark.parametrize("how", ["view", "minus_one", "unflatten"])
 def test_head_width_is_learned(how):
     dm = _exact(SelfAttention(how))
-    widths = {g.name: g.width for g in dm.plan.groups}
-    assert widths["q[0:4]"] == D // HEADS and widths["v[0:4]"] == D // HEADS   # q and k coupled; v its own
-    dm.set_sizes({"q[0:4]": 2, "v[0:4]": 3})
-    small = dcopt.export(dm)
-    assert small.q.out_features == HEADS * 2 and small.k.out_features == HEADS * 2
-    assert small.v.out_features == HEADS * 3 and small.o.in_features == HEADS * 3
+    assert_head_widths_learned(dm, HEADS, D // HEADS)
 
 
 def test_fused_qkv_then_heads():
