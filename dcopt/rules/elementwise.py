@@ -38,7 +38,7 @@ def _operands(ctx):
 
 #: ops that hand on a tensor's very values: a parameter (view) through them is still that
 #: parameter, which a later rule may slice (``self.h0.expand(-1, B, -1).contiguous()``)
-_SAME_VALUES = {"contiguous", "clone", "detach"}
+_SAME_VALUES = {"contiguous", "clone", "detach", torch.clone, torch.detach}
 
 
 def elementwise(ctx):
@@ -46,8 +46,7 @@ def elementwise(ctx):
     ops = _operands(ctx)
     tracked = [(a, s, fm) for a, s, fm, _ in ops if fm is not None]
     if not tracked:
-        same = ctx.node.target in _SAME_VALUES or ctx.node.target in (torch.clone, torch.detach)
-        if same and len(ops) == 1 and ops[0][3] is not None:
+        if ctx.node.target in _SAME_VALUES and len(ops) == 1 and ops[0][3] is not None:
             return ops[0][3]
         return None
     if out_shape is None:
